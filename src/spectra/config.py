@@ -1,0 +1,363 @@
+"""Typed configuration: one dataclass per concern, registered as Hydra structured configs.
+
+The config keys are the user's API. Hydra/OmegaConf reject unknown keys and wrong types at
+composition time (the schemas below are the `defaults` base of `conf/config.yaml`); impossible
+values and cross-field conflicts are rejected by `validate(cfg)`, which instantiates these
+dataclasses (running every `__post_init__`) before any model or data is touched. Every error
+names the offending key.
+
+Paper names map 1:1 onto these keys (see README "Config keys and the paper's names").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+ROUTER_NAMES = ("topk", "spectra", "switch_top1", "switch_top2", "expert_choice", "hash", "dense")
+RECURRENCES = ("token_and_depth", "depth", "none")
+EXPERT_IMPLS = ("auto", "eager", "grouped_mm", "batched_mm")
+
+
+class ConfigError(ValueError):
+    """A configuration value is impossible; the message names the key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to start from.
+
+    source: 'config' builds `arch` (a transformers config dict) and saves/reloads it with
+    save_pretrained/from_pretrained; 'pretrained' loads `pretrained` (hub id or local path).
+    """
+
+    name: str = "tiny"
+    source: str = "config"
+    pretrained: Optional[str] = None
+    # A transformers config as a dict (model.source=config). Empty in the schema so a model
+    # group's arch replaces rather than merges with another architecture's keys.
+    arch: dict[str, Any] = field(default_factory=dict)
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
+    dtype: str = "float32"  # weights dtype at load time; mixed precision is trainer.bf16
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("config", "pretrained"), "model.source", f"must be 'config' or 'pretrained', got {self.source!r}")
+        if self.source == "pretrained":
+            _check(bool(self.pretrained), "model.pretrained", "needs a hub id or local path when model.source=pretrained")
+        # arch.model_type is checked in `validate` (the schema's default arch is empty on purpose).
+        _check(
+            self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
+            "model.attn_implementation",
+            f"unknown {self.attn_implementation!r}; choose auto, sdpa, eager or flash_attention_2",
+        )
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}")
+
+
+@dataclass
+class MoEConfig:
+    """How dense MLPs become MoE blocks (METHOD.md §1)."""
+
+    num_experts: int = 8  # E, routed experts per MoE layer
+    first_k_dense_replace: int = 0  # the first f decoder layers stay dense
+    num_shared_experts: int = 1  # 0 or 1: a copy of the dense MLP mixed in with weight a
+    shared_expert_weight: float = 0.5  # a in y = (1-a) routed + a shared
+    shared_expert_trainable: bool = False  # the shared expert is frozen by default
+    upcycle_noise: float = 1e-2  # relative std of the symmetry-breaking perturbation
+    experts_implementation: str = "auto"  # transformers experts kernels: auto|eager|grouped_mm|batched_mm
+
+    def __post_init__(self) -> None:
+        _check(self.num_experts >= 1, "moe.num_experts", f"must be >= 1, got {self.num_experts}")
+        _check(self.first_k_dense_replace >= 0, "moe.first_k_dense_replace", f"must be >= 0, got {self.first_k_dense_replace}")
+        _check(self.num_shared_experts in (0, 1), "moe.num_shared_experts", f"must be 0 or 1, got {self.num_shared_experts}")
+        _check(0.0 <= self.shared_expert_weight < 1.0, "moe.shared_expert_weight", f"must be in [0, 1), got {self.shared_expert_weight}")
+        _check(self.upcycle_noise >= 0.0, "moe.upcycle_noise", f"must be >= 0, got {self.upcycle_noise}")
+        _check(
+            self.experts_implementation in EXPERT_IMPLS,
+            "moe.experts_implementation",
+            f"unknown {self.experts_implementation!r}; choose one of {list(EXPERT_IMPLS)}",
+        )
+
+
+@dataclass
+class RouterConfig:
+    """Router choice and its knobs. Knobs a router does not use are ignored by it.
+
+    Shared: name, top_k (k), entropy_coef (lambda_ent, positive sharpens routing), jitter.
+    Switch: aux_loss_coef, z_loss_coef, capacity_factor (null = no token dropping).
+    Expert Choice: ec_capacity_factor. SPECTRA: recurrence, gru_hidden_size, router_dim (D),
+    use_expression, newton_schulz_steps, ortho_loss, srip_enabled, so_warmup_steps, so_lambda_max.
+    """
+
+    name: str = "topk"
+    top_k: int = 2
+    entropy_coef: float = 0.0
+    jitter: float = 0.0
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    capacity_factor: Optional[float] = None
+    ec_capacity_factor: float = 1.25
+    recurrence: str = "token_and_depth"
+    gru_hidden_size: int = 128
+    router_dim: int = 32
+    use_expression: bool = True
+    newton_schulz_steps: int = 0
+    ortho_loss: bool = True
+    srip_enabled: bool = True
+    so_warmup_steps: int = 100
+    so_lambda_max: float = 1e-2
+
+    def __post_init__(self) -> None:
+        _check(self.name in ROUTER_NAMES, "router.name", f"unknown router {self.name!r}; choose one of {list(ROUTER_NAMES)}")
+        _check(self.top_k >= 1, "router.top_k", f"must be >= 1, got {self.top_k}")
+        _check(self.jitter >= 0.0, "router.jitter", f"must be >= 0, got {self.jitter}")
+        _check(self.aux_loss_coef >= 0.0, "router.aux_loss_coef", f"must be >= 0, got {self.aux_loss_coef}")
+        _check(self.z_loss_coef >= 0.0, "router.z_loss_coef", f"must be >= 0, got {self.z_loss_coef}")
+        if self.capacity_factor is not None:
+            _check(self.capacity_factor > 0.0, "router.capacity_factor", f"must be > 0 (or null for no dropping), got {self.capacity_factor}")
+        _check(self.ec_capacity_factor > 0.0, "router.ec_capacity_factor", f"must be > 0, got {self.ec_capacity_factor}")
+        _check(self.recurrence in RECURRENCES, "router.recurrence", f"unknown {self.recurrence!r}; choose one of {list(RECURRENCES)}")
+        _check(self.gru_hidden_size >= 1, "router.gru_hidden_size", f"must be >= 1, got {self.gru_hidden_size}")
+        _check(self.router_dim >= 1, "router.router_dim", f"must be >= 1, got {self.router_dim}")
+        _check(self.newton_schulz_steps >= 0, "router.newton_schulz_steps", f"must be >= 0, got {self.newton_schulz_steps}")
+        _check(self.so_warmup_steps >= 0, "router.so_warmup_steps", f"must be >= 0, got {self.so_warmup_steps}")
+        _check(self.so_lambda_max >= 0.0, "router.so_lambda_max", f"must be >= 0, got {self.so_lambda_max}")
+
+
+@dataclass
+class OSRConfig:
+    """Orthogonal Sinkhorn Routing (METHOD.md §2 steps 5-6)."""
+
+    repulsion_weight: float = 0.5  # lambda (paper: osr_repulsion_weight; Sweep C)
+    hinge_weight: float = 0.5  # beta
+    hinge_threshold: float = 0.7  # tau
+    epsilon: float = 0.05  # Sinkhorn temperature (paper: sinkhorn_epsilon; Sweep B)
+    iterations: int = 3  # Sinkhorn iterations (paper: sinkhorn_iterations; Sweep B)
+    log_sinkhorn: bool = True  # log-domain Sinkhorn (paper: log_sinkhorn_enabled)
+    sinkhorn_inference: bool = False  # Sinkhorn at inference too (batch-dependent!)
+
+    def __post_init__(self) -> None:
+        _check(self.repulsion_weight >= 0.0, "osr.repulsion_weight", f"must be >= 0, got {self.repulsion_weight}")
+        _check(self.hinge_weight >= 0.0, "osr.hinge_weight", f"must be >= 0, got {self.hinge_weight}")
+        _check(0.0 <= self.hinge_threshold <= 1.0, "osr.hinge_threshold", f"must be in [0, 1], got {self.hinge_threshold}")
+        _check(self.epsilon > 0.0, "osr.epsilon", f"must be > 0, got {self.epsilon}")
+        _check(self.iterations >= 1, "osr.iterations", f"must be >= 1, got {self.iterations}")
+
+
+@dataclass
+class QuotaConfig:
+    """Quota-constrained selection: hard capacity ceil(alpha * N * k / E) per expert (Sweep A)."""
+
+    enabled: bool = True
+    capacity_factor: float = 1.25  # alpha (paper: expert_choice_capacity_factor)
+
+    def __post_init__(self) -> None:
+        _check(self.capacity_factor > 0.0, "quota.capacity_factor", f"must be > 0, got {self.capacity_factor}")
+        if self.enabled:
+            _check(
+                self.capacity_factor >= 1.0,
+                "quota.capacity_factor",
+                f"must be >= 1 when quota.enabled=true (alpha < 1 cannot serve every token), got {self.capacity_factor}",
+            )
+
+
+@dataclass
+class DataConfig:
+    """Training data: the bundled multi-domain corpus or smoltalk from the hub (real hosts)."""
+
+    name: str = "bundled"  # bundled | smoltalk
+    path: Optional[str] = None  # bundled corpus file; null = the copy shipped in the package
+    hub_dataset: str = "HuggingFaceTB/smoltalk"
+    hub_subset: str = "all"
+    tokenizer: str = "bundled"  # 'bundled' = the locally trained BPE; else a hub id or path
+    max_seq_length: int = 256
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = 256
+    packing: bool = True
+    assistant_only_loss: bool = True
+    num_proc: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("bundled", "smoltalk"), "data.name", f"unknown dataset {self.name!r}; choose bundled or smoltalk")
+        _check(self.max_seq_length >= 8, "data.max_seq_length", f"must be >= 8, got {self.max_seq_length}")
+        for key in ("max_train_samples", "max_eval_samples"):
+            v = getattr(self, key)
+            _check(v is None or v >= 1, f"data.{key}", f"must be >= 1 or null, got {v}")
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation and bookkeeping (maps onto transformers.TrainingArguments)."""
+
+    max_steps: int = 200
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    router_lr: float = 5e-5
+    expert_lr: float = 1e-5
+    base_lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    eval_steps: int = 50
+    logging_steps: int = 10
+    save_steps: int = 100
+    save_total_limit: int = 2
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    neftune_noise_alpha: Optional[float] = None
+    nproc_per_node: int = 1
+    dataloader_num_workers: int = 0
+    resume: str = "auto"  # auto | never | <checkpoint path>
+    report_every_step_metrics: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "eval_steps", "logging_steps", "save_steps", "nproc_per_node"):
+            _check(getattr(self, key) >= 1, f"trainer.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("router_lr", "expert_lr", "base_lr"):
+            _check(getattr(self, key) >= 0.0, f"trainer.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _check(0.0 <= self.warmup_ratio < 1.0, "trainer.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.max_grad_norm > 0.0, "trainer.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        _check(self.save_total_limit >= 1, "trainer.save_total_limit", f"must be >= 1, got {self.save_total_limit}")
+        if self.neftune_noise_alpha is not None:
+            _check(self.neftune_noise_alpha > 0, "trainer.neftune_noise_alpha", f"must be > 0 or null, got {self.neftune_noise_alpha}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO stage (0 = DeepSpeed off) and its knobs; turned into a DS config dict."""
+
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.stage in (0, 1, 2, 3), "deepspeed.stage", f"must be 0, 1, 2 or 3, got {self.stage}")
+        if self.offload_param:
+            _check(self.stage == 3, "deepspeed.offload_param", "parameter offload needs deepspeed.stage=3")
+
+
+@dataclass
+class LoggerConfig:
+    """metrics.jsonl is always written; wandb and TensorBoard are optional."""
+
+    wandb: bool = False
+    wandb_project: str = "spectra"
+    tensorboard: bool = False
+
+
+@dataclass
+class SpectraConfig:
+    """The whole run. `objective` names the metric `train.py` returns (for Optuna)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    osr: OSRConfig = field(default_factory=OSRConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    objectives: list[str] = field(default_factory=lambda: ["eval_loss"])
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        r, m = self.router, self.moe
+        if r.name != "dense":
+            _check(m.num_experts >= 2, "moe.num_experts", f"an MoE router needs >= 2 experts, got {m.num_experts}")
+            _check(r.top_k <= m.num_experts, "router.top_k", f"k={r.top_k} exceeds moe.num_experts={m.num_experts}")
+        if r.name == "switch_top1":
+            _check(r.top_k == 1, "router.top_k", f"switch_top1 routes to exactly 1 expert, got {r.top_k}")
+        if r.name == "switch_top2":
+            _check(r.top_k == 2, "router.top_k", f"switch_top2 routes to exactly 2 experts, got {r.top_k}")
+        if self.trainer.bf16 and self.deepspeed.stage > 0:
+            pass  # DeepSpeed bf16 is configured from trainer.bf16 (see train/deepspeed.py)
+        _check(len(self.objectives) >= 1, "objectives", "needs at least one metric name")
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (conf/config.yaml uses `spectra_schema`)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="spectra_schema", node=SpectraConfig, replace=True)
+
+
+def config_dir() -> Path:
+    """The repository's `conf/` directory (found from this file: src/spectra/config.py)."""
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with Hydra overrides, outside a Hydra app (tests,
+    notebooks). The result is validated like `train.py`'s config."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    overrides = list(overrides or [])
+    with initialize_config_dir(config_dir=str(config_dir())):
+        cfg = compose(config_name=config_name, overrides=overrides)
+    if not any(o.split("=")[0].lstrip("+") == "output_dir" for o in overrides):
+        cfg.output_dir = "outputs/runs/composed"  # ${hydra:runtime.output_dir} needs a Hydra app
+    return cfg
+
+
+# Free-form dict fields whose keys are not ours to check (a transformers config).
+_FREE_FORM = {"model.arch"}
+
+
+def _reject_unknown_keys(cfg: DictConfig) -> None:
+    """Hydra's `+key=value` can add keys to a structured config; refuse any the schema lacks."""
+    import dataclasses
+
+    def walk(node, schema_cls, prefix):
+        fields = {f.name: f for f in dataclasses.fields(schema_cls)}
+        for key in node.keys():
+            full = f"{prefix}{key}"
+            if key not in fields:
+                raise ConfigError(f"{full}: unknown config key (valid keys under '{prefix.rstrip('.') or 'the root'}': {sorted(fields)})")
+            sub = node.get(key) if not OmegaConf.is_missing(node, key) else None
+            ftype = fields[key].type
+            sub_cls = globals().get(ftype) if isinstance(ftype, str) else ftype
+            if full not in _FREE_FORM and isinstance(sub, DictConfig) and dataclasses.is_dataclass(sub_cls):
+                walk(sub, sub_cls, full + ".")
+
+    walk(cfg, SpectraConfig, "")
+
+
+def validate(cfg: DictConfig | SpectraConfig) -> SpectraConfig:
+    """Check every key and cross-field rule; returns the typed config or raises ConfigError.
+
+    Runs before any model or data is loaded. OmegaConf type errors (e.g. a string where an
+    int is expected) are re-raised as ConfigError with the full key.
+    """
+    if isinstance(cfg, SpectraConfig):
+        return cfg
+    from omegaconf.errors import OmegaConfBaseException
+
+    _reject_unknown_keys(cfg)
+    try:
+        base = OmegaConf.structured(SpectraConfig)
+        merged = OmegaConf.merge(base, cfg)
+        obj = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:  # unknown key, wrong type, missing value
+        key = getattr(e, "full_key", None) or ""
+        raise ConfigError(f"{key}: {e.msg if hasattr(e, 'msg') else e}".strip()) from None
+    assert isinstance(obj, SpectraConfig)
+    if obj.model.source == "config":
+        _check("model_type" in obj.model.arch, "model.arch.model_type", "model.source=config needs arch.model_type (e.g. llama)")
+    return obj

@@ -1,0 +1,111 @@
+"""Routing-stability metrics (METHOD.md §5, "Stability"; paper Table 12 and Sweep E).
+
+Set overlaps compare the *selected* expert sets S_t = {expert_index[t, j]} (the router's
+post-selection decision; a capacity drop does not change which experts were chosen) and divide by
+k, so 1 = identical sets, 0 = disjoint. Padding is excluded; no eligible token -> nan.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from scipy import stats
+
+from spectra.metrics.balance import _load_vector, _tensor
+
+
+def _set_intersection_size(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|set(a_t) ∩ set(b_t)| per row for index rows a, b: [M, k] -> [M] float64.
+
+    Counts each distinct element of a_t once (a repeated expert in a row is one set member).
+    """
+    k = a.shape[-1]
+    in_b = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1)  # [M, k]: a_{t,i} ∈ S(b_t)
+    earlier = torch.ones(k, k, dtype=torch.bool, device=a.device).tril(-1)  # [i, i'] True where i' < i
+    repeat = ((a.unsqueeze(-1) == a.unsqueeze(-2)) & earlier).any(-1)  # [M, k]: seen before in a_t
+    return (in_b & ~repeat).sum(-1).to(torch.float64)
+
+
+def sequential_topk_overlap(expert_index, valid, batch: int, seq: int, doc_start=None) -> float:
+    """Mean top-k overlap of adjacent real positions within a row: mean |S_t ∩ S_{t+1}| / k.
+
+    Pairs (t, t+1) count when both positions are real and in the same row of the [batch, seq]
+    layout (N = batch · seq, row-major). With `doc_start` ([batch, seq] bool, True at a packed
+    document's first token), pairs that cross into a new document are skipped too.
+    expert_index: [N, k]; valid: [N] bool.
+    """
+    idx = _tensor(expert_index, torch.long)
+    v = _tensor(valid, torch.bool)
+    if idx.dim() != 2 or idx.shape[0] != batch * seq or v.shape != idx.shape[:1]:
+        raise ValueError(
+            f"expert_index must be [batch·seq, k] = [{batch * seq}, k] and valid [N]; "
+            f"got {tuple(idx.shape)} and {tuple(v.shape)}"
+        )
+    k = idx.shape[1]
+    idx, v = idx.reshape(batch, seq, k), v.reshape(batch, seq)
+    pair = v[:, :-1] & v[:, 1:]  # [B, S-1]
+    if doc_start is not None:
+        pair = pair & ~_tensor(doc_start, torch.bool).reshape(batch, seq)[:, 1:]
+    if not pair.any():
+        return math.nan
+    inter = _set_intersection_size(idx[:, :-1][pair], idx[:, 1:][pair])  # [P]
+    return float(inter.mean() / k)
+
+
+def checkpoint_consistency(index_a, index_b, valid) -> float:
+    """Fraction of top-k sets kept between two checkpoints on the same tokens.
+
+        consistency = mean_{t real} |S_a(t) ∩ S_b(t)| / k
+
+    index_a, index_b: [N, k] selections of the same N held-out positions; valid: [N] bool.
+    """
+    a, b = _tensor(index_a, torch.long), _tensor(index_b, torch.long)
+    v = _tensor(valid, torch.bool)
+    if a.dim() != 2 or a.shape != b.shape or v.shape != a.shape[:1]:
+        raise ValueError(
+            f"index_a, index_b must be the same [N, k] and valid [N]; "
+            f"got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(v.shape)}"
+        )
+    if not v.any():
+        return math.nan
+    return float(_set_intersection_size(a[v], b[v]).mean() / a.shape[1])
+
+
+def usage_variance(loads) -> float:
+    """Variance across checkpoints of each expert's load share, averaged over experts.
+
+        u_{c,e} = load_{c,e} / Σ_e' load_{c,e'}          (share of checkpoint c's load)
+        usage_variance = mean_e Var_c(u_{c,e})          (population variance, ddof = 0)
+
+    Shares, not counts, so checkpoints evaluated on different token budgets compare. 0 = every
+    expert kept the same share. loads: [C, E], C >= 2 checkpoints, E >= 2, each row non-zero.
+    """
+    x = _tensor(loads)
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"loads must be [C, E] with C >= 2 checkpoints, got shape {tuple(x.shape)}")
+    for row in x:
+        _load_vector(row)  # E >= 2, finite, non-negative
+    totals = x.sum(-1, keepdim=True)
+    if (totals == 0).any():
+        raise ValueError("every checkpoint's load must be non-zero (no share is defined otherwise)")
+    shares = x / totals  # [C, E]
+    return float(shares.var(dim=0, correction=0).mean())
+
+
+def expert_rank_kendall_tau(load_a, load_b) -> float:
+    """Kendall τ-b between two checkpoints' expert loads (rank agreement of experts).
+
+    `scipy.stats.kendalltau` (τ-b, ties corrected). 1 = same ranking, −1 = reversed.
+    If either load is constant (e.g. perfectly balanced), τ-b is 0/0 and this returns nan —
+    there is no ranking to agree on; aggregate with nanmean. load_a, load_b: [E], E >= 2.
+    """
+    a, b = _load_vector(load_a), _load_vector(load_b)
+    if a.shape != b.shape:
+        raise ValueError(f"loads differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if (a == a[0]).all() or (b == b[0]).all():
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(stats.kendalltau(a.cpu().numpy(), b.cpu().numpy()).statistic)

@@ -1,0 +1,115 @@
+"""Per-forward routing context shared by the MoE blocks of one model.
+
+A decoder layer calls `self.mlp(hidden_states)` with nothing else, but routers need more:
+the padding mask, document starts of packed rows, token ids (Hash), the previous MoE layer's
+routing state (SPECTRA depth recurrence) and, while decoding, each layer's cached recurrent
+state. A forward pre-hook on the causal LM (`install_context_hook`) captures the model
+inputs once per forward; each MoE block reads what it needs from here and records its
+`RoutingOutput` so the trainer can add aux losses and log per-layer metrics.
+
+Why keyed by layer index and not "the last state": with gradient checkpointing a block is
+re-run during backward; reading `states[previous_moe_layer]` gives the same tensor the first
+forward used, whereas a "last written" slot would hold the final layer's state by then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from spectra.routing.base import RoutingInputs, RoutingOutput
+
+
+@dataclass
+class RoutingContext:
+    """Mutable state for one model; one instance is shared by all of its MoE blocks."""
+
+    moe_layers: list[int] = field(default_factory=list)  # indices of MoE decoder layers, ascending
+    input_ids: torch.Tensor | None = None  # [B, S]
+    attention_mask: torch.Tensor | None = None  # [B, S_total] (past + current while decoding)
+    position_ids: torch.Tensor | None = None  # [B, S]
+    past_length: int = 0  # tokens already in the KV cache when this forward started
+    step: int = 0  # optimizer steps taken (the trainer advances it)
+    recording: bool = False  # the trainer turns this on around the forward it wants recorded
+    states: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, S, Dh]
+    cached_states: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, Dh]
+    outputs: dict[int, RoutingOutput] = field(default_factory=dict)  # layer -> last recorded output
+
+    def begin_forward(self, input_ids, attention_mask, position_ids, past_length: int) -> None:
+        """Called by the pre-hook at the start of every model forward."""
+        self.input_ids = input_ids
+        self.attention_mask = attention_mask
+        self.position_ids = position_ids
+        self.past_length = past_length
+        self.states = {}
+        self.outputs = {}
+        if past_length == 0:  # a new prompt: forget the previous sequence's recurrent states
+            self.cached_states = {}
+
+    def routing_inputs(self, layer_idx: int, hidden: torch.Tensor) -> RoutingInputs:
+        """Build a router's inputs for MoE layer `layer_idx` from hidden [B, S, H]."""
+        B, S, _ = hidden.shape
+        device = hidden.device
+        if self.attention_mask is not None:
+            valid = self.attention_mask[:, -S:].to(device=device, dtype=torch.bool)  # [B, S]
+        else:
+            valid = torch.ones(B, S, dtype=torch.bool, device=device)
+        if self.position_ids is not None and self.position_ids.shape[-1] == S and self.past_length == 0:
+            doc_start = self.position_ids.to(device) == 0  # [B, S], packed rows restart at 0
+            doc_start = doc_start.expand(B, S)
+        else:
+            doc_start = torch.zeros(B, S, dtype=torch.bool, device=device)
+            if self.past_length == 0:
+                doc_start[:, 0] = True
+        ids = self.input_ids
+        if ids is not None and ids.shape[-1] != S:
+            ids = None  # inputs_embeds path or mismatch: routers needing ids will say so
+        prev = None
+        pos = self.moe_layers.index(layer_idx) if layer_idx in self.moe_layers else 0
+        if pos > 0:
+            prev = self.states.get(self.moe_layers[pos - 1])
+        cached = self.cached_states.get(layer_idx) if self.past_length > 0 else None
+        return RoutingInputs(
+            hidden=hidden,
+            valid=valid,
+            doc_start=doc_start,
+            input_ids=ids,
+            prev_state=prev,
+            cached_state=cached,
+            step=self.step,
+        )
+
+    def record(self, layer_idx: int, out: RoutingOutput, training: bool) -> None:
+        """Keep the layer's routing state for the next layer / next decoding call, and its output."""
+        if out.state is not None:
+            self.states[layer_idx] = out.state
+            if not training:
+                # The router carries state through padding, so the last position holds the state
+                # after each row's last real token.
+                self.cached_states[layer_idx] = out.state[:, -1].detach()
+        if self.recording:
+            self.outputs[layer_idx] = out
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of every recorded layer's aux losses (already scaled by their coefficients)."""
+        total = None
+        for out in self.outputs.values():
+            for v in out.aux_losses.values():
+                total = v if total is None else total + v
+        return total
+
+
+def install_context_hook(model: torch.nn.Module, ctx: RoutingContext):
+    """Register the forward pre-hook that feeds `ctx` from the causal LM's inputs."""
+
+    def hook(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        past = 0
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            past = int(cache.get_seq_length())
+        ctx.begin_forward(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), past)
+        return None
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)

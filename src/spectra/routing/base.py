@@ -1,0 +1,160 @@
+"""The contract between routers and everything else: `RoutingInputs` in, `RoutingOutput` out.
+
+Naming (as in Megatron-Core's router):
+    logits   raw router output, [N, E]
+    probs    the routing distribution the router selects from (softmax, Sinkhorn plan, ...), [N, E]
+    expert_index / expert_weight   the *dispatched* selection, [N, k]
+    dispatch_counts   tokens actually sent to each expert after selection, capacity and drops, [E]
+
+N = number of token positions in the forward pass (batch x sequence, padding included; `valid`
+says which are real tokens), E = routed experts, k = experts per token.
+
+Every router returns a `RoutingOutput`; the MoE block and the metrics consume nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RoutingInputs:
+    """What a router may look at for one MoE layer's forward pass.
+
+    hidden:        [B, S, H] hidden states entering the MoE layer.
+    valid:         [B, S] bool, False at padding (attention_mask == 0). Padding is excluded
+                   from balancing, losses and metrics, and recurrent state does not advance on it.
+    doc_start:     [B, S] bool, True where a new document starts (position_ids == 0 in packed
+                   rows); recurrent routers reset their state there.
+    input_ids:     [B, S] token ids or None (the Hash router needs them).
+    prev_state:    [B, S, Dh] routing state of the previous MoE layer (SPECTRA depth recurrence)
+                   or None for the first MoE layer.
+    cached_state:  [B, Dh] this layer's recurrent state after the previous decoding call, or None
+                   when the call starts a new sequence.
+    step:          optimizer steps taken so far (schedules such as the SRIP warm-up read it).
+    """
+
+    hidden: torch.Tensor
+    valid: torch.Tensor
+    doc_start: torch.Tensor
+    input_ids: torch.Tensor | None = None
+    prev_state: torch.Tensor | None = None
+    cached_state: torch.Tensor | None = None
+    step: int = 0
+
+    @property
+    def flat_hidden(self) -> torch.Tensor:
+        """[N, H] hidden states, N = B * S."""
+        return self.hidden.reshape(-1, self.hidden.shape[-1])
+
+    @property
+    def flat_valid(self) -> torch.Tensor:
+        """[N] bool mask of real tokens."""
+        return self.valid.reshape(-1)
+
+
+@dataclass
+class RoutingOutput:
+    """A router's decision for N token positions.
+
+    expert_index:     [N, k] long, selected experts (k distinct per token for token-choice routers).
+    expert_weight:    [N, k] float, combine weights; 0 where the assignment was dropped or the
+                      position is padding.
+    probs:            [N, E] float, the distribution the selection was made from.
+    dropped:          [N, k] bool, True where an assignment of a real token was dropped
+                      (capacity overflow, Expert-Choice leftovers). Dropped slots carry weight 0;
+                      padding is never "dropped" (see `valid`).
+    valid:            [N] bool, real tokens (padding excluded everywhere downstream).
+    dispatch_counts:  [E] float, tokens dispatched to each expert (valid, not dropped).
+    aux_losses:       name -> scalar loss, *already multiplied by its coefficient*; summed into
+                      the training loss. Unscaled values for logging go in `diagnostics`.
+    diagnostics:      name -> scalar tensor, logged per layer (e.g. Sinkhorn marginal error).
+    logits:           [N, E] raw router output, when the router has one.
+    gram:             [E, E] Gram matrix of expert representations (SPECTRA).
+    expert_repr:      [E, D] expert representations (SPECTRA).
+    state:            [B, S, Dh] routing state handed to the next MoE layer (SPECTRA GRU).
+    """
+
+    expert_index: torch.Tensor
+    expert_weight: torch.Tensor
+    probs: torch.Tensor
+    dropped: torch.Tensor
+    valid: torch.Tensor
+    dispatch_counts: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+    expert_repr: torch.Tensor | None = None
+    state: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[-1]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_index.shape[-1]
+
+
+def dispatch_counts_of(expert_index: torch.Tensor, served: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens per expert, counting only served assignments.
+
+    expert_index: [N, k] long; served: [N, k] bool (valid and not dropped). Returns [E] float.
+    """
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=expert_index.device)
+    return counts.index_add_(0, expert_index.reshape(-1), served.reshape(-1).to(torch.float32))
+
+
+class Router(nn.Module):
+    """Base class: subclasses implement `forward(inputs: RoutingInputs) -> RoutingOutput`.
+
+    `num_experts` and `top_k` are fixed at construction. `recurrent` routers produce a `state`
+    that the MoE model passes to the next MoE layer and caches between decoding calls.
+    """
+
+    recurrent: bool = False
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+
+    def forward(self, inputs: RoutingInputs) -> RoutingOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def on_optimizer_step(self, step: int) -> None:
+        """Called after each optimizer step (routers with schedules override it)."""
+
+
+# name -> factory(cfg, hidden_size, num_experts) -> Router; filled by @register_router.
+ROUTERS: dict[str, Callable[..., Router]] = {}
+
+
+def register_router(*names: str):
+    """Class decorator: make a router constructible by `build_router(name, ...)`."""
+
+    def wrap(factory):
+        for name in names:
+            ROUTERS[name] = factory
+        return factory
+
+    return wrap
+
+
+def build_router(cfg, hidden_size: int, num_experts: int) -> Router:
+    """Build the router named `cfg.router.name` for one MoE layer.
+
+    `cfg` is the full run config (router, osr, quota groups); unknown names raise with the list.
+    """
+    from spectra import routing  # noqa: F401  (importing the package registers every router)
+
+    name = cfg.router.name
+    if name not in ROUTERS:
+        raise KeyError(f"router.name={name!r} is not a known router; choose one of {sorted(ROUTERS)}")
+    return ROUTERS[name](cfg, hidden_size=hidden_size, num_experts=num_experts)

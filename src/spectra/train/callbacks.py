@@ -1,0 +1,62 @@
+"""Trainer callbacks: JSONL metrics, router step schedules, throughput."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from spectra.train.rundir import METRICS, append_jsonl
+
+
+class JsonlMetricsCallback(TrainerCallback):
+    """Append every `on_log` record (train and eval) to `<run_dir>/metrics.jsonl` (rank 0 only).
+
+    Adds `tokens_per_s` to training records: tokens processed since the previous training log
+    divided by the wall time since then (all ranks, gradient accumulation included).
+    """
+
+    def __init__(self, run_dir: str | Path, tokens_per_step: int):
+        self.path = Path(run_dir) / METRICS
+        self.tokens_per_step = tokens_per_step
+        self._last_time: float | None = None
+        self._last_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time = time.perf_counter()
+        self._last_step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, **logs}
+        if "loss" in logs and self._last_time is not None:
+            now = time.perf_counter()
+            steps = state.global_step - self._last_step
+            if steps > 0 and now > self._last_time:
+                record["tokens_per_s"] = steps * self.tokens_per_step / (now - self._last_time)
+            self._last_time, self._last_step = now, state.global_step
+        append_jsonl(self.path, record)
+
+
+class RouterStepCallback(TrainerCallback):
+    """After each optimizer step, tell every router (schedules such as SRIP) and the context."""
+
+    def __init__(self, model):
+        from spectra.moe.upcycle import routers
+
+        self.routers = routers(model)
+        self.context = getattr(model, "spectra_context", None)
+
+    def _sync(self, step: int) -> None:
+        for r in self.routers:
+            r.on_optimizer_step(step)
+        if self.context is not None:
+            self.context.step = step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._sync(state.global_step)  # after a resume, global_step is the restored step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync(state.global_step)

@@ -1,0 +1,94 @@
+"""The run directory: the only thing training shares with analysis and the sweepers.
+
+    <run_dir>/.hydra/config.yaml   resolved config (written by Hydra)
+    <run_dir>/metrics.jsonl        one JSON object per log/eval step; lines are appended whole
+    <run_dir>/summary.json         final/best metrics, status and objective; written last, atomically
+    <run_dir>/checkpoints/         Trainer checkpoints
+    <run_dir>/model/               the final upcycled model (save_pretrained)
+
+A torn last line in metrics.jsonl (a kill mid-write) is skipped with a warning by `read_jsonl`;
+`summary.json` appears only complete (temp file + rename), so its presence with
+`status == "completed"` is what marks a run as done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+
+
+def _jsonable(x: Any) -> Any:
+    """Floats that JSON can't hold (NaN, inf) become None; tensors become Python numbers."""
+    if hasattr(x, "item") and callable(x.item) and getattr(x, "ndim", 1) == 0:
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temp file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(obj), f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one record as a single write of one line (no interleaving of partial lines)."""
+    line = json.dumps(_jsonable(record), sort_keys=True) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """All complete records; a torn or corrupt line is skipped with a warning naming it."""
+    records = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                warnings.warn(f"{path}:{i}: skipping a torn or corrupt line", stacklevel=2)
+    return records
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict | None:
+    """The run's summary, or None when it is missing or unreadable (never a partial one)."""
+    p = Path(run_dir) / SUMMARY
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(run_dir: str | os.PathLike) -> bool:
+    """True when the run finished and wrote its summary."""
+    s = read_summary(run_dir)
+    return bool(s) and s.get("status") == "completed"

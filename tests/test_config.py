@@ -1,0 +1,61 @@
+"""Bad configuration fails at composition/validation time with a message naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from spectra.config import ConfigError, load_config, validate
+
+
+def _error_of(overrides):
+    with pytest.raises(Exception) as info:
+        validate(load_config(overrides))
+    return info.value, str(info.value) + " " + str(getattr(info.value, "__cause__", ""))
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["router.top_k=9"], "router.top_k"),  # k > E (E = 8)
+        (["moe.num_experts=0"], "moe.num_experts"),
+        (["moe.num_experts=1"], "moe.num_experts"),  # an MoE router needs >= 2 experts
+        (["router.name=nonsense"], "router.name"),
+        (["router.top_k=abc"], "router.top_k"),  # wrong type
+        (["router.unknown_knob=1"], "router.unknown_knob"),  # unknown key
+        (["+moe.experts=4"], "moe.experts"),  # unknown key added with +
+        (["quota.capacity_factor=0.8"], "quota.capacity_factor"),  # alpha < 1 with quota on
+        (["osr.epsilon=0"], "osr.epsilon"),
+        (["osr.iterations=0"], "osr.iterations"),
+        (["trainer.max_steps=0"], "trainer.max_steps"),
+        (["trainer.warmup_ratio=1.5"], "trainer.warmup_ratio"),
+        (["deepspeed.stage=4"], "deepspeed.stage"),
+        (["model.attn_implementation=fast"], "model.attn_implementation"),
+        (["moe.shared_expert_weight=1.0"], "moe.shared_expert_weight"),
+        (["router=switch_top1", "router.top_k=2"], "router.top_k"),
+        (["data.max_seq_length=4"], "data.max_seq_length"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, key):
+    err, text = _error_of(overrides)
+    assert key in text, f"{overrides}: message does not name {key!r}: {text}"
+
+
+def test_valid_defaults_and_demo_compose():
+    cfg = validate(load_config(["experiment=demo"]))
+    assert cfg.router.name == "topk" and cfg.moe.num_experts == 8
+    assert cfg.trainer.max_steps == 120  # the demo overlay applied on top of the defaults
+
+
+def test_quota_below_one_allowed_when_quota_off():
+    cfg = validate(load_config(["quota=off", "quota.capacity_factor=0.8"]))
+    assert cfg.quota.enabled is False
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2_135m"])
+def test_model_configs_compose(model):
+    cfg = validate(load_config([f"model={model}"]))
+    assert cfg.model.name == model
