@@ -27,8 +27,8 @@ class RoutingRecorder:
 
     def reset(self) -> None:
         self.load: dict[int, torch.Tensor] = {}  # layer -> [E] dispatched tokens
-        self.dropped: dict[int, float] = defaultdict(float)  # layer -> dropped real assignments
-        self.assignments: dict[int, float] = defaultdict(float)  # layer -> real assignments (N_valid * k)
+        self.dropped: dict[int, float] = defaultdict(float)  # layer -> real tokens with every slot dropped
+        self.assignments: dict[int, float] = defaultdict(float)  # layer -> real tokens
         self.diag_sum: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.aux_sum: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.calls: dict[int, int] = defaultdict(int)
@@ -39,9 +39,11 @@ class RoutingRecorder:
         for layer, out in outputs.items():
             counts = out.dispatch_counts.detach().float().cpu()
             self.load[layer] = counts if layer not in self.load else self.load[layer] + counts
-            real = out.valid.unsqueeze(-1).expand_as(out.dropped)
-            self.dropped[layer] += float((out.dropped & real).sum())
-            self.assignments[layer] += float(real.sum())
+            # A token is dropped when no routed expert served it (it passes through the shared
+            # expert / residual only). Per-slot drop rates, which differ by router (Expert Choice
+            # pads unpicked slots), stay in each router's diagnostics.
+            self.dropped[layer] += float((out.dropped.all(-1) & out.valid).sum())
+            self.assignments[layer] += float(out.valid.sum())
             for k, v in out.diagnostics.items():
                 self.diag_sum[layer][k] += float(v.detach().float().mean())
             for k, v in out.aux_losses.items():

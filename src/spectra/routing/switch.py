@@ -1,0 +1,169 @@
+"""Switch top-1 (Fedus et al. 2021) and top-2 (GShard / Mixtral) softmax routers.
+
+    x'      = x * U(1 - jitter, 1 + jitter)        training only, router.jitter > 0   [N, H]
+    logits  = W x'                                                                    [N, E]
+    probs   = softmax(logits)                                                         [N, E]
+    experts = top-k(probs)                         k = 1 (switch_top1) or 2 (switch_top2)  [N, k]
+    weights = probs at experts                     top-1: the raw probability (Switch eq. 2)
+              probs at experts / their sum          top-2: renormalised to sum 1 (GShard, Mixtral)
+
+Top-1 weights are *not* renormalised: renormalising would make every weight exactly 1, and the
+router would get no gradient from the language-modelling loss (only from the aux loss). The
+consequence: at upcycling time the routed part is p * MLP(x), not MLP(x) (see the MoE block).
+
+Losses (each added only when its coefficient is > 0, logged unscaled in `diagnostics` always):
+    aux_losses["load_balancing"] = router.aux_loss_coef * E * sum_e f_e P_e   (losses.py)
+    aux_losses["z_loss"]         = router.z_loss_coef * mean_t logsumexp(logits_t)^2
+    aux_losses["entropy"]        = router.entropy_coef * mean_t H(probs_t)  (positive sharpens)
+
+Capacity (router.capacity_factor = cf, null = no dropping):
+    capacity = ceil(cf * N_valid * k / E) assignments per expert, N_valid = real tokens.
+    Priority is position order, slot-major as in GShard: every token's first choice is queued
+    (in token order t = b * S + s) before any token's second choice. Assignments beyond an
+    expert's capacity are dropped: weight 0, dropped=True; the other slot of that token keeps its
+    (already renormalised) weight, as in GShard. A token with all slots dropped reaches only the
+    residual / shared expert. Diagnostics: `dropped_fraction` (of the N_valid * k assignments),
+    `dropped_token_fraction` (real tokens with every slot dropped), `capacity`.
+    GShard's random dispatch of the second expert is not used (Mixtral does not use it either).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectra.routing.base import Router, RoutingInputs, RoutingOutput, dispatch_counts_of, register_router
+from spectra.routing.losses import load_balancing_loss, router_z_loss
+from spectra.routing.topk import routing_entropy
+
+
+def expert_capacity(capacity_factor: float, num_tokens: int, k: int, num_experts: int) -> int:
+    """Assignments one expert may take: `ceil(cf * N * k / E)`.
+
+    The quotient is rounded to 6 decimals before the ceiling so float error cannot add a slot
+    (1.1 * 10 / 11 is 1.0000000000000002 in float64, whose ceiling would be 2).
+    """
+    return math.ceil(round(capacity_factor * num_tokens * k / num_experts, 6))
+
+
+def capacity_keep_mask(
+    expert_index: torch.Tensor, valid: torch.Tensor, capacity: int, num_experts: int
+) -> torch.Tensor:
+    """Which assignments fit in their expert's capacity, GShard priority (slot-major, token order).
+
+    expert_index: [N, k] chosen experts; valid: [N] bool; returns keep: [N, k] bool, False at
+    padding and at assignments beyond `capacity`.
+
+    The assignments are queued slot-major — (t=0, slot 0), (t=1, slot 0), ..., (t=N-1, slot 0),
+    (t=0, slot 1), ... — and the i-th assignment to expert e is kept iff i < capacity. Padding is
+    not queued, so it takes no capacity.
+    """
+    n, k = expert_index.shape
+    slot_major = expert_index.t().reshape(-1)  # [k*N], slot 0 of every token first
+    queued = valid.repeat(k)  # [k*N], valid of the token behind each assignment
+    onehot = F.one_hot(slot_major, num_experts) * queued.unsqueeze(-1)  # [k*N, E] int64
+    position = (onehot.cumsum(0) - 1) * onehot  # [k*N, E], place in the expert's queue
+    keep = queued & (position.sum(-1) < capacity)  # [k*N]
+    return keep.view(k, n).t()  # [N, k]
+
+
+class SwitchRouter(Router):
+    """Softmax top-k router with load-balancing loss, z-loss, jitter and optional capacity.
+
+    Subclasses fix k (`switch_top1`, `switch_top2`); `cfg.router.top_k` must agree.
+    """
+
+    k: int = 1
+    router_name: str = "switch"
+
+    def __init__(self, cfg, hidden_size: int, num_experts: int):
+        rc = cfg.router
+        if rc.top_k != self.k:
+            raise ValueError(f"router.top_k: {self.router_name} routes to exactly {self.k} expert(s), got {rc.top_k}")
+        if num_experts < self.k:
+            raise ValueError(
+                f"router.top_k: {self.router_name} needs at least {self.k} experts, got num_experts={num_experts}"
+            )
+        if rc.capacity_factor is not None and not rc.capacity_factor > 0:
+            raise ValueError(f"router.capacity_factor: must be > 0 (or null for no dropping), got {rc.capacity_factor}")
+        if rc.jitter < 0:
+            raise ValueError(f"router.jitter: must be >= 0, got {rc.jitter}")
+        super().__init__(hidden_size, num_experts, self.k)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # W: [E, H]
+        # Switch init: truncated normal, std = sqrt(0.1 / fan_in), cut at 2 std -> near-uniform probs.
+        std = math.sqrt(0.1 / hidden_size)
+        nn.init.trunc_normal_(self.gate.weight, std=std, a=-2 * std, b=2 * std)
+        self.jitter = float(rc.jitter)
+        self.aux_loss_coef = float(rc.aux_loss_coef)
+        self.z_loss_coef = float(rc.z_loss_coef)
+        self.entropy_coef = float(rc.entropy_coef)
+        self.capacity_factor = None if rc.capacity_factor is None else float(rc.capacity_factor)
+
+    def forward(self, inputs: RoutingInputs) -> RoutingOutput:
+        x = inputs.flat_hidden  # [N, H]
+        valid = inputs.flat_valid  # [N]
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = self.gate(x).float()  # [N, E]; routing math in fp32
+        probs = logits.softmax(dim=-1)  # [N, E]
+        top_p, top_i = probs.topk(self.k, dim=-1)  # [N, k], [N, k]
+        weights = top_p if self.k == 1 else top_p / top_p.sum(-1, keepdim=True)  # [N, k]
+
+        served = valid.unsqueeze(-1).expand_as(top_i)  # [N, k]
+        diag: dict[str, torch.Tensor] = {}
+        if self.capacity_factor is not None:
+            # Host sync: the capacity is an integer that must be known before dispatch.
+            n_valid = int(valid.sum())
+            capacity = expert_capacity(self.capacity_factor, n_valid, self.k, self.num_experts)
+            served = capacity_keep_mask(top_i, valid, capacity, self.num_experts)  # [N, k]
+            diag["capacity"] = torch.tensor(float(capacity), device=logits.device)
+        dropped = valid.unsqueeze(-1) & ~served  # [N, k]
+        weights = torch.where(served, weights, 0.0)  # dropped slots and padding carry weight 0
+
+        n_valid_t = valid.sum().clamp_min(1).float()
+        diag["dropped_fraction"] = dropped.sum() / (n_valid_t * self.k)
+        diag["dropped_token_fraction"] = (valid & ~served.any(-1)).sum() / n_valid_t
+
+        aux: dict[str, torch.Tensor] = {}
+        lb = load_balancing_loss(probs, top_i, valid)  # on the choices before dropping
+        z = router_z_loss(logits, valid)
+        ent = routing_entropy(probs, valid)
+        diag["load_balancing_loss"] = lb.detach()
+        diag["z_loss"] = z.detach()
+        diag["routing_entropy"] = ent.detach()
+        if self.aux_loss_coef > 0:
+            aux["load_balancing"] = self.aux_loss_coef * lb
+        if self.z_loss_coef > 0:
+            aux["z_loss"] = self.z_loss_coef * z
+        if self.entropy_coef != 0:
+            aux["entropy"] = self.entropy_coef * ent
+        return RoutingOutput(
+            expert_index=top_i,
+            expert_weight=weights,
+            probs=probs,
+            dropped=dropped,
+            valid=valid,
+            dispatch_counts=dispatch_counts_of(top_i, served, self.num_experts),
+            aux_losses=aux,
+            diagnostics=diag,
+            logits=logits,
+        )
+
+
+@register_router("switch_top1")
+class SwitchTop1Router(SwitchRouter):
+    """Switch Transformer routing: one expert per token, gate weight = its softmax probability."""
+
+    k = 1
+    router_name = "switch_top1"
+
+
+@register_router("switch_top2")
+class SwitchTop2Router(SwitchRouter):
+    """GShard / Mixtral top-2 routing: two experts per token, weights renormalised to sum 1."""
+
+    k = 2
+    router_name = "switch_top2"
