@@ -113,6 +113,7 @@ class RouterConfig:
     srip_enabled: bool = True
     so_warmup_steps: int = 100
     so_lambda_max: float = 1e-2
+    gram_ema_decay: float = 0.99  # running expert directions for the inference-time (causal) cost
 
     def __post_init__(self) -> None:
         _check(self.name in ROUTER_NAMES, "router.name", f"unknown router {self.name!r}; choose one of {list(ROUTER_NAMES)}")
@@ -129,6 +130,7 @@ class RouterConfig:
         _check(self.newton_schulz_steps >= 0, "router.newton_schulz_steps", f"must be >= 0, got {self.newton_schulz_steps}")
         _check(self.so_warmup_steps >= 0, "router.so_warmup_steps", f"must be >= 0, got {self.so_warmup_steps}")
         _check(self.so_lambda_max >= 0.0, "router.so_lambda_max", f"must be >= 0, got {self.so_lambda_max}")
+        _check(0.0 <= self.gram_ema_decay < 1.0, "router.gram_ema_decay", f"must be in [0, 1), got {self.gram_ema_decay}")
 
 
 @dataclass

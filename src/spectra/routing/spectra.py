@@ -1,0 +1,323 @@
+"""The SPECTRA router (METHOD.md §2-3): GRU routing state, expression projector, OSR cost,
+Sinkhorn plan and quota-constrained top-k selection.
+
+Per MoE layer, for N = B·S token positions (padding masked by `valid`):
+
+    h      = GRU routing state                         [B, S, Dh]   (router.recurrence)
+    r      = head(h)  -> E routing vectors             [N, E, D]
+    p      = P x      -> E expression vectors          [N, E, D]    (router.use_expression)
+    s      = cos(r_e, p_e)                             [N, E]
+    M, G   = batch-mean expert directions, M Mᵀ        [E, D], [E, E]
+    C      = OSR cost(s, G)                            [N, E]
+    train: Q = Sinkhorn(C) (rows 1, columns N/E); experts = quota-top-k(Q); w = Q renormalised
+    eval:  experts = top-k(−C) per token; w = softmax(−C/ε) renormalised   (causal, batch-free)
+
+Recurrence (router.recurrence):
+- token_and_depth: h^l_t = GRU([x^l_t ; h^{l-1}_t], h^l_{t-1}) — causal over tokens, with the
+  previous MoE layer's state at the same token as extra input. Resets to 0 at document starts,
+  carried unchanged through padding, continues from `cached_state` in incremental decoding.
+- depth: h^l_t = GRUCell(x^l_t, h^{l-1}_t), per token (no token recurrence).
+- none (-GRU ablation): r = head(x), no state.
+
+Implementation of the token recurrence: one `nn.GRU` call (cuDNN on GPU). Without padding or
+mid-row document starts the [B, S] batch goes in directly. Otherwise every (row, document)
+segment of real tokens becomes its own sequence of a hand-built `PackedSequence` (memory O(N),
+no [segments × longest] padding), so resets and padding cost one index permutation and one
+host sync (the packed batch sizes) rather than a Python loop over tokens.
+
+Batch dependence: in training the Gram G in the cost is the current batch's (as in the paper),
+and Sinkhorn/quota couple the tokens of one rank's micro-batch. At inference the cost uses a
+running average of M (buffer `expert_repr_ema`, updated in training with decay
+`router.gram_ema_decay`, default 0.99) so routing at position t depends only on positions ≤ t
+and never on other rows; `osr.sinkhorn_inference=true` re-enables Sinkhorn (+ quota when
+enabled) over the tokens of the current call, which is batch-dependent by design.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from spectra.routing.base import Router, RoutingInputs, RoutingOutput, dispatch_counts_of, register_router
+from spectra.routing.orthogonality import expert_representations, gram_matrix, newton_schulz, ortho_loss, srip_lambda
+from spectra.routing.osr import osr_cost
+from spectra.routing.selection import quota_capacity, quota_topk, topk_select
+from spectra.routing.sinkhorn import marginal_error, sinkhorn
+from spectra.routing.topk import routing_entropy
+
+__all__ = ["SpectraRouter", "token_recurrence"]
+
+
+def token_recurrence(
+    gru: nn.GRU, inp: torch.Tensor, valid: torch.Tensor, doc_start: torch.Tensor, h0: torch.Tensor
+) -> torch.Tensor:
+    """Causal GRU over the token axis with document resets and padding carry-through.
+
+    gru: single-layer batch_first nn.GRU; inp: [B, S, In]; valid, doc_start: [B, S] bool;
+    h0: [B, Dh] state before the first position of each row (cached state or zeros).
+    Returns states [B, S, Dh]: at a real token t, h_t = GRU(inp_t, h_prev) where h_prev is the
+    state after the previous real token of the row, 0 if a document started in between
+    (doc_start at t or at padding since that token), h0 for the row's first real token otherwise.
+    At padding positions the state of the last real token (or h0) is carried through.
+    """
+    b, s, d_in = inp.shape
+    dh = gru.hidden_size
+    valid = valid.to(torch.bool)
+    doc_start = doc_start.to(torch.bool)
+    if bool(valid.all()) and not bool(doc_start[:, 1:].any()):
+        # Fast path: one dense [B, S] call; a document start can only be at position 0.
+        h_init = h0.masked_fill(doc_start[:, :1], 0.0)  # [B, Dh]
+        out, _ = gru(inp, h_init.unsqueeze(0).contiguous())  # [B, S, Dh]
+        return out
+
+    dev = inp.device
+    vidx = valid.reshape(-1).nonzero().squeeze(1)  # [Nv] real tokens, row-major order
+    nv = vidx.numel()
+    if nv == 0:
+        return h0.unsqueeze(1).expand(b, s, dh).clone()
+    rows = vidx // s  # [Nv]
+    starts_so_far = doc_start.to(torch.long).cumsum(dim=1).reshape(-1)[vidx]  # [Nv] doc starts at ≤ t
+    first_in_row = torch.ones(nv, dtype=torch.bool, device=dev)  # [Nv]
+    first_in_row[1:] = rows[1:] != rows[:-1]
+    prev = torch.zeros_like(starts_so_far)  # [Nv] doc starts up to the previous real token
+    prev[1:] = starts_so_far[:-1]
+    prev = prev.masked_fill(first_in_row, 0)
+    reset = starts_so_far > prev  # [Nv] a document began since the previous real token
+    seg_start = first_in_row | reset  # [Nv]
+    seg_id = seg_start.to(torch.long).cumsum(0) - 1  # [Nv] segment of each real token
+    seg_first = seg_start.nonzero().squeeze(1)  # [Ns] first token of each segment
+    ns = seg_first.numel()
+    lengths = torch.bincount(seg_id, minlength=ns)  # [Ns]
+    carry = first_in_row[seg_first] & ~reset[seg_first]  # [Ns] continues the row's h0
+    seg_h0 = h0[rows[seg_first]] * carry.unsqueeze(1).to(h0.dtype)  # [Ns, Dh]
+
+    # Hand-built PackedSequence: segments sorted by length (desc); at time step j the packed data
+    # holds the j-th token of the batch_sizes[j] longest segments, in sorted order.
+    order = torch.argsort(lengths, descending=True, stable=True)  # [Ns] sorted -> segment
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(ns, device=dev)  # [Ns] segment -> sorted position
+    lengths_cpu = lengths.cpu()  # the one host sync
+    l_max = int(lengths_cpu.max())
+    n_len = torch.bincount(lengths_cpu, minlength=l_max + 1)  # [Lmax+1] segments per length
+    batch_sizes = ns - torch.cumsum(n_len, 0)[:l_max]  # [Lmax] segments longer than j
+    time_off = (torch.cumsum(batch_sizes, 0) - batch_sizes).to(dev)  # [Lmax] packed offset of step j
+    pos = torch.arange(nv, device=dev) - seg_first[seg_id]  # [Nv] position inside the segment
+    packed_pos = time_off[pos] + rank[seg_id]  # [Nv] where each real token sits in packed data
+    inv = torch.empty_like(packed_pos)
+    inv[packed_pos] = torch.arange(nv, device=dev)  # packed slot -> real token
+    data = inp.reshape(-1, d_in)[vidx][inv]  # [Nv, In] packed order
+    packed = PackedSequence(data, batch_sizes, order, rank)
+    out, _ = gru(packed, seg_h0.unsqueeze(0).contiguous())
+    h_valid = out.data[packed_pos]  # [Nv, Dh] back in row-major order
+
+    full = h_valid.new_zeros(b * s, dh).index_put((vidx,), h_valid)  # [B*S, Dh]
+    last = torch.where(valid, torch.arange(s, device=dev), -1).cummax(dim=1).values  # [B, S]
+    src = (torch.arange(b, device=dev).unsqueeze(1) * s + last.clamp_min(0)).reshape(-1)  # [B*S]
+    states = full[src].reshape(b, s, dh)  # [B, S, Dh] padding takes the last real token's state
+    return torch.where((last < 0).unsqueeze(-1), h0.unsqueeze(1).to(states.dtype), states)
+
+
+def _xavier_gru_(weight: torch.Tensor, gates: int = 3) -> None:
+    """Xavier-uniform init per gate block of a stacked GRU weight [gates·Dh, in]."""
+    for w in weight.data.chunk(gates, dim=0):
+        nn.init.xavier_uniform_(w)
+
+
+@register_router("spectra")
+class SpectraRouter(Router):
+    """SPECTRA router; see the module docstring. Built as SpectraRouter(cfg, hidden_size=H, num_experts=E)."""
+
+    def __init__(self, cfg, hidden_size: int, num_experts: int):
+        rc, oc, qc = cfg.router, cfg.osr, cfg.quota
+        super().__init__(hidden_size, num_experts, int(rc.top_k))
+        h, e = hidden_size, num_experts
+        self.dim = d = int(rc.router_dim)
+        self.state_size = dh = int(rc.gru_hidden_size)
+        self.recurrence = str(rc.recurrence)
+        self.recurrent = self.recurrence != "none"
+        if self.recurrence == "token_and_depth":
+            self.gru: nn.Module | None = nn.GRU(h + dh, dh, batch_first=True)
+            weights = (self.gru.weight_ih_l0, self.gru.weight_hh_l0)
+            biases = (self.gru.bias_ih_l0, self.gru.bias_hh_l0)
+        elif self.recurrence == "depth":
+            self.gru = nn.GRUCell(h, dh)
+            weights = (self.gru.weight_ih, self.gru.weight_hh)
+            biases = (self.gru.bias_ih, self.gru.bias_hh)
+        elif self.recurrence == "none":
+            self.gru, weights, biases = None, (), ()
+        else:
+            raise ValueError(f"router.recurrence: unknown {self.recurrence!r}")
+        for w in weights:
+            _xavier_gru_(w)
+        for bias in biases:
+            nn.init.zeros_(bias)
+        self.head = nn.Linear(dh if self.gru is not None else h, e * d, bias=False)  # -> E routing vectors
+        nn.init.xavier_uniform_(self.head.weight)
+
+        if bool(rc.use_expression):
+            self.projector: nn.Linear | None = nn.Linear(h, e * d, bias=False)  # P: R^H -> R^{E·D}
+            nn.init.orthogonal_(self.projector.weight, gain=0.1)
+            self.expert_keys = None
+        else:
+            # -Expression: no projector; each routing vector is scored against a learned expert key
+            # (a linear map to E logits, cosine-normalised so s stays in [-1, 1]).
+            self.projector = None
+            self.expert_keys = nn.Parameter(torch.empty(e, d))  # [E, D]
+            nn.init.orthogonal_(self.expert_keys)
+        self.newton_schulz_steps = int(rc.newton_schulz_steps)
+
+        self.entropy_coef = float(rc.entropy_coef)
+        self.ortho_enabled = bool(rc.ortho_loss)
+        self.srip_enabled = bool(rc.srip_enabled)
+        self.so_warmup_steps = int(rc.so_warmup_steps)
+        self.so_lambda_max = float(rc.so_lambda_max)
+        self.gram_ema_decay = float(getattr(rc, "gram_ema_decay", 0.99))
+
+        self.repulsion_weight = float(oc.repulsion_weight)
+        self.hinge_weight = float(oc.hinge_weight)
+        self.hinge_threshold = float(oc.hinge_threshold)
+        self.epsilon = float(oc.epsilon)
+        self.iterations = int(oc.iterations)
+        self.log_sinkhorn = bool(oc.log_sinkhorn)
+        self.sinkhorn_inference = bool(oc.sinkhorn_inference)
+        self.quota_enabled = bool(qc.enabled)
+        self.capacity_factor = float(qc.capacity_factor)
+
+        # Optimizer steps taken (SRIP warm-up); a buffer so checkpoints carry it across resume.
+        self.register_buffer("srip_step", torch.zeros((), dtype=torch.long))
+        # Running expert directions for batch-independent inference (see module docstring).
+        self.register_buffer("expert_repr_ema", torch.zeros(e, d))
+        self.register_buffer("expert_repr_ema_ready", torch.zeros((), dtype=torch.bool))
+
+    # ----------------------------------------------------------------------------- schedules
+    def on_optimizer_step(self, step: int) -> None:
+        """Record the global optimizer step (drives the SRIP warm-up of λ_ortho)."""
+        self.srip_step.fill_(int(step))
+
+    def lambda_ortho(self) -> torch.Tensor:
+        """Current λ_ortho: linear 0 → so_lambda_max over so_warmup_steps (if srip_enabled)."""
+        return srip_lambda(self.srip_step, self.so_lambda_max, self.so_warmup_steps, self.srip_enabled)
+
+    # ------------------------------------------------------------------------------- pieces
+    def routing_state(self, x: torch.Tensor, inputs: RoutingInputs) -> torch.Tensor | None:
+        """GRU routing state [B, S, Dh] for hidden states x [B, S, H] (None for recurrence=none)."""
+        if self.gru is None:
+            return None
+        b, s, _ = x.shape
+        dh = self.state_size
+        prev = inputs.prev_state
+        prev = x.new_zeros(b, s, dh) if prev is None else prev.to(x.dtype)  # [B, S, Dh]
+        if self.recurrence == "depth":
+            out = self.gru(x.reshape(b * s, -1), prev.reshape(b * s, dh))  # [N, Dh]
+            return out.reshape(b, s, dh)
+        h0 = inputs.cached_state
+        h0 = x.new_zeros(b, dh) if h0 is None else h0.to(x.dtype)  # [B, Dh]
+        inp = torch.cat([x, prev], dim=-1)  # [B, S, H + Dh]
+        return token_recurrence(self.gru, inp, inputs.valid, inputs.doc_start, h0)
+
+    def projector_weight(self) -> torch.Tensor:
+        """P's weight [E·D, H], Newton–Schulz re-orthogonalised when router.newton_schulz_steps > 0."""
+        assert self.projector is not None
+        return newton_schulz(self.projector.weight, self.newton_schulz_steps)
+
+    def scores(self, x: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor):
+        """Cosine scores s [N, E] and expert representations M [E, D].
+
+        x: [N, H] hidden states; feats: [N, F] head input (GRU state or x); valid: [N].
+        """
+        n = x.shape[0]
+        e, d = self.num_experts, self.dim
+        r = F.normalize(self.head(feats).reshape(n, e, d).float(), dim=-1)  # [N, E, D] unit routing vectors
+        if self.projector is not None:
+            p = F.linear(x, self.projector_weight()).reshape(n, e, d).float()  # [N, E, D]
+            s = (r * F.normalize(p, dim=-1)).sum(-1)  # [N, E] cos(r_e, p_e)
+            m = expert_representations(p, valid)  # [E, D]
+        else:
+            m = F.normalize(self.expert_keys.float(), dim=-1)  # [E, D]
+            s = (r * m.unsqueeze(0)).sum(-1)  # [N, E] cos(r_e, key_e)
+        return s, m
+
+    def cost_gram(self, m: torch.Tensor) -> torch.Tensor:
+        """Gram used inside the cost: the batch's in training; a running one at inference."""
+        if self.projector is None:
+            return gram_matrix(m)  # static keys: batch-independent already
+        if self.training:
+            with torch.no_grad():
+                md = m.detach().to(self.expert_repr_ema.dtype)
+                if bool(self.expert_repr_ema_ready):
+                    self.expert_repr_ema.mul_(self.gram_ema_decay).add_(md, alpha=1.0 - self.gram_ema_decay)
+                else:
+                    self.expert_repr_ema.copy_(md)
+                    self.expert_repr_ema_ready.fill_(True)
+            return gram_matrix(m)
+        # Never trained: zero Gram = no repulsion, rather than a Gram borrowed from this batch.
+        return gram_matrix(F.normalize(self.expert_repr_ema.float(), dim=-1)).detach()
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, inputs: RoutingInputs) -> RoutingOutput:
+        hidden = inputs.hidden
+        b, s_len, h = hidden.shape
+        n, e, k = b * s_len, self.num_experts, self.top_k
+        valid = inputs.flat_valid.to(torch.bool)  # [N]
+        x = hidden.to(self.head.weight.dtype)  # [B, S, H]
+        state = self.routing_state(x, inputs)  # [B, S, Dh] or None
+        feats = (state if state is not None else x).reshape(n, -1)  # [N, Dh or H]
+        s, m = self.scores(x.reshape(n, h), feats, valid)  # [N, E], [E, D]
+        g = gram_matrix(m)  # [E, E] this batch's Gram (losses, metrics)
+        cost = osr_cost(s, self.cost_gram(m), self.repulsion_weight, self.hinge_weight, self.hinge_threshold)  # [N, E]
+        vmask = valid.unsqueeze(1)  # [N, 1]
+        diag: dict[str, torch.Tensor] = {}
+
+        if self.training or self.sinkhorn_inference:
+            probs, log_q = sinkhorn(
+                cost, self.epsilon, self.iterations, valid, log_domain=self.log_sinkhorn, return_log=True
+            )  # [N, E] each
+            log_q = log_q.masked_fill(~vmask, 0.0)  # padding rows: finite, never used
+            if self.quota_enabled:
+                cap = quota_capacity(int(valid.sum()), k, e, self.capacity_factor)
+                res = quota_topk(log_q, k, cap, valid)
+                index = res.index  # [N, k]
+                diag["quota_capacity"] = torch.tensor(float(cap), device=cost.device)
+                diag["quota_swaps"] = torch.tensor(float(res.swaps), device=cost.device)
+            else:
+                index = topk_select(log_q, k)  # [N, k]
+            weight = torch.softmax(log_q.gather(1, index), dim=-1)  # [N, k] = Q_sel / Σ Q_sel
+            diag["sinkhorn_marginal_error"] = marginal_error(probs.detach(), valid)
+        else:
+            z = -cost / self.epsilon  # [N, E]
+            probs = torch.softmax(z, dim=-1)  # [N, E]
+            index = topk_select(z, k)  # [N, k] per token, causal and batch-independent
+            weight = torch.softmax(z.gather(1, index), dim=-1)  # [N, k]
+        weight = weight * vmask  # [N, k], 0 at padding
+
+        aux: dict[str, torch.Tensor] = {}
+        ent = routing_entropy(probs, valid)
+        if self.entropy_coef != 0.0:
+            # Positive coefficient sharpens: minimising +coef · H lowers the routing entropy.
+            aux["entropy"] = self.entropy_coef * ent
+        l_ortho = ortho_loss(g)
+        lam = self.lambda_ortho()
+        if self.ortho_enabled:
+            aux["ortho"] = lam * l_ortho
+        diag["routing_entropy"] = ent.detach()
+        diag["ortho_loss"] = l_ortho.detach()
+        diag["lambda_ortho"] = lam.detach()
+        diag["max_abs_cost"] = cost.detach().abs().masked_fill(~vmask, 0.0).max()
+
+        served = vmask.expand(n, k)  # [N, k] quota never drops: every real assignment is served
+        return RoutingOutput(
+            expert_index=index,
+            expert_weight=weight,
+            probs=probs,
+            dropped=torch.zeros(n, k, dtype=torch.bool, device=index.device),
+            valid=valid,
+            dispatch_counts=dispatch_counts_of(index, served, e),
+            aux_losses=aux,
+            diagnostics=diag,
+            logits=-cost,
+            gram=g,
+            expert_repr=m,
+            state=state,
+        )

@@ -1,0 +1,463 @@
+"""The SPECTRA router (routing/spectra.py, osr.py, orthogonality.py) and its Hydra group files.
+
+Expected values come from hand arithmetic, from running the same sequence in a different
+arrangement (alone / packed / padded / split into decoding calls), or from composing the shipped
+YAML files — never from the router's own output for the same input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from spectra.config import RouterConfig, SpectraConfig
+from spectra.routing import build_router
+from spectra.routing.base import RoutingInputs
+from spectra.routing.orthogonality import expert_representations, gram_matrix, newton_schulz, ortho_loss, srip_lambda
+from spectra.routing.osr import osr_cost
+from spectra.routing.selection import quota_capacity
+from spectra.routing.spectra import SpectraRouter
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+H, E, DH, D = 16, 6, 8, 4
+ABLATIONS = ["full", "no_expression", "no_gru", "no_repulsion", "no_quota", "no_ortho", "no_all"]
+
+
+def compose(ablation: str = "full", quota: str = "on", **overrides):
+    """The shipped group files (router=spectra, osr=default, quota, ablation) on the schema."""
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(SpectraConfig),
+        {
+            "router": OmegaConf.load(CONF / "router" / "spectra.yaml"),
+            "osr": OmegaConf.load(CONF / "osr" / "default.yaml"),
+            "quota": OmegaConf.load(CONF / "quota" / f"{quota}.yaml"),
+        },
+        OmegaConf.load(CONF / "ablation" / f"{ablation}.yaml"),
+        {"router": {"gru_hidden_size": DH, "router_dim": D}, "moe": {"num_experts": E}},
+        overrides,
+    )
+    for group in ("router", "osr", "quota"):
+        OmegaConf.to_object(cfg[group])  # runs the dataclass __post_init__ checks
+    return cfg
+
+
+def make(ablation: str = "full", seed: int = 0, **overrides) -> SpectraRouter:
+    torch.manual_seed(seed)
+    router = build_router(compose(ablation, **overrides), hidden_size=H, num_experts=E)
+    assert isinstance(router, SpectraRouter)
+    return router
+
+
+def inputs(hidden, valid=None, doc_start=None, **kw) -> RoutingInputs:
+    b, s, _ = hidden.shape
+    if valid is None:
+        valid = torch.ones(b, s, dtype=torch.bool)
+    if doc_start is None:
+        doc_start = torch.zeros(b, s, dtype=torch.bool)
+        doc_start[:, 0] = True
+    return RoutingInputs(hidden=hidden, valid=valid, doc_start=doc_start, **kw)
+
+
+def trained_eval(router: SpectraRouter) -> SpectraRouter:
+    """One training forward (fills the running Gram used at inference), then eval mode."""
+    router.train()
+    with torch.no_grad():
+        router(inputs(torch.randn(4, 12, H)))
+    return router.eval()
+
+
+def rows_of(t: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    return t.reshape(b, s, *t.shape[1:])
+
+
+# ------------------------------------------------------------------------- pure pieces
+
+
+def test_osr_cost_hand_computed():
+    s = torch.tensor([[0.9, -0.2, 0.1], [0.0, 0.8, -0.75]])
+    g = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 1.0]])
+    # (G off-diagonal)^2 = [[0, .25, 0], [.25, 0, .04], [0, .04, 0]]
+    # row 0: |s| @ off^2 = [.05, .229, .008], hinge = [(.9-.7)^2, 0, 0] = [.04, 0, 0]
+    # row 1: |s| @ off^2 = [.2, .03, .032],   hinge = [0, .01, .0025]
+    want = torch.tensor(
+        [
+            [-0.9 + 0.5 * 0.05 + 0.5 * 0.04, 0.2 + 0.5 * 0.229, -0.1 + 0.5 * 0.008],
+            [0.0 + 0.5 * 0.2, -0.8 + 0.5 * 0.03 + 0.5 * 0.01, 0.75 + 0.5 * 0.032 + 0.5 * 0.0025],
+        ]
+    )
+    torch.testing.assert_close(osr_cost(s, g, 0.5, 0.5, 0.7), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(osr_cost(s, g, 0.0, 0.0, 0.7), -s)
+
+
+def test_gram_and_ortho_loss_hand_computed():
+    # Token 0: e0 -> (1,0), e1 -> (0,1); token 1: e0 -> (0,1), e1 -> (1,0) (after normalising).
+    p = torch.tensor([[[2.0, 0.0], [0.0, 3.0]], [[0.0, 0.5], [4.0, 0.0]]])  # [N=2, E=2, D=2]
+    m = expert_representations(p)  # both means (.5, .5) -> (1/sqrt2, 1/sqrt2)
+    g = gram_matrix(m)
+    torch.testing.assert_close(g, torch.ones(2, 2))
+    # G - I = [[0,1],[1,0]]: ||.||_F^2 = 2, spectral norm 1 -> 0.7*2 + 0.3*1 = 1.7
+    assert float(ortho_loss(g)) == pytest.approx(1.7, abs=1e-6)
+    # Token 1 masked out: M = I, G = I, loss 0.
+    m = expert_representations(p, torch.tensor([True, False]))
+    torch.testing.assert_close(gram_matrix(m), torch.eye(2))
+    assert float(ortho_loss(gram_matrix(m))) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_srip_lambda_formula():
+    assert float(srip_lambda(0, 0.02, 10)) == 0.0
+    assert float(srip_lambda(3, 0.02, 10)) == pytest.approx(0.006)
+    assert float(srip_lambda(25, 0.02, 10)) == pytest.approx(0.02)
+    assert float(srip_lambda(3, 0.02, 10, enabled=False)) == pytest.approx(0.02)
+
+
+def test_newton_schulz_flattens_spectrum_and_keeps_scale():
+    torch.manual_seed(0)
+    w = torch.randn(24, 16) @ torch.diag(torch.linspace(0.2, 3.0, 16))
+    out = newton_schulz(w, 30)
+    sv = torch.linalg.svdvals(out)
+    rms = float(w.norm() / 16**0.5)
+    torch.testing.assert_close(sv, torch.full((16,), rms), rtol=1e-3, atol=0)
+    assert newton_schulz(w, 0) is w
+
+
+def test_projector_init_orthogonal_times_0_1():
+    router = make()
+    sv = torch.linalg.svdvals(router.projector.weight.detach())  # [min(E*D, H)]
+    torch.testing.assert_close(sv, torch.full_like(sv, 0.1), atol=1e-5, rtol=0)
+    assert router.gru.hidden_size == DH  # config value, not E*D
+
+
+def test_newton_schulz_steps_reorthogonalise_the_projector():
+    router = make(router={"newton_schulz_steps": 12}).train()
+    with torch.no_grad():  # drift away from orthogonal, as training would
+        router.projector.weight.mul_(torch.linspace(0.3, 3.0, H))
+    raw = torch.linalg.svdvals(router.projector.weight.detach())
+    eff = torch.linalg.svdvals(router.projector_weight().detach())
+    assert float(raw.max() / raw.min()) > 5.0
+    assert float(eff.max() / eff.min()) < 1.05
+    out = router(inputs(torch.randn(2, 5, H)))
+    out.expert_weight.sum().backward()
+    assert torch.isfinite(router.projector.weight.grad).all()
+
+
+def test_scores_are_cosines_of_head_and_projector():
+    router = make().eval()
+    x = torch.randn(5, H)
+    feats = torch.randn(5, DH)
+    s, _ = router.scores(x, feats, torch.ones(5, dtype=torch.bool))
+    r = router.head(feats).reshape(5, E, D)
+    p = router.projector(x).reshape(5, E, D)
+    torch.testing.assert_close(s, F.cosine_similarity(r, p, dim=-1), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------- router behaviour
+
+
+@pytest.mark.parametrize("recurrence", ["token_and_depth", "depth", "none"])
+def test_eval_routing_is_causal(recurrence):
+    router = trained_eval(make(router={"recurrence": recurrence}))
+    torch.manual_seed(1)
+    b, s = 2, 10
+    x = torch.randn(b, s, H)
+    prev = torch.randn(b, s, DH)
+    base = router(inputs(x, prev_state=prev))
+    changed_tail = False
+    for t in (0, 3, 7):
+        y, p2 = x.clone(), prev.clone()
+        y[:, t + 1 :] = torch.randn(b, s - t - 1, H)
+        p2[:, t + 1 :] = torch.randn(b, s - t - 1, DH)
+        out = router(inputs(y, prev_state=p2))
+        i0, i1 = rows_of(base.expert_index, b, s), rows_of(out.expert_index, b, s)
+        assert torch.equal(i0[:, : t + 1], i1[:, : t + 1])
+        w0, w1 = rows_of(base.expert_weight, b, s), rows_of(out.expert_weight, b, s)
+        torch.testing.assert_close(w0[:, : t + 1], w1[:, : t + 1], atol=1e-6, rtol=0)
+        changed_tail |= not torch.equal(i0[:, t + 1 :], i1[:, t + 1 :])
+    assert changed_tail  # the perturbation does reach the router
+
+
+def test_eval_routing_is_batch_independent():
+    router = trained_eval(make())
+    torch.manual_seed(2)
+    x = torch.randn(3, 9, H)
+    together = router(inputs(x))
+    alone = router(inputs(x[1:2]))
+    assert torch.equal(rows_of(together.expert_index, 3, 9)[1], alone.expert_index)
+    torch.testing.assert_close(rows_of(together.expert_weight, 3, 9)[1], alone.expert_weight, atol=1e-6, rtol=0)
+
+
+def test_incremental_decoding_equals_full_pass():
+    router = trained_eval(make())
+    torch.manual_seed(3)
+    b, s, cut = 2, 11, 7
+    x = torch.randn(b, s, H)
+    prev = torch.randn(b, s, DH)
+    full = router(inputs(x, prev_state=prev))
+    first = router(inputs(x[:, :cut], prev_state=prev[:, :cut]))
+    cached = first.state[:, -1]  # [B, Dh]
+    rest_parts = []
+    state = cached
+    # The rest in two calls: a 3-token chunk, then single decoding steps.
+    for lo, hi in ((cut, cut + 3), (cut + 3, cut + 4)):
+        no_start = torch.zeros(b, hi - lo, dtype=torch.bool)
+        out = router(inputs(x[:, lo:hi], doc_start=no_start, prev_state=prev[:, lo:hi], cached_state=state))
+        rest_parts.append(out)
+        state = out.state[:, -1]
+    idx = torch.cat([rows_of(first.expert_index, b, cut)] + [rows_of(o.expert_index, b, o.state.shape[1]) for o in rest_parts], 1)
+    wts = torch.cat([rows_of(first.expert_weight, b, cut)] + [rows_of(o.expert_weight, b, o.state.shape[1]) for o in rest_parts], 1)
+    states = torch.cat([first.state] + [o.state for o in rest_parts], 1)
+    assert torch.equal(idx, rows_of(full.expert_index, b, s))
+    torch.testing.assert_close(wts, rows_of(full.expert_weight, b, s), atol=1e-5, rtol=0)
+    torch.testing.assert_close(states, full.state, atol=1e-5, rtol=0)
+    # Without the cache the continuation would start from zeros and differ.
+    fresh = router(inputs(x[:, cut:], doc_start=torch.zeros(b, s - cut, dtype=torch.bool), prev_state=prev[:, cut:]))
+    assert not torch.allclose(fresh.state, full.state[:, cut:], atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_packed_documents_reset_state(mode):
+    router = trained_eval(make())
+    router.train(mode == "train")
+    torch.manual_seed(4)
+    j, s = 4, 10
+    doc_a, doc_b = torch.randn(1, j, H), torch.randn(1, s - j, H)
+    packed_start = torch.zeros(1, s, dtype=torch.bool)
+    packed_start[0, [0, j]] = True
+    packed = router(inputs(torch.cat([doc_a, doc_b], 1), doc_start=packed_start))
+    alone_b = router(inputs(doc_b))
+    alone_a = router(inputs(doc_a))
+    torch.testing.assert_close(packed.state[:, j:], alone_b.state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed.state[:, :j], alone_a.state, atol=1e-5, rtol=0)
+    if mode == "eval":  # in training Sinkhorn couples the tokens of a batch, by design
+        assert torch.equal(packed.expert_index[j:], alone_b.expert_index)
+        torch.testing.assert_close(packed.expert_weight[j:], alone_b.expert_weight, atol=1e-5, rtol=0)
+    # Without the reset, document B would see document A's state.
+    no_reset = router(inputs(torch.cat([doc_a, doc_b], 1)))
+    assert not torch.allclose(no_reset.state[:, j:], alone_b.state, atol=1e-3)
+
+
+@pytest.mark.parametrize("start_at", ["first_real", "none"])
+def test_left_padding_routes_like_the_sequence_alone(start_at):
+    router = trained_eval(make())
+    torch.manual_seed(5)
+    pad, n_real, s = 3, 6, 9
+    seq = torch.randn(1, n_real, H)
+    other = torch.randn(1, s, H)
+    x = torch.cat([torch.cat([torch.randn(1, pad, H) * 50, seq], 1), other], 0)  # garbage padding
+    valid = torch.ones(2, s, dtype=torch.bool)
+    valid[0, :pad] = False
+    doc_start = torch.zeros(2, s, dtype=torch.bool)
+    doc_start[1, 0] = True
+    if start_at == "first_real":
+        doc_start[0, pad] = True  # position_ids == 0 at the first real token (HF left padding)
+    out = router(inputs(x, valid=valid, doc_start=doc_start))
+    alone = router(inputs(seq))
+    idx, wts = rows_of(out.expert_index, 2, s), rows_of(out.expert_weight, 2, s)
+    assert torch.equal(idx[0, pad:], alone.expert_index)
+    torch.testing.assert_close(wts[0, pad:], alone.expert_weight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.state[0, pad:], alone.state[0], atol=1e-5, rtol=0)
+    assert torch.equal(wts[0, :pad], torch.zeros(pad, router.top_k))
+    torch.testing.assert_close(out.dispatch_counts.sum(), torch.tensor(float((n_real + s) * router.top_k)))
+
+
+def test_state_carried_through_padding():
+    router = trained_eval(make())
+    torch.manual_seed(10)
+    b, s = 2, 7
+    x = torch.randn(b, s, H)
+    h0 = torch.randn(b, DH)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[0, 4:] = False  # right padding
+    valid[1, :2] = False  # left padding
+    valid[1, 4] = False  # a hole in the middle
+    no_start = torch.zeros(b, s, dtype=torch.bool)
+    out = router(inputs(x, valid=valid, doc_start=no_start, cached_state=h0))
+    st = out.state
+    for t in range(4, s):  # right padding keeps the last real token's state (what gets cached)
+        torch.testing.assert_close(st[0, t], st[0, 3], atol=0, rtol=0)
+    torch.testing.assert_close(st[1, :2], h0[1].expand(2, DH), atol=0, rtol=0)  # before any real token
+    torch.testing.assert_close(st[1, 4], st[1, 3], atol=0, rtol=0)
+    # The hole does not advance the state: row 1 equals its real tokens run contiguously.
+    real = router(inputs(x[1:2, [2, 3, 5, 6]], doc_start=torch.zeros(1, 4, dtype=torch.bool), cached_state=h0[1:2]))
+    torch.testing.assert_close(st[1, [2, 3, 5, 6]], real.state[0], atol=1e-5, rtol=0)
+
+
+def test_padding_excluded_in_training():
+    router = make().train()
+    torch.manual_seed(6)
+    b, s = 3, 8
+    x = torch.randn(b, s, H)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[0, :3] = False
+    valid[2, 5:] = False
+    y = x.clone()
+    y[~valid] = torch.randn(int((~valid).sum()), H) * 100
+    a, c = router(inputs(x, valid=valid)), router(inputs(y, valid=valid))
+    v = valid.reshape(-1)
+    assert torch.equal(a.expert_index[v], c.expert_index[v])
+    torch.testing.assert_close(a.probs, c.probs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.gram, c.gram, atol=1e-6, rtol=0)
+    assert torch.equal(a.probs[~v], torch.zeros(int((~v).sum()), E))
+    n_valid = int(v.sum())
+    torch.testing.assert_close(a.dispatch_counts.sum(), torch.tensor(float(n_valid * router.top_k)))
+    cap = quota_capacity(n_valid, router.top_k, E, 1.25)
+    assert int(a.dispatch_counts.max()) <= cap
+    torch.testing.assert_close(a.probs.sum(1)[v], torch.ones(n_valid), atol=1e-5, rtol=0)
+
+
+def test_training_weights_are_renormalised_plan_and_quota_holds():
+    router = make().train()
+    torch.manual_seed(7)
+    x = torch.randn(2, 16, H)
+    x[:] = x[:1, :1]  # every token identical: all prefer the same experts
+    out = router(inputs(x))
+    q_sel = out.probs.gather(1, out.expert_index)
+    torch.testing.assert_close(out.expert_weight, q_sel / q_sel.sum(1, keepdim=True), atol=1e-6, rtol=0)
+    assert int(out.dispatch_counts.max()) <= quota_capacity(32, router.top_k, E, 1.25)
+    assert all(len(set(r)) == router.top_k for r in out.expert_index.tolist())
+    assert not out.dropped.any()
+    assert "sinkhorn_marginal_error" in out.diagnostics
+
+
+def test_inference_default_is_per_token_topk_of_negative_cost():
+    router = trained_eval(make())
+    torch.manual_seed(8)
+    out = router(inputs(torch.randn(2, 7, H)))
+    z = out.logits / 0.05  # logits = -C; epsilon from conf/osr/default.yaml
+    torch.testing.assert_close(out.probs, torch.softmax(z, -1), atol=1e-6, rtol=0)
+    assert torch.equal(out.expert_index, z.topk(router.top_k, -1).indices)
+    assert "sinkhorn_marginal_error" not in out.diagnostics
+    sk = trained_eval(make(osr={"sinkhorn_inference": True}))
+    out2 = sk(inputs(torch.randn(2, 7, H)))
+    assert "sinkhorn_marginal_error" in out2.diagnostics  # osr.sinkhorn_inference is read
+
+
+def test_bf16_hidden_states():
+    router = make().train()
+    out = router(inputs(torch.randn(2, 6, H, dtype=torch.bfloat16)))
+    for t in (out.expert_weight, out.probs, out.logits, out.state):
+        assert torch.isfinite(t.float()).all()
+
+
+# ------------------------------------------------------------------------- ablations
+
+
+def signature(router: SpectraRouter, out) -> dict:
+    return {
+        "gru": type(router.gru).__name__ if router.gru is not None else None,
+        "state": out.state is not None,
+        "projector": router.projector is not None,
+        "expert_keys": router.expert_keys is not None,
+        "repulsion": router.repulsion_weight,
+        "quota": "quota_capacity" in out.diagnostics,
+        "ortho_term": "ortho" in out.aux_losses,
+    }
+
+
+EXPECTED_CHANGES = {
+    "full": {},
+    "no_expression": {"projector": False, "expert_keys": True},
+    "no_gru": {"gru": None, "state": False},
+    "no_repulsion": {"repulsion": 0.0},
+    "no_quota": {"quota": False},
+    "no_ortho": {"ortho_term": False},
+    "no_all": {"projector": False, "expert_keys": True, "gru": None, "state": False, "repulsion": 0.0, "ortho_term": False},
+}
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_ablation_changes_exactly_its_component(ablation):
+    assert (CONF / "ablation" / f"{ablation}.yaml").read_text().startswith("# @package _global_")
+    x = torch.randn(2, 6, H)
+    full = make("full").train()
+    abl = make(ablation).train()
+    sig_full, sig_abl = signature(full, full(inputs(x))), signature(abl, abl(inputs(x)))
+    assert sig_full == {"gru": "GRU", "state": True, "projector": True, "expert_keys": False,
+                        "repulsion": 0.5, "quota": True, "ortho_term": True}
+    diff = {k: v for k, v in sig_abl.items() if v != sig_full[k]}
+    assert diff == EXPECTED_CHANGES[ablation]
+
+
+def test_no_repulsion_cost_is_score_plus_hinge():
+    router = make("no_repulsion").train()
+    x = torch.randn(1, 5, H)
+    out = router(inputs(x))
+    s, _ = router.scores(x.reshape(5, H), out.state.reshape(5, DH), torch.ones(5, dtype=torch.bool))
+    torch.testing.assert_close(out.logits, s - 0.5 * torch.relu(s.abs() - 0.7) ** 2, atol=1e-6, rtol=0)
+
+
+def test_group_files_match_schema_defaults():
+    router_yaml = OmegaConf.to_object(compose().router)
+    assert isinstance(router_yaml, RouterConfig) and router_yaml.name == "spectra"
+    assert compose().osr == OmegaConf.structured(SpectraConfig).osr  # osr/default.yaml = schema defaults
+    assert compose(quota="off").quota.enabled is False
+
+
+def test_recurrence_depth_is_per_token_gru_cell():
+    router = make(router={"recurrence": "depth"}).eval()
+    assert isinstance(router.gru, nn.GRUCell)
+    x, prev = torch.randn(1, 4, H), torch.randn(1, 4, DH)
+    out = router(inputs(x, prev_state=prev))
+    torch.testing.assert_close(out.state[0], router.gru(x[0], prev[0]), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------- losses and training
+
+
+def test_srip_schedule_advances_and_survives_resume():
+    over = {"router": {"so_warmup_steps": 10, "so_lambda_max": 0.02}}
+    router = make(**over).train()
+    x = torch.randn(2, 6, H)
+    assert float(router(inputs(x)).diagnostics["lambda_ortho"]) == 0.0
+    for step in range(1, 4):
+        router.on_optimizer_step(step)
+    out = router(inputs(x))
+    assert float(out.diagnostics["lambda_ortho"]) == pytest.approx(0.02 * 3 / 10)
+    torch.testing.assert_close(out.aux_losses["ortho"], 0.006 * out.diagnostics["ortho_loss"])
+    assert "srip_step" in router.state_dict()
+
+    resumed = make(seed=1, **over).train()
+    resumed.load_state_dict(router.state_dict())
+    assert float(resumed.lambda_ortho()) == pytest.approx(0.006)
+    for step in range(4, 8):
+        resumed.on_optimizer_step(step)
+    assert float(resumed.lambda_ortho()) == pytest.approx(0.014)
+    resumed.on_optimizer_step(50)
+    assert float(resumed.lambda_ortho()) == pytest.approx(0.02)
+
+    constant = make(router={"srip_enabled": False, "so_lambda_max": 0.02})
+    assert float(constant.lambda_ortho()) == pytest.approx(0.02)
+
+
+def test_entropy_loss_sign_and_scale():
+    router = make(router={"entropy_coef": 0.1}).train()
+    out = router(inputs(torch.randn(2, 6, H)))
+    q = out.probs
+    h = -(q * torch.log(q.clamp_min(1e-20))).sum(1).mean()
+    torch.testing.assert_close(out.aux_losses["entropy"], 0.1 * h, atol=1e-6, rtol=0)
+    assert "entropy" not in make().train()(inputs(torch.randn(2, 6, H))).aux_losses
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradients_reach_gru_projector_and_head(packed):
+    router = make().train()
+    router.on_optimizer_step(50)  # lambda_ortho > 0
+    torch.manual_seed(9)
+    x = torch.randn(2, 8, H)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    doc_start = torch.zeros(2, 8, dtype=torch.bool)
+    doc_start[:, 0] = True
+    if packed:
+        valid[0, :2] = False
+        doc_start[1, 5] = True
+    out = router(inputs(x, valid=valid, doc_start=doc_start))
+    loss = (out.expert_weight * torch.randn_like(out.expert_weight)).sum() + sum(out.aux_losses.values())
+    loss.backward()
+    for name in ("gru.weight_ih_l0", "gru.weight_hh_l0", "head.weight", "projector.weight"):
+        grad = dict(router.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
