@@ -6,6 +6,10 @@ Stages, in order: route (router -> RoutingOutput) -> experts (dispatch + compute
 by transformers' kernels) -> mix with the shared expert. With no shared expert, a = 0.
 A dropped assignment has weight 0, so a token whose every slot was dropped passes through
 the shared expert (and the residual connection of the decoder layer) only.
+
+Router replacement of a Qwen2-MoE-style model (moe/replace.py) keeps that model's own shared
+expert *and its combination*, y = routed + sigmoid(g(x)) * shared with g = `shared_expert_gate`
+(Linear(H, 1)); `a` is unused then. Changing the combination would change the pretrained model.
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ class MoEBlock(nn.Module):
         shared_expert_weight: float,
         layer_idx: int,
         context: RoutingContext,
+        shared_expert_gate: nn.Module | None = None,
     ):
         super().__init__()
         self.router = router
         self.experts = experts
         self.shared_expert = shared_expert
         self.shared_expert_weight = shared_expert_weight if shared_expert is not None else 0.0
+        # Optional (router replacement only): the model's own sigmoid gate of the shared expert.
+        self.shared_expert_gate = shared_expert_gate
         self.layer_idx = layer_idx
         # A plain attribute, not a submodule: the context holds tensors of the current forward.
         object.__setattr__(self, "context", context)
@@ -53,5 +60,8 @@ class MoEBlock(nn.Module):
         routed = self.experts(flat, out.expert_index, weights).reshape(B, S, H)  # [B, S, H]
         if self.shared_expert is None:
             return routed
+        if self.shared_expert_gate is not None:  # Qwen2-MoE: routed + sigmoid(g(x)) * shared
+            gate = torch.sigmoid(self.shared_expert_gate(hidden_states))  # [B, S, 1]
+            return routed + gate * self.shared_expert(hidden_states)
         a = self.shared_expert_weight
         return (1.0 - a) * routed + a * self.shared_expert(hidden_states)

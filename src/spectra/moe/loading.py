@@ -7,7 +7,14 @@ back with `from_pretrained` — the same code path a real checkpoint takes.
 
 Upcycled model: `save_moe_model` is `save_pretrained` (the config carries `spectra_moe`: E, k,
 router and its settings); `load_moe_model` rebuilds the MoE blocks from that record and loads
-the weights, giving identical logits.
+the weights, giving identical logits. The record's `mode` says how the blocks were made:
+'upcycle' (dense MLPs -> MoE) or 'replace' (an MoE model's gates replaced, moe/replace.py).
+
+Tokenizer larger than the model's vocabulary (e.g. the paper's SmolVLM-256M-Instruct tokenizer,
+49,280 tokens, on SmolLM2-135M's 49,152-row embedding): `load_base_model` grows the embedding
+(and a tied or untied LM head) to `len(tokenizer)` with `resize_token_embeddings`; the new
+rows start at the mean of the old ones (transformers' mean resizing). A smaller tokenizer
+leaves the embedding as is (unused rows cost memory, nothing else).
 """
 
 from __future__ import annotations
@@ -75,13 +82,16 @@ def load_base_model(model_cfg: ModelConfig, vocab_size: int, cache_root: str | o
     else:
         path = model_cfg.pretrained
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=_DTYPES[model_cfg.dtype],
             attn_implementation=resolve_attn_implementation(model_cfg.attn_implementation),
         )
     except OSError as e:
         raise FileNotFoundError(f"model.pretrained={path!r} could not be loaded: {str(e).splitlines()[0]}") from None
+    if vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab_size)  # token ids >= old vocab would index out of range
+    return model
 
 
 def save_moe_model(model: nn.Module, path: str | os.PathLike) -> None:
@@ -100,6 +110,7 @@ def load_moe_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from spectra.moe.replace import replace_routers
     from spectra.moe.upcycle import upcycle
 
     config = AutoConfig.from_pretrained(path)
@@ -108,7 +119,9 @@ def load_moe_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
         raise ValueError(f"{path}: config.json has no `spectra_moe` record; not a model saved by spectra")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     cfg = spec_to_config(spec)
-    if cfg.router.name != "dense":
+    if spec.get("mode") == "replace":  # an MoE model whose gates were replaced: same again
+        replace_routers(model, cfg)
+    elif cfg.router.name != "dense":  # records without `mode` predate router replacement
         upcycle(model, cfg)
     state = {}
     for f in sorted(Path(path).glob("*.safetensors")):

@@ -10,6 +10,10 @@ Supported MLPs, detected by their sub-module names:
     gated   gate_proj / up_proj / down_proj   (Llama, Qwen2/3, Mistral, SmolLM, Gemma)
     plain   c_fc / c_proj (GPT-2 Conv1D), fc1 / fc2, dense_h_to_4h / dense_4h_to_h
 Anything else raises with the module path and class.
+
+A model that is already MoE (Qwen3-MoE, OLMoE, Mixtral, Qwen2-MoE) is not upcycled: `upcycle`
+hands it to `moe.replace.replace_routers`, which keeps its experts and replaces its gates
+(METHOD.md §4), so `train.py model=tiny_qwen3_moe router=spectra` needs no special case.
 """
 
 from __future__ import annotations
@@ -124,13 +128,31 @@ def moe_spec(cfg) -> dict:
     return {"moe": plain(cfg.moe), "router": plain(cfg.router), "osr": plain(cfg.osr), "quota": plain(cfg.quota)}
 
 
+def attach_routing(model: nn.Module, cfg, ctx: RoutingContext, mode: str) -> nn.Module:
+    """Finish a model whose MoE blocks are in place (shared by `upcycle` and `replace_routers`).
+
+    Registers the context pre-hook, sets `model.spectra_context` and records the spec in
+    `model.config.spectra_moe`; `mode` ('upcycle' | 'replace') tells `load_moe_model` which
+    structure to rebuild before loading the weights.
+    """
+    install_context_hook(model, ctx)
+    object.__setattr__(model, "spectra_context", ctx)  # not a submodule: holds per-forward tensors
+    model.config.spectra_moe = {**moe_spec(cfg), "mode": mode}
+    return model
+
+
 def upcycle(model: nn.Module, cfg, *, seed: int = 0) -> nn.Module:
     """Replace the MLP of every decoder layer from `moe.first_k_dense_replace` on by an MoEBlock.
 
     `cfg` carries the `moe`, `router`, `osr` and `quota` groups. Returns the same model, modified
     in place, with `model.spectra_context` (the shared RoutingContext) and
     `model.config.spectra_moe` (the spec that `load_moe_model` rebuilds from).
+    An already-MoE model goes to `replace_routers` instead (see the module docstring).
     """
+    from spectra.moe.replace import is_moe_model, replace_routers  # lazy: replace imports this module
+
+    if is_moe_model(model):
+        return replace_routers(model, cfg, seed=seed)
     moe = cfg.moe
     gen = torch.Generator().manual_seed(seed)
     impl = ExpertsImplConfig(resolve_experts_implementation(moe.experts_implementation))
@@ -156,10 +178,7 @@ def upcycle(model: nn.Module, cfg, *, seed: int = 0) -> nn.Module:
             f"moe.first_k_dense_replace={moe.first_k_dense_replace} leaves no MoE layer "
             f"(the model has {len(layers)} decoder layers)"
         )
-    install_context_hook(model, ctx)
-    object.__setattr__(model, "spectra_context", ctx)
-    model.config.spectra_moe = moe_spec(cfg)
-    return model
+    return attach_routing(model, cfg, ctx, mode="upcycle")
 
 
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:
