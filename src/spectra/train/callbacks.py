@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from spectra.train.rundir import METRICS, append_jsonl
 
@@ -60,3 +61,12 @@ class RouterStepCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self._sync(state.global_step)
+
+
+class CompactProgressCallback(ProgressCallback):
+    """The Trainer's progress bar, printing only aggregate metrics (per-layer keys go to
+    metrics.jsonl / loggers, not the console)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = {k: v for k, v in (logs or {}).items() if "/layer" not in k}
+        super().on_log(args, state, control, logs=logs, **kwargs)

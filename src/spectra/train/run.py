@@ -87,6 +87,19 @@ def objective_values(cfg: SpectraConfig, final: dict) -> dict[str, float]:
     return out
 
 
+def _param_checksums_across_ranks(model) -> list[float]:
+    """sum(|p|) of the model on every rank: data-parallel replicas must agree after training."""
+    import torch.distributed as dist
+
+    local = torch.tensor([float(sum(p.detach().double().abs().sum() for p in model.parameters()))], dtype=torch.float64)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [float(local)]
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    gathered = [torch.zeros_like(local, device=dev) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local.to(dev))
+    return [float(g) for g in gathered]
+
+
 def run(cfg: DictConfig | SpectraConfig):
     """Train one model as configured; returns the objective (a float, or a tuple if several)."""
     typed = validate(cfg)  # every key checked before anything is loaded
@@ -122,12 +135,21 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
         raise ValueError(f"data.max_seq_length={cfg.data.max_seq_length} exceeds the model's max_position_embeddings={max_pos}")
     if cfg.router.name != "dense":
         upcycle(model, cfg, seed=cfg.seed)
+    # transformers 5 isolates packed documents via position_ids only when no KV cache is built;
+    # with use_cache=True (the default) packed documents would attend to each other. generate()
+    # turns the cache on by itself.
+    model.config.use_cache = False
     params = parameter_report(model)
     if _rank() == 0:
         log.info("parameters: " + ", ".join(f"{k}={v:,}" for k, v in params.items()))
     if cfg.deepspeed.stage == 3:
         mark_moe_blocks_as_zero3_leaves(model)
 
+    if cfg.logger.tensorboard:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    if cfg.logger.wandb:
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        os.environ.setdefault("WANDB_PROJECT", cfg.logger.wandb_project)
     args = training_arguments(cfg, run_dir)
     t = cfg.trainer
     tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.data.max_seq_length * _world_size()
@@ -136,7 +158,7 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=PackedCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=PackedCollator(),
         processing_class=tokenizer,
         callbacks=[JsonlMetricsCallback(run_dir, tokens_per_step), RouterStepCallback(model)],
         spectra_cfg=cfg,
@@ -148,6 +170,12 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
         resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     elif t.resume != "never":
         resume = t.resume
+    from transformers.trainer_callback import ProgressCallback
+
+    from spectra.train.callbacks import CompactProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgressCallback())
     if resume and _rank() == 0:
         log.info(f"resuming from {resume}")
 
@@ -157,8 +185,10 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
     final = trainer.evaluate()
     best_eval = min((r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r), default=None)
     objective = objective_values(cfg, final)
+    checksums = _param_checksums_across_ranks(model) if cfg.deepspeed.stage < 3 else None
 
     if trainer.is_world_process_zero():
+        model.config.use_cache = True  # the saved model is for inference: generate with the cache
         save_moe_model(trainer.model if cfg.deepspeed.stage == 0 else model, run_dir / "model")
         tokenizer.save_pretrained(run_dir / "model")
         summary = {
@@ -177,6 +207,7 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
             "parameters": params,
             "world_size": _world_size(),
             "resumed_from": resume,
+            "param_checksum_per_rank": checksums,
         }
         write_json_atomic(run_dir / SUMMARY, summary)
     values = tuple(objective.values())
