@@ -43,7 +43,7 @@ def test_bad_config_names_the_key(overrides, key):
 def test_valid_defaults_and_demo_compose():
     cfg = validate(load_config(["experiment=demo"]))
     assert cfg.router.name == "topk" and cfg.moe.num_experts == 8
-    assert cfg.trainer.max_steps == 120  # the demo overlay applied on top of the defaults
+    assert cfg.trainer.max_steps == 200  # the demo overlay applied on top of the defaults
 
 
 def test_quota_below_one_allowed_when_quota_off():

@@ -52,8 +52,19 @@ def comparison_table(runs: pd.DataFrame, by: str = "variant", columns=COMPARISON
     counts = runs.groupby(by)["status"].value_counts().unstack(fill_value=0)
     for status in ("completed", "failed", "incomplete"):
         table[status] = counts[status] if status in counts.columns else 0
+    if by == "variant":
+        table.index = table.index.map(strip_common_overrides(list(table.index)))
     table.index.name = by
     return table
+
+
+def strip_common_overrides(labels: list[str]) -> dict[str, str]:
+    """Shorten variant labels by dropping the `key=value` parts every label shares."""
+    parts = [set(label.split(",")) for label in labels]
+    common = set.intersection(*parts) if parts and len(parts) > 1 else set()
+    return {
+        label: ",".join(p for p in label.split(",") if p not in common) or label for label in labels
+    }
 
 
 def to_markdown(table: pd.DataFrame) -> str:
