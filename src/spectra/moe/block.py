@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spectra.metrics.timing import stage
 from spectra.moe.context import RoutingContext
 from spectra.routing.base import Router, RoutingOutput
 
@@ -44,6 +45,8 @@ class MoEBlock(nn.Module):
         self.layer_idx = layer_idx
         # A plain attribute, not a submodule: the context holds tensors of the current forward.
         object.__setattr__(self, "context", context)
+        # A metrics.timing.StageTimer while the routing monitor times a forward (Table 9), else None.
+        self.stage_timer = None
 
     def route(self, hidden_states: torch.Tensor) -> RoutingOutput:
         """hidden_states [B, S, H] -> RoutingOutput over N = B*S positions."""
@@ -53,15 +56,20 @@ class MoEBlock(nn.Module):
         return out
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # `stage(...)`: profiler ranges spectra/layer{i}/{router,experts,shared} and, while the
+        # monitor times a forward, wall time per stage (metrics/timing.py); a no-op otherwise.
         B, S, H = hidden_states.shape
-        out = self.route(hidden_states)
-        flat = hidden_states.reshape(B * S, H)  # [N, H]
-        weights = out.expert_weight.to(flat.dtype)  # [N, k]
-        routed = self.experts(flat, out.expert_index, weights).reshape(B, S, H)  # [B, S, H]
+        with stage(self, "router"):
+            out = self.route(hidden_states)
+        with stage(self, "experts"):
+            flat = hidden_states.reshape(B * S, H)  # [N, H]
+            weights = out.expert_weight.to(flat.dtype)  # [N, k]
+            routed = self.experts(flat, out.expert_index, weights).reshape(B, S, H)  # [B, S, H]
         if self.shared_expert is None:
             return routed
-        if self.shared_expert_gate is not None:  # Qwen2-MoE: routed + sigmoid(g(x)) * shared
-            gate = torch.sigmoid(self.shared_expert_gate(hidden_states))  # [B, S, 1]
-            return routed + gate * self.shared_expert(hidden_states)
-        a = self.shared_expert_weight
-        return (1.0 - a) * routed + a * self.shared_expert(hidden_states)
+        with stage(self, "shared"):
+            if self.shared_expert_gate is not None:  # Qwen2-MoE: routed + sigmoid(g(x)) * shared
+                gate = torch.sigmoid(self.shared_expert_gate(hidden_states))  # [B, S, 1]
+                return routed + gate * self.shared_expert(hidden_states)
+            a = self.shared_expert_weight
+            return (1.0 - a) * routed + a * self.shared_expert(hidden_states)
