@@ -3,7 +3,13 @@
 A thin Hydra entry point. Everything happens in `spectra.train.run(cfg)`, which returns the
 objective (`objectives` in the config) so Hydra's Optuna sweeper can optimise it.
 Multirun: `python train.py -m router=topk,spectra` (see README).
+
+Exit codes (single run): 0 done; 2 bad input (a config value, a missing data file / tokenizer /
+model), printed as one line `error: <message naming the key>`; 1 training stopped by the
+numerics guard (one line naming the step and term) or any other failure (with its traceback).
 """
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -13,11 +19,32 @@ from spectra.config import register_configs
 register_configs()
 
 
+def _single_run() -> bool:
+    """True for `python train.py ...` (not -m): a sweeper records a multirun job's exception itself."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.RUN
+    except ValueError:  # called outside a Hydra app
+        return False
+
+
 @hydra.main(config_path="conf", config_name="config")
 def main(cfg: DictConfig):
+    from spectra.config import ConfigError
+    from spectra.train.guards import NonFiniteError
     from spectra.train.run import run  # imported here so `--help` and config errors stay fast
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except (ConfigError, OSError, NonFiniteError) as e:
+        # A user error (bad value, missing file / tokenizer / model) or a run stopped by the
+        # numerics guard: one line, no traceback (run() has written summary.json already).
+        if not _single_run():
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1 if isinstance(e, NonFiniteError) else 2)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 - the routers' aux losses (already scaled by their coefficients) join the training loss;
 - optimizer parameter groups with differential learning rates (router / experts / rest);
-- per-layer routing metrics recorded during training and evaluation and merged into the logs.
-Everything else (loop, DeepSpeed, checkpoints, schedulers, NEFTune) is the stock Trainer.
+- per-layer routing metrics recorded during training and evaluation and merged into the logs
+  (plus the RoutingMonitor's held-out-slice metrics at each evaluation).
+- atomic checkpoints + exact resume state (train/checkpoint.py) and the non-finite loss /
+  gradient guard (train/guards.py), as mixins.
+Everything else (loop, DeepSpeed, checkpoint contents, schedulers, NEFTune) is the stock Trainer.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from transformers import Trainer
 
 from spectra.metrics.recorder import RoutingRecorder
 from spectra.moe.block import MoEBlock
+from spectra.train.checkpoint import AtomicCheckpointMixin
+from spectra.train.guards import NumericsGuardMixin
 
 
 def param_groups(model: torch.nn.Module, router_lr: float, expert_lr: float, base_lr: float, weight_decay: float):
@@ -40,7 +45,7 @@ def param_groups(model: torch.nn.Module, router_lr: float, expert_lr: float, bas
     ]
 
 
-class MoETrainer(Trainer):
+class MoETrainer(AtomicCheckpointMixin, NumericsGuardMixin, Trainer):
     """Trainer for an upcycled model; `routing_context` is `model.spectra_context` (None when dense)."""
 
     def __init__(self, *args, spectra_cfg=None, routing_context=None, **kwargs):
@@ -73,7 +78,7 @@ class MoETrainer(Trainer):
         recorder = self.train_recorder if model.training else self.eval_recorder
         recorder.add(ctx.outputs)
         if model.training:
-            aux = ctx.aux_loss()
+            aux = self.guarded_aux_loss(ctx)  # = ctx.aux_loss(), each term checked for finiteness
             if aux is not None:
                 if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
                     # CE is already normalised over the accumulated batch; aux is a per-micro-batch
@@ -95,4 +100,11 @@ class MoETrainer(Trainer):
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         output.metrics.update(self.eval_recorder.report(prefix=f"{prefix}/"))
+        # Callbacks with an `evaluation_metrics` hook (the RoutingMonitor) add keys to this record
+        # here, before `evaluate()` logs it: on_evaluate runs only after the log, too late for
+        # metrics.jsonl / wandb / TensorBoard.
+        for cb in self.callback_handler.callbacks:
+            hook = getattr(cb, "evaluation_metrics", None)
+            if hook is not None:
+                output.metrics.update(hook(self.model, self.args, self.state))
         return output

@@ -1,0 +1,321 @@
+"""Guards: bad input is refused before anything loads; non-finite numbers stop training.
+
+`preflight(cfg)` — the checks that need the machine or files, run by `run()` after `validate`
+(pure config rules, config.py) and before the tokenizer, data or weights are loaded: data and
+tokenizer paths exist, the model's config loads (only its config.json: no weights), the model
+type is known, `data.max_seq_length` fits the model's positions, DeepSpeed/bf16 vs the
+hardware, flash-attention availability, an explicit `trainer.resume` checkpoint is complete.
+Each failure is a `ConfigError` or `FileNotFoundError` whose one-line message names the key;
+`train.py` prints it as `error: <message>` and exits with code 2.
+
+`NumericsGuardMixin` (mixed into MoETrainer) — every training micro-batch records its CE loss
+and each router aux-loss term per layer (`layer2/ortho`, `layer0/aux`, ...); before the
+optimizer step the recorded terms and every parameter's gradient norm are checked for
+finiteness in one device→host sync (a flag all-reduced across ranks, so all ranks agree). A
+non-finite step either
+
+- raises `NonFiniteError` naming the step, the non-finite terms (CE vs router terms listed
+  separately) and the parameters whose gradients went non-finite; nothing is saved after it, so
+  the last good checkpoint stays intact and `run()` records status "failed" in summary.json; or
+- with `trainer.max_bad_steps: n > 0`, is skipped (all gradients dropped, so AdamW leaves
+  weights and moments untouched; floating-point buffers the forward updated, such as SPECTRA's
+  Gram EMA, are restored; the LR schedule and the SRIP step still advance) up to n times per run.
+
+With DeepSpeed the engine steps inside backward, so a non-finite gradient norm is only seen
+after that step: training stops (the last checkpoint is intact), skipping is refused
+(`trainer.max_bad_steps > 0` needs `deepspeed.stage=0`), and parameter names are unavailable.
+
+Test hooks (environment variables, read only here and in checkpoint.py, inert when unset):
+- `SPECTRA_TEST_POISON_STEP=<step>[:<term>]` multiplies the term (default `ce`, or a router term
+  such as `layer1/ortho`) by NaN at optimizer step <step> (1-based, as logged).
+- `SPECTRA_TEST_KILL_AT=step:<N>` / `save:<N>` SIGKILLs the process after the training log of
+  step N / in the middle of saving checkpoint N (files written, not yet committed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from spectra.config import ConfigError, SpectraConfig
+
+log = logging.getLogger("spectra")
+
+POISON_ENV = "SPECTRA_TEST_POISON_STEP"
+_MAX_NAMES = 5
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss term or gradient; the message names step and terms."""
+
+
+# ----------------------------------------------------------------------------- preflight
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message (and its cause's) on one line."""
+    text = " ".join(str(e).split())
+    if e.__cause__ is not None and str(e.__cause__) not in str(e):
+        text += f" ({' '.join(str(e.__cause__).split())})"
+    return text
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
+
+
+def _model_config(cfg: SpectraConfig):
+    """The transformers config of the base model (config.json only; no weights are read)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    m = cfg.model
+    if m.source == "config":
+        from omegaconf import OmegaConf
+
+        arch = dict(OmegaConf.to_container(OmegaConf.create(dict(m.arch)), resolve=True))
+        model_type = arch.pop("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise ConfigError(f"model.arch.model_type: unknown model type {model_type!r} (not a transformers architecture)")
+        try:
+            return AutoConfig.for_model(model_type, **arch)
+        except Exception as e:  # TypeError, ValueError, huggingface_hub's strict-dataclass errors
+            raise ConfigError(f"model.arch: invalid {model_type} config: {_one_line(e)}") from None
+    path = m.pretrained
+    if _looks_like_local_path(path) and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"model.pretrained: no such file or directory: {path}")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise FileNotFoundError(f"model.pretrained={path!r} could not be loaded: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # an unknown model_type, a malformed config.json
+        raise ConfigError(f"model.pretrained={path!r}: unsupported model config: {_one_line(e)}") from None
+
+
+def max_positions(model_config) -> int | None:
+    """The longest sequence the model's position embeddings cover (None if it does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(model_config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    text = getattr(model_config, "text_config", None)
+    return max_positions(text) if text is not None and text is not model_config else None
+
+
+def preflight(cfg: SpectraConfig) -> None:
+    """Environment- and file-dependent checks, before any model or data is loaded (see module doc)."""
+    from spectra.train.checkpoint import verify_checkpoint
+
+    d = cfg.data
+    if d.name == "bundled" and d.path is not None and not Path(d.path).expanduser().is_file():
+        raise FileNotFoundError(f"data.path: no such file: {d.path}")
+    if d.tokenizer != "bundled" and _looks_like_local_path(d.tokenizer) and not Path(d.tokenizer).expanduser().exists():
+        raise FileNotFoundError(f"data.tokenizer: no such file or directory: {d.tokenizer}")
+
+    mc = _model_config(cfg)
+    limit = max_positions(mc)
+    if limit is not None and d.max_seq_length > limit:
+        key = "max_position_embeddings" if hasattr(mc, "max_position_embeddings") else "positions"
+        raise ConfigError(f"data.max_seq_length: {d.max_seq_length} exceeds the model's {key}={limit}")
+
+    if cfg.model.attn_implementation == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package (not installed)") from None
+        if not torch.cuda.is_available():
+            raise ConfigError("model.attn_implementation: flash_attention_2 needs a CUDA device")
+
+    if cfg.deepspeed.stage > 0:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"deepspeed.stage: {cfg.deepspeed.stage} needs the deepspeed package (not installed)") from None
+        if cfg.trainer.bf16 and not torch.cuda.is_available():
+            raise ConfigError("trainer.bf16: DeepSpeed bf16 needs a CUDA device; on CPU set trainer.bf16=false "
+                              f"(or deepspeed.stage=0), got deepspeed.stage={cfg.deepspeed.stage}")
+
+    r = cfg.trainer.resume
+    if r not in ("auto", "never"):
+        p = Path(r).expanduser()
+        if not p.is_dir():
+            raise FileNotFoundError(f"trainer.resume: no such checkpoint directory: {r}")
+        problem = verify_checkpoint(p)
+        if problem is not None:
+            if (p / "COMPLETE").exists() or not (p / "trainer_state.json").exists():
+                raise ConfigError(f"trainer.resume: {r} is not a complete checkpoint: {problem}")
+            log.warning(f"trainer.resume: {r} has no completion marker (saved before atomic checkpoints); using it as given")
+
+
+def enable_determinism() -> None:
+    """Deterministic kernels (`trainer.deterministic=true`): torch deterministic algorithms
+    (warn-only where none exists), cuDNN deterministic, the cuBLAS workspace setting. Unlike
+    transformers' `full_determinism` it does not force CUDA_LAUNCH_BLOCKING."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    os.environ.setdefault("FLASH_ATTENTION_DETERMINISTIC", "1")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def poison_spec() -> tuple[int, str] | None:
+    """The `SPECTRA_TEST_POISON_STEP` test hook as (step, term), or None."""
+    spec = os.environ.get(POISON_ENV)
+    if not spec:
+        return None
+    step, _, term = spec.partition(":")
+    return int(step), (term or "ce")
+
+
+class NumericsGuard:
+    """Records a step's loss terms; checks them and the gradients once per optimizer step."""
+
+    def __init__(self, max_bad_steps: int = 0):
+        self.max_bad_steps = int(max_bad_steps)
+        self.bad_steps = 0  # steps skipped so far in this run (restored on resume)
+        self._names: list[str] = []
+        self._values: list[torch.Tensor] = []
+        self._poison = poison_spec()
+
+    def term(self, step: int, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Record one scalar term of this micro-batch (applying the poison test hook)."""
+        if self._poison is not None and self._poison == (step, name):
+            value = value * float("nan")
+        self._names.append(name)
+        self._values.append(value.detach().float().reshape(()))
+        return value
+
+    def reset(self) -> None:
+        self._names, self._values = [], []
+
+    def check(self, step: int, named_grads: list[tuple[str, torch.Tensor]], device) -> str | None:
+        """None if every recorded term and gradient is finite (on every rank), else a message."""
+        terms = torch.stack(self._values).to(device) if self._values else torch.zeros(0, device=device)
+        grad_norms = torch.stack(torch._foreach_norm([g for _, g in named_grads])).float().to(device) if named_grads else torch.zeros(0, device=device)
+        local_bad = ~torch.cat([torch.isfinite(terms), torch.isfinite(grad_norms)]).all()
+        flag = local_bad.to(torch.float32).reshape(1)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            comm = flag.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(comm, op=dist.ReduceOp.MAX)
+            flag = comm
+        names, values = self._names, terms
+        self.reset()
+        if float(flag.item()) == 0.0:
+            return None
+        parts = []
+        if bool(local_bad):
+            vals = values.cpu().tolist()
+            bad_terms = [(n, v) for n, v in zip(names, vals) if not math.isfinite(v)]
+            ce = [f"CE loss={v}" for n, v in bad_terms if n == "ce"]
+            router = sorted({f"{n}={v}" for n, v in bad_terms if n != "ce"})
+            if ce:
+                parts.append(", ".join(sorted(set(ce))))
+            if router:
+                parts.append("router loss terms " + ", ".join(router[:_MAX_NAMES]) + (f" (+{len(router) - _MAX_NAMES} more)" if len(router) > _MAX_NAMES else ""))
+            norms = grad_norms.cpu().tolist()
+            bad_grads = [n for (n, _), v in zip(named_grads, norms) if not math.isfinite(v)]
+            if bad_grads:
+                listed = ", ".join(bad_grads[:_MAX_NAMES]) + (f" (+{len(bad_grads) - _MAX_NAMES} more)" if len(bad_grads) > _MAX_NAMES else "")
+                parts.append(f"non-finite gradients in {listed}")
+        else:
+            parts.append("another rank saw a non-finite loss term or gradient")
+        return f"non-finite values at step {step}: " + "; ".join(parts)
+
+
+def _strip_wrapper(name: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+class NumericsGuardMixin:
+    """Mixed into MoETrainer (before `Trainer`); see the module docstring."""
+
+    _numerics: NumericsGuard | None = None
+
+    @property
+    def numerics(self) -> NumericsGuard:
+        if self._numerics is None:
+            cfg = getattr(self, "spectra_cfg", None)
+            self._numerics = NumericsGuard(getattr(getattr(cfg, "trainer", None), "max_bad_steps", 0) if cfg else 0)
+        return self._numerics
+
+    def _guard_step(self) -> int:
+        return self.state.global_step + 1  # the optimizer step being computed, 1-based as logged
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Stock loss; while training, the CE term is recorded for the finiteness check."""
+        if model.training and self.numerics.max_bad_steps > 0 and getattr(self, "_buffers_step", None) != self._guard_step():
+            # buffers a forward updates (SPECTRA's Gram EMA) are restored if this step is skipped
+            self._buffers_step = self._guard_step()
+            self._buffers_before = {n: b.detach().clone() for n, b in model.named_buffers() if b.is_floating_point()}
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not model.training:
+            return out
+        loss = out[0] if return_outputs else out
+        loss = self.numerics.term(self._guard_step(), "ce", loss)
+        return (loss, *out[1:]) if return_outputs else loss
+
+    def guarded_aux_loss(self, ctx) -> torch.Tensor | None:
+        """`ctx.aux_loss()` (same terms, same summation order), each term recorded as `layer{i}/{name}`."""
+        step, total = self._guard_step(), None
+        for layer, out in ctx.outputs.items():
+            for name, v in out.aux_losses.items():
+                v = self.numerics.term(step, f"layer{layer}/{name}", v)
+                total = v if total is None else total + v
+        return total
+
+    def _clip_grad_norm(self, model):
+        step = self._guard_step()
+        guard = self.numerics
+        if self.is_deepspeed_enabled:  # DeepSpeed stepped inside backward: check after the fact
+            norm = super()._clip_grad_norm(model)
+            problem = guard.check(step, [], self.args.device)
+            if problem is None and norm is not None and not torch.isfinite(torch.as_tensor(norm)).all():
+                problem = f"non-finite values at step {step}: gradient norm {float(norm)} (DeepSpeed: per-parameter names unavailable)"
+            if problem is not None:
+                self._stop_non_finite(problem)
+            return norm
+        grads = [(_strip_wrapper(n), p.grad) for n, p in model.named_parameters() if p.grad is not None]
+        problem = guard.check(step, grads, self.args.device)
+        if problem is None:
+            return super()._clip_grad_norm(model)
+        if guard.bad_steps >= guard.max_bad_steps:
+            self._stop_non_finite(problem)
+        guard.bad_steps += 1
+        log.warning(f"{problem}; skipping this optimizer step ({guard.bad_steps} of trainer.max_bad_steps={guard.max_bad_steps})")
+        for p in model.parameters():
+            p.grad = None  # AdamW skips parameters without gradients: no update, no moment change
+        saved = getattr(self, "_buffers_before", None) or {}
+        with torch.no_grad():
+            for n, buf in model.named_buffers():
+                if n in saved:
+                    buf.copy_(saved[n])
+        return torch.tensor(float("nan"))
+
+    def _stop_non_finite(self, problem: str):
+        from spectra.train.checkpoint import find_resumable_checkpoint
+
+        guard = self.numerics
+        budget = f"trainer.max_bad_steps={guard.max_bad_steps} exhausted; " if guard.max_bad_steps else ""
+        last = find_resumable_checkpoint(self._get_output_dir(None), warn=False) if self.args.should_save else None
+        if self.args.should_save:
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+        else:
+            where = "rank 0 names the last good checkpoint"
+        raise NonFiniteError(f"{problem} ({budget}training stopped; {where})")
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self.numerics.bad_steps:
+            logs["skipped_steps"] = self.numerics.bad_steps
+        return super().log(logs, *args, **kwargs)
