@@ -1,16 +1,32 @@
 """Run directories -> pandas. Analysis reads only run directories (see train/rundir.py).
 
 A run directory is any directory holding `.hydra/config.yaml`, `summary.json` or
-`metrics.jsonl`. `collect(paths)` returns one row per run with:
-    run_dir, status (completed | failed | incomplete), variant (the overrides minus seed),
-    seed, router, every override as a column (`ov:<key>`), final metrics (`final:<key>`),
-    best metrics (`best:<key>`), objective values (`objective:<name>`), tokens_per_s,
-    duplicate (True for every run beyond the first of the same variant and seed).
-Failed, incomplete and duplicate runs are kept and flagged, never dropped silently.
+`metrics.jsonl`. `collect(paths)` returns `(runs, steps)`:
+
+runs: one row per run directory
+    run_dir, sweep (the sweep directory it belongs to), sweep_name, status
+    (completed | failed | incomplete), variant (the overrides minus seed and volatile keys),
+    seed, router, error, steps, tokens_per_s, started, wall_time_s,
+    ov:<key>        every override (`ov:router`, `ov:osr.epsilon`, ...)
+    cfg:<a.b.c>     the resolved config, flattened (`cfg:moe.num_experts`)
+    final:<key>     final evaluation metrics (summary.json "final")
+    best:<key>      best metrics; objective:<name> the objective value(s)
+    <block>:<key>   any other mapping in summary.json, flattened (`stability:consistency`)
+    last:<key>      the last logged value of every numeric metrics.jsonl key
+    duplicate       True for a run that repeats another run's (variant, seed)
+    counted         completed and not a duplicate: the runs that enter means and tests
+steps: one row per metrics.jsonl record (run_dir, sweep, variant, seed, router, kind, step, ...)
+
+Failed, incomplete and duplicate runs are kept and flagged, never dropped silently; `problems()`
+lists them with a reason. Of several runs with the same (variant, seed), the counted one is a
+completed one, the most recently started (a re-run after a failure wins); the others are
+duplicates.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -19,21 +35,57 @@ import yaml
 from spectra.train.rundir import METRICS, SUMMARY, read_jsonl, read_summary
 
 VOLATILE_OVERRIDE_KEYS = ("seed", "output_dir", "hydra.", "trainer.resume")
+# summary.json keys that are not metric blocks (kept as plain columns or ignored)
+_SUMMARY_SCALARS = ("status", "error", "steps", "tokens_per_s", "started", "wall_time_s", "train_time_s",
+                    "train_loss", "world_size", "router", "seed", "resumed_from")
+_SKIP_DIRS = ("checkpoints", "model", "routing", ".hydra", "tensorboard", "wandb")
 
 
 def find_run_dirs(paths) -> list[Path]:
     """Every run directory under the given paths (a path may itself be a run directory)."""
     found: set[Path] = set()
-    for p in [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]:
+    for p in [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]:
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such sweep or run directory")
-        candidates = [p] + [d for d in p.rglob("*") if d.is_dir()]
-        for d in candidates:
-            if "checkpoints" in d.parts or d.name in (".hydra", "model"):
-                continue
-            if (d / ".hydra" / "config.yaml").exists() or (d / SUMMARY).exists() or (d / METRICS).exists():
+        for d, dirnames, filenames in os.walk(p):
+            dirnames[:] = sorted(n for n in dirnames if n not in _SKIP_DIRS)
+            d = Path(d)
+            if SUMMARY in filenames or METRICS in filenames or (d / ".hydra" / "config.yaml").exists():
                 found.add(d.resolve())
     return sorted(found)
+
+
+def find_sweep_dirs(root, count: int | None = None) -> list[Path]:
+    """Sweep directories (holding Hydra's `multirun.yaml`) under `root`, newest first."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    sweeps = {f.parent.resolve() for f in root.rglob("multirun.yaml") if ".hydra" not in f.parts}
+    ordered = sorted(sweeps, key=lambda d: (d.stat().st_mtime, str(d)), reverse=True)
+    return ordered[:count] if count else ordered
+
+
+def _sweep_of(run_dir: Path, roots: list[Path]) -> Path:
+    """The nearest ancestor holding `multirun.yaml`, else the path the run was found under."""
+    for parent in [run_dir, *run_dir.parents]:
+        if (parent / "multirun.yaml").exists():
+            return parent
+    for root in roots:
+        if run_dir == root or root in run_dir.parents:
+            return root if root != run_dir else run_dir.parent
+    return run_dir.parent
+
+
+def _sweep_name(row: dict, sweep: Path) -> str:
+    """`sweep_name` (+ `/scale_name`) from the config (conf/sweep/*.yaml), else the override
+    `+sweep=...`, else the sweep directory's name."""
+    name = row.get("cfg:sweep_name")
+    if name in (None, "", "adhoc"):  # the schema's default: not launched as a named sweep
+        name = row.get("ov:sweep")
+    if not name:
+        return sweep.name
+    scale = row.get("cfg:scale_name")
+    return f"{name}/{scale}" if scale and scale != "custom" else str(name)
 
 
 def _overrides(run_dir: Path) -> dict[str, str]:
@@ -49,49 +101,111 @@ def _overrides(run_dir: Path) -> dict[str, str]:
 
 def _config(run_dir: Path) -> dict:
     f = run_dir / ".hydra" / "config.yaml"
-    return yaml.safe_load(f.read_text()) if f.exists() else {}
+    try:
+        return (yaml.safe_load(f.read_text()) or {}) if f.exists() else {}
+    except yaml.YAMLError:
+        return {}
 
 
-def _flatten(prefix: str, d: dict | None) -> dict:
-    return {f"{prefix}{k}": v for k, v in (d or {}).items() if not isinstance(v, (dict, list))}
+def _flatten(prefix: str, d, sep: str = "/", _path: str = "") -> dict:
+    """Nested mappings -> {prefix + 'a/b': leaf}; lists become strings (one cell each)."""
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{_path}{sep}{k}" if _path else str(k)
+        if isinstance(v, dict):
+            out.update(_flatten(prefix, v, sep, key))
+        else:
+            out[f"{prefix}{key}"] = str(v) if isinstance(v, (list, tuple)) else v
+    return out
 
 
-def collect_run(run_dir: Path) -> dict:
-    """One row describing one run directory."""
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def collect_run(run_dir: Path, records: list[dict] | None = None) -> dict:
+    """One row describing one run directory (see the module docstring for the columns)."""
+    run_dir = Path(run_dir)
     summary = read_summary(run_dir)
     cfg = _config(run_dir)
     ovr = _overrides(run_dir)
-    status = summary.get("status", "incomplete") if summary else "incomplete"
+    s = summary or {}
+    status = s.get("status", "incomplete")
     if status not in ("completed", "failed"):
-        status = "incomplete"
+        status = "incomplete"  # no summary, an unreadable one, or "running" (killed mid-run)
     variant = ",".join(f"{k}={v}" for k, v in sorted(ovr.items()) if not k.startswith(VOLATILE_OVERRIDE_KEYS))
+    seed = cfg.get("seed", s.get("seed"))
+    if seed is None and "seed" in ovr:
+        seed = ovr["seed"]
+    try:
+        seed = int(seed) if seed is not None else None
+    except (TypeError, ValueError):
+        pass
     row = {
         "run_dir": str(run_dir),
         "status": status,
         "variant": variant or "(defaults)",
-        "seed": cfg.get("seed", (summary or {}).get("seed")),
-        "router": (cfg.get("router") or {}).get("name", (summary or {}).get("router")),
-        "error": (summary or {}).get("error"),
-        "steps": (summary or {}).get("steps"),
-        "tokens_per_s": (summary or {}).get("tokens_per_s"),
+        "seed": seed,
+        "router": (cfg.get("router") or {}).get("name", s.get("router")),
+        "error": s.get("error") if summary else "no summary.json (still running, killed, or never started)",
+        "steps": s.get("steps"),
+        "tokens_per_s": s.get("tokens_per_s"),
+        "started": s.get("started"),
+        "wall_time_s": s.get("wall_time_s"),
     }
     row.update({f"ov:{k}": v for k, v in ovr.items()})
-    if summary:
-        row.update(_flatten("final:", summary.get("final")))
-        row.update(_flatten("best:", summary.get("best")))
-        row.update(_flatten("objective:", summary.get("objective")))
+    row.update(_flatten("cfg:", cfg, sep="."))
+    for block, value in s.items():
+        if isinstance(value, dict):
+            row.update(_flatten(f"{block}:", value))
+    if records is None:
+        records = read_jsonl(run_dir / METRICS)
+    last: dict = {}
+    for rec in records:
+        last.update({f"last:{k}": v for k, v in rec.items() if _is_number(v)})
+    row.update(last)
     return row
+
+
+def _mark_duplicates(runs: pd.DataFrame) -> pd.Series:
+    """True for every run but the counted one of its (variant, seed) group."""
+    rank = runs.assign(
+        _ok=(runs["status"] == "completed").astype(int),
+        _started=pd.to_numeric(runs["started"], errors="coerce").fillna(-math.inf),
+    ).sort_values(["_ok", "_started", "run_dir"], ascending=[False, False, True])
+    keep = rank.drop_duplicates(subset=["variant", "seed"], keep="first").index
+    return ~runs.index.isin(keep)
 
 
 def collect(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, steps): one row per run, and a long frame of every metrics.jsonl record."""
+    roots = [Path(p).resolve() for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     rows, steps = [], []
     for d in find_run_dirs(paths):
-        row = collect_run(d)
+        records = read_jsonl(d / METRICS)
+        row = collect_run(d, records)
+        sweep = _sweep_of(d, roots)
+        row["sweep"] = str(sweep)
+        row["sweep_name"] = _sweep_name(row, sweep)
         rows.append(row)
-        for rec in read_jsonl(d / METRICS):
-            steps.append({"run_dir": row["run_dir"], "variant": row["variant"], "seed": row["seed"], **rec})
+        meta = {k: row[k] for k in ("run_dir", "sweep", "variant", "seed", "router", "status")}
+        for rec in records:
+            kind = "eval" if "eval_loss" in rec else ("train" if "loss" in rec else "other")
+            steps.append({**meta, "kind": kind, **rec})
     runs = pd.DataFrame(rows)
     if not runs.empty:
-        runs["duplicate"] = runs.duplicated(subset=["variant", "seed"], keep="first")
+        runs["duplicate"] = _mark_duplicates(runs)
+        runs["counted"] = (runs["status"] == "completed") & ~runs["duplicate"]
     return runs, pd.DataFrame(steps)
+
+
+def problems(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that are not counted, each with the reason (failed / incomplete / duplicate)."""
+    if runs.empty:
+        return pd.DataFrame(columns=["run_dir", "variant", "seed", "problem", "error"])
+    bad = runs[~runs["counted"]].copy()
+    bad["problem"] = [
+        "duplicate" if dup and st == "completed" else (f"{st}, duplicate" if dup else st)
+        for st, dup in zip(bad["status"], bad["duplicate"])
+    ]
+    return bad[["run_dir", "variant", "seed", "problem", "error"]].reset_index(drop=True)

@@ -1,0 +1,109 @@
+"""Which column of the runs frame holds a metric, and how to show it.
+
+Runs written at different times log a metric under different keys: the routing recorder writes
+`eval/cv_mean` in the final evaluation, the monitoring callback writes `monitor/<metric>_mean`
+(per layer `monitor/layer{i}/<metric>`) and a `stability` block in summary.json. A `Metric`
+names the candidates in order of preference; `resolve` picks the first one that some run has.
+A metric no run has resolves to None: tables show "–" and a note naming the keys looked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+
+def _candidates(name: str) -> tuple[str, ...]:
+    """Where a per-layer-averaged routing metric `name` may live, most specific first."""
+    return (
+        f"final:eval/{name}_mean",
+        f"final:monitor/{name}_mean",
+        f"final:eval/monitor/{name}_mean",
+        f"final:eval_monitor/{name}_mean",
+        f"monitor:metrics/{name}_mean",
+        f"monitor:{name}_mean",
+        f"final:{name}_mean",
+        f"last:monitor/{name}_mean",
+        f"last:eval/monitor/{name}_mean",
+        f"last:eval/{name}_mean",
+        f"last:train/{name}_mean",
+    )
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # short name, e.g. "gram_orthogonality"
+    header: str  # column header in tables
+    lower_is_better: bool | None  # None: no "best" direction
+    scale: float = 1.0  # shown value = raw · scale (100 for % and ×10⁻²)
+    digits: int = 3
+    candidates: tuple[str, ...] = field(default=())
+
+    def columns(self) -> tuple[str, ...]:
+        return self.candidates or _candidates(self.key)
+
+
+def _stab(*keys: str) -> tuple[str, ...]:
+    """Stability: the summary's `stability.mean` block (over all snapshots), then the monitor's
+    running values in the final eval record (latest snapshot pair)."""
+    out = []
+    for k in keys:
+        out += [f"stability:mean/{k}", f"stability:{k}"]
+    for k in keys:
+        out += list(_candidates(k))
+    return tuple(out)
+
+
+METRICS: dict[str, Metric] = {
+    m.key: m
+    for m in [
+        Metric("eval_loss", "eval loss", True, digits=4, candidates=("final:eval_loss", "objective:eval_loss", "best:eval_loss")),
+        Metric("cv", "load CV", True),
+        Metric("maxvio", "MaxVio", True),
+        Metric("dropped_rate", "dropped (%)", True, scale=100, digits=2),
+        Metric("gini", "Gini", True),
+        Metric("unused_rate", "unused (%)", True, scale=100, digits=1),
+        Metric("usage_entropy", "expert entropy", False),
+        Metric("collapse_rate", "collapse rate (%)", True, scale=100, digits=1),
+        Metric("expert_overlap", "expert overlap (%)", True, scale=100, digits=1),
+        Metric("gram_orthogonality", "Gram ortho (×10⁻²)", False, scale=100, digits=1),
+        Metric("expert_similarity_mean", "expert similarity", True),
+        Metric("routing_entropy", "routing entropy", None),
+        Metric("confidence", "confidence", None),
+        Metric("sequential_overlap", "sequential overlap (%)", None, scale=100, digits=1),
+        Metric("domain_purity", "domain purity (%)", False, scale=100, digits=1),
+        Metric("consistency", "routing consistency (%)", False, scale=100, digits=1,
+               candidates=_stab("consistency_consecutive_mean", "consistency", "consistency_prev")),
+        Metric("usage_variance", "usage variance", True, digits=5, candidates=_stab("usage_variance")),
+        Metric("kendall_tau", "Kendall τ", False, candidates=_stab("kendall_tau_mean", "kendall_tau", "kendall_tau_prev")),
+        Metric("consistency_last_vs_first", "consistency last vs first (%)", False, scale=100, digits=1,
+               candidates=_stab("consistency_last_vs_first", "consistency_first")),
+        Metric("tokens_per_s", "tokens/s", False, digits=0, candidates=("tokens_per_s",)),
+    ]
+}
+
+
+def metric(key: str | Metric) -> Metric:
+    """The registered metric, or an ad-hoc one for a raw runs-frame column / final key."""
+    if isinstance(key, Metric):
+        return key
+    if key in METRICS:
+        return METRICS[key]
+    return Metric(key, key, None, candidates=(key, f"final:{key}", *_candidates(key)))
+
+
+def resolve(runs: pd.DataFrame, m: str | Metric) -> str | None:
+    """The first candidate column of `m` holding a number for at least one counted run."""
+    m = metric(m)
+    ok = runs[runs["counted"]] if "counted" in runs.columns else runs
+    for col in m.columns():
+        if col in ok.columns and pd.to_numeric(ok[col], errors="coerce").notna().any():
+            return col
+    return None
+
+
+def missing_note(m: str | Metric) -> str:
+    m = metric(m)
+    cols = m.columns()
+    return f"{m.header}: – (not logged by these runs; looked for `{cols[0]}`, `{cols[1]}` and {len(cols) - 2} other keys)"

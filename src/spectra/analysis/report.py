@@ -1,0 +1,294 @@
+"""`build_report(paths, out)`: every table and figure for a set of sweeps, plus `index.md`.
+
+    out/index.md                  run status (failed / incomplete / duplicate runs listed), every
+                                  table inline, links to .md/.tex/.csv and to each figure
+    out/tables/<name>.{md,tex,csv}
+    out/figures/<name>.{png,pdf}
+
+Figures that need per-token data (usage histograms, selection heatmaps, t-SNE, domain heatmaps,
+usage over training) are drawn from the routing snapshots `<run_dir>/routing/step*.pt` when a
+run has them (one representative run per variant: the lowest counted seed); otherwise they are
+skipped and the index says why.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from spectra.analysis import figures as F
+from spectra.analysis.collect import collect, problems
+from spectra.analysis.columns import resolve
+from spectra.analysis.snapshots import (
+    BEFORE_QUOTA_KEYS,
+    RoutingSnapshot,
+    expert_representations,
+    load_routing_snapshots,
+    stability_from_snapshots,
+)
+from spectra.analysis.table import Table
+from spectra.analysis.tables import (
+    STABILITY_METRICS,
+    TABLE7_METRICS,
+    ablation_table,
+    cell_stats,
+    comparison,
+    overhead_table,
+    scaling_table,
+    significance_table,
+    stability_table,
+    sweep_tables,
+    variant_labels,
+)
+from spectra.train.rundir import read_summary
+
+CURVE_METRICS = [("cv", "load CV"), ("maxvio", "MaxVio"), ("routing_entropy", "routing entropy"),
+                 ("usage_entropy", "expert entropy"), ("gram_orthogonality", "Gram orthogonality")]
+MAX_TSNE_PANELS = 12
+
+
+@dataclass
+class Report:
+    out: Path
+    index: Path
+    runs: pd.DataFrame
+    steps: pd.DataFrame
+    tables: list[Table] = field(default_factory=list)
+    figures: dict[str, list[Path]] = field(default_factory=dict)  # name -> [png, pdf]
+    notes: list[str] = field(default_factory=list)
+    problems: pd.DataFrame | None = None
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", str(s)).strip("_")[:60] or "x"
+
+
+def _step_column(steps: pd.DataFrame, name: str) -> str | None:
+    for col in (f"monitor/{name}_mean", f"train/monitor/{name}_mean", f"train/{name}_mean", f"eval/{name}_mean"):
+        if col in steps.columns and steps[col].notna().any():
+            return col
+    return None
+
+
+def _representatives(runs: pd.DataFrame, has: dict[str, bool]) -> dict[str, str]:
+    """variant -> run_dir of its lowest counted seed for which `has[run_dir]`."""
+    out = {}
+    ok = runs[runs["counted"]].sort_values(["variant", "seed", "run_dir"], na_position="last")
+    for _, r in ok.iterrows():
+        if r["variant"] not in out and has.get(r["run_dir"]):
+            out[r["variant"]] = r["run_dir"]
+    return out
+
+
+def _keywords(run_dir: Path, snap: RoutingSnapshot, layer: int, num_experts: int) -> dict[int, list[str]] | None:
+    """TF-IDF keywords per expert from the slice's token texts (snapshot `token_texts`, or
+    `input_ids`/`token_ids` decoded with the run's tokenizer); None when the snapshot has neither."""
+    from spectra.metrics import expert_top_keywords
+
+    d = snap.layers[layer]
+    texts = snap.shared.get("token_texts")
+    ids = next((snap.shared[k] for k in ("input_ids", "token_ids") if snap.shared.get(k) is not None), None)
+    if texts is None and ids is not None and (run_dir / "model" / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(run_dir / "model" / "tokenizer.json"))
+        texts = [tok.decode([int(i)]) for i in np.asarray(ids).ravel()]
+    if texts is None or "expert_index" not in d:
+        return None
+    idx = np.asarray(d["expert_index"])
+    served = np.asarray(d.get("served", np.ones_like(idx, dtype=bool)), dtype=bool) & snap.valid(layer)[:, None]
+    per_expert: dict[int, list[str]] = {e: [] for e in range(num_experts)}
+    for t, e in zip(*np.nonzero(served)):
+        if t < len(texts):
+            per_expert[int(idx[t, e])].append(str(texts[t]))
+    return expert_top_keywords(per_expert, top_n=4)
+
+
+def _domain_names(run_dir: str, snap: RoutingSnapshot, n: int) -> list[str]:
+    names = snap.shared.get("domain_names")
+    if not names:
+        names = ((read_summary(run_dir) or {}).get("monitor") or {}).get("domain_names")
+    names = list(names or [])
+    return names if len(names) >= n else names + [f"domain {j}" for j in range(len(names), n)]
+
+
+def _snapshot_figures(rep: Report, runs: pd.DataFrame, snaps: dict[str, list[RoutingSnapshot]], fig_dir: Path) -> None:
+    """Per variant (its lowest counted seed): usage histograms, usage over training, selection
+    heatmap, domain heatmap; across variants: served usage per layer and t-SNE of expert vectors."""
+    from spectra.metrics import domain_affinity, expert_purity
+
+    labels = variant_labels(sorted(runs["variant"].unique()))
+    reps = _representatives(runs, {r: bool(s) for r, s in snaps.items()})
+    if not reps:
+        rep.notes.append("no routing snapshots (`<run_dir>/routing/step*.pt`, written by the routing monitor): usage "
+                         "histograms, usage over training, selection and domain heatmaps skipped")
+    across: dict[str, dict[int, np.ndarray]] = {}
+    keywords_missing = False
+    for variant, run_dir in sorted(reps.items()):
+        s_all = snaps[run_dir]
+        last = s_all[-1]
+        tag, lab = _slug(labels[variant]), labels[variant]
+        layers = sorted(last.layers)
+        series: dict[str, dict[int, np.ndarray]] = {}
+        explicit = any(k in last.layers[i] for i in layers for k in BEFORE_QUOTA_KEYS)
+        before = {i: v for i in layers if (v := last.load_before(i)) is not None}
+        after = {i: v for i in layers if (v := last.load_after(i)) is not None}
+        if before:
+            series["before quota" if explicit else "selected (before drops)"] = before
+        if after:
+            series["served (after quota / drops)"] = after
+            across[lab] = after
+        if series:
+            rep.figures[f"usage_hist_{tag}"] = F.plot_usage_histograms(
+                series, fig_dir / f"usage_hist_{tag}", title=f"Expert usage per layer — {lab} (step {last.step})")
+        if len(s_all) >= 2 and layers:
+            loads = [s.load_after(layers[0]) for s in s_all]
+            if all(x is not None for x in loads) and len({x.shape for x in loads}) == 1:
+                rep.figures[f"usage_over_training_{tag}"] = F.plot_usage_over_training(
+                    [s.step for s in s_all], np.stack(loads), fig_dir / f"usage_over_training_{tag}",
+                    title=f"Expert usage over training — {lab}, layer {layers[0]}")
+        pos = last.positions()
+        e = next((last.num_experts(i) for i in layers if last.num_experts(i)), None)
+        sel = {i: np.asarray(last.layers[i]["expert_index"])[last.valid(i)] for i in layers if "expert_index" in last.layers[i]}
+        if pos is not None and sel and e:
+            valid = last.valid(layers[0])
+            rep.figures[f"selection_heatmap_{tag}"] = F.plot_selection_heatmap(
+                sel, pos[valid], e, fig_dir / f"selection_heatmap_{tag}", title=f"Expert selection over positions — {lab}")
+        dom = last.shared.get("domain_ids")
+        if dom is not None and layers and "expert_index" in last.layers[layers[0]] and e:
+            i = layers[0]
+            d = last.layers[i]
+            dom = np.asarray(dom).ravel()
+            ok = (dom >= 0) & last.valid(i)
+            names = _domain_names(run_dir, last, int(dom.max()) + 1 if dom.size else 0)
+            idx = np.asarray(d["expert_index"])[ok]
+            served = np.asarray(d.get("served", np.ones_like(d["expert_index"], dtype=bool)))[ok]
+            aff = domain_affinity(idx, served, dom[ok], e, len(names)).numpy()
+            pur = expert_purity(idx, served, dom[ok], e, len(names)).per_expert.numpy()
+            kw = _keywords(Path(run_dir), last, i, e)
+            keywords_missing |= kw is None
+            rep.figures[f"domain_heatmap_{tag}"] = F.plot_domain_heatmap(
+                aff, pur, names, fig_dir / f"domain_heatmap_{tag}", keywords=kw,
+                title=f"Domain affinity and purity — {lab}, layer {i}")
+    if len(across) >= 2:
+        rep.figures["usage_hist_variants"] = F.plot_usage_histograms(
+            across, fig_dir / "usage_hist_variants", title="Served expert usage per layer, by variant (last snapshot)")
+    if reps and not any(k.startswith("selection_heatmap") for k in rep.figures):
+        rep.notes.append("snapshots carry no `shape` / `positions`: selection heatmaps skipped")
+    if reps and not any(k.startswith("domain_heatmap") for k in rep.figures):
+        rep.notes.append("snapshots carry no `domain_ids`: domain heatmaps skipped")
+    if keywords_missing:
+        rep.notes.append("snapshots carry no `input_ids` / `token_texts`: domain heatmaps drawn without TF-IDF keywords")
+
+    # t-SNE of expert vectors: snapshot `expert_repr` if any, else the final model's router vectors
+    tsne: dict[str, np.ndarray] = {}
+    vecs = {}
+    for r in runs.loc[runs["counted"], "run_dir"]:
+        last = snaps.get(r)[-1] if snaps.get(r) else None
+        from_snap = {i: np.asarray(d["expert_repr"]) for i, d in (last.layers.items() if last else []) if "expert_repr" in d}
+        vecs[r] = from_snap or expert_representations(r)
+    for variant, run_dir in sorted(_representatives(runs, {r: bool(v) for r, v in vecs.items()}).items()):
+        for layer, x in vecs[run_dir].items():
+            if len(tsne) < MAX_TSNE_PANELS:
+                tsne[f"{labels[variant]} · layer {layer}"] = x
+    if tsne:
+        rep.figures["expert_tsne"] = F.plot_expert_tsne(tsne, fig_dir / "expert_tsne")
+    else:
+        rep.notes.append("no expert vectors (routing snapshots' `expert_repr` or router weights in `<run_dir>/model`): t-SNE skipped")
+
+
+def _sweep_figures(rep: Report, runs: pd.DataFrame, steps: pd.DataFrame, fig_dir: Path) -> None:
+    for sweep, sub in sorted(runs.groupby("sweep"), key=lambda kv: kv[0]):
+        tag = _slug(sub["sweep_name"].iloc[0])
+        groups = sorted(sub["variant"].unique())
+        labels = variant_labels(groups)
+        st = steps[(steps["sweep"] == sweep) & steps["run_dir"].isin(sub.loc[sub["counted"], "run_dir"])] if not steps.empty else steps
+        if not st.empty:
+            loss = [(c, lab) for c, lab in (("loss", "train loss"), ("eval_loss", "eval loss")) if c in st and st[c].notna().any()]
+            if loss:
+                rep.figures[f"loss_curves_{tag}"] = F.plot_metric_curves(
+                    st, loss, fig_dir / f"loss_curves_{tag}", title=f"Training dynamics — sweep {tag}", labels=labels)
+            curves = [(col, lab) for name, lab in CURVE_METRICS if (col := _step_column(st, name))]
+            missing = [lab for name, lab in CURVE_METRICS if not _step_column(st, name)]
+            if curves:
+                rep.figures[f"routing_curves_{tag}"] = F.plot_metric_curves(
+                    st, curves, fig_dir / f"routing_curves_{tag}", title=f"Routing metrics vs steps — sweep {tag}", labels=labels)
+            if missing:
+                rep.notes.append(f"sweep {tag}: not logged per step, no curve: {', '.join(missing)}")
+        cv, loss_col = resolve(sub, "cv"), resolve(sub, "eval_loss")
+        if cv and loss_col:
+            a, b = cell_stats(sub, cv, "variant"), cell_stats(sub, loss_col, "variant")
+            cells = pd.DataFrame({"cv": a["mean"], "cv_std": a["std"], "eval_loss": b["mean"], "eval_loss_std": b["std"]}).dropna(subset=["cv", "eval_loss"])
+            if not cells.empty:
+                cells["label"] = [labels.get(v, v) for v in cells.index]
+                rep.figures[f"pareto_{tag}"] = F.plot_pareto(cells, fig_dir / f"pareto_{tag}", title=f"Eval loss vs load CV — sweep {tag}")
+
+
+def build_report(paths, out: str | Path, baseline: str | None = None, figures: bool = True, seed: int = 0) -> Report:
+    """Collect the runs under `paths` and write every table, figure and `index.md` under `out`."""
+    out = Path(out)
+    runs, steps = collect(paths)
+    if runs.empty:
+        raise ValueError(f"no run directories under {' '.join(map(str, paths))}")
+    out.mkdir(parents=True, exist_ok=True)
+    table_dir, fig_dir = out / "tables", out / "figures"
+    rep = Report(out=out, index=out / "index.md", runs=runs, steps=steps, problems=problems(runs))
+
+    snaps = {r: load_routing_snapshots(r) for r in runs.loc[runs["counted"], "run_dir"]}
+    if not any(resolve(runs, m) for m in STABILITY_METRICS):
+        for r, s in snaps.items():
+            if len(s) >= 2:
+                for k, v in stability_from_snapshots(s).items():
+                    runs.loc[runs["run_dir"] == r, f"stability:{k}"] = v
+
+    sig_metrics = ["eval_loss"] + [m for m in ["cv", *TABLE7_METRICS[:4]] if resolve(runs, m)]
+    rep.tables = [
+        comparison(runs),
+        ablation_table(runs),
+        overhead_table(runs),
+        scaling_table(runs, "cfg:model.name", name="table10_model_sizes", title="Table 10: Performance across model sizes"),
+        scaling_table(runs, "cfg:moe.num_experts", name="table11_num_experts", title="Table 11: Performance vs number of experts"),
+        stability_table(runs),
+        significance_table(runs, sig_metrics, baseline=baseline, seed=seed),
+        *sweep_tables(runs),
+    ]
+    for t in rep.tables:
+        t.write(table_dir)
+    if figures:
+        _sweep_figures(rep, runs, steps, fig_dir)
+        _snapshot_figures(rep, runs, snaps, fig_dir)
+    rep.index.write_text(_index(rep, paths))
+    return rep
+
+
+def _index(rep: Report, paths) -> str:
+    runs = rep.runs
+    rel = lambda p: os.path.relpath(p, rep.out)  # noqa: E731
+    n = runs["status"].value_counts()
+    lines = ["# spectra report", "", "Sources: " + ", ".join(f"`{p}`" for p in paths), "",
+             f"Runs: {len(runs)} found — {int(runs['counted'].sum())} counted (completed, not duplicate), "
+             f"{int(n.get('failed', 0))} failed, {int(n.get('incomplete', 0))} incomplete, "
+             f"{int((runs['duplicate'] & (runs['status'] == 'completed')).sum())} duplicate.", ""]
+    if rep.problems is not None and not rep.problems.empty:
+        lines += ["## Runs not counted", "", "| problem | run | variant | seed | error |", "|---|---|---|---|---|"]
+        for r in rep.problems.itertuples():
+            err = str(r.error or "").replace("|", "\\|").replace("\n", " ")[:200]
+            lines.append(f"| **{r.problem}** | `{r.run_dir}` | {r.variant} | {r.seed} | {err} |")
+        lines.append("")
+    lines += ["## Tables", ""]
+    for t in rep.tables:
+        links = " · ".join(f"[{ext}](tables/{t.name}.{ext})" for ext in ("md", "tex", "csv"))
+        lines += [f"### {t.title}", "", links, "", t.markdown(title=False), ""]
+    lines += ["## Figures", ""]
+    for name, (png, pdf) in rep.figures.items():
+        lines += [f"### {name}", "", f"![{name}]({rel(png)})", "", f"[PDF]({rel(pdf)})", ""]
+    if not rep.figures:
+        lines += ["(none)", ""]
+    if rep.notes:
+        lines += ["## Notes", ""] + [f"- {x}" for x in rep.notes] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,319 @@
+"""spectra.analysis on hand-written run directories: collection (failed / incomplete / duplicate
+runs), means and stds against numpy, Welch tests against scipy, table rendering, figures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from scipy import stats
+
+from spectra.analysis import collect, comparison_table, problems, significance_table, to_markdown
+from spectra.analysis.__main__ import main as cli
+from spectra.analysis.figures import (
+    pareto_front,
+    plot_domain_heatmap,
+    plot_expert_tsne,
+    plot_metric_curves,
+    plot_pareto,
+    plot_selection_heatmap,
+    plot_usage_histograms,
+    plot_usage_over_training,
+    selection_frequency,
+)
+from spectra.analysis.snapshots import expert_representations, load_routing_snapshots, stability_from_snapshots
+from spectra.analysis.stats import bootstrap_ci, bootstrap_diff_ci, stars, welch_ttest
+from spectra.analysis.tables import (
+    ablation_table,
+    metric_table,
+    overhead_table,
+    resolve_baseline,
+    scaling_table,
+    stability_table,
+    sweep_tables,
+    variant_labels,
+)
+
+LOSS = {"spectra": [2.10, 2.05, 2.12], "switch_top2": [2.31, 2.36, 2.29]}
+CV = {"spectra": [0.08, 0.11, 0.09], "switch_top2": [0.35, 0.41, 0.30]}
+
+
+def make_run(path, router="spectra", seed=0, status="completed", loss=2.0, cv=0.1, extra_final=None,
+             extra_summary=None, overrides=None, started=1000.0, records=None, config=None):
+    """A run directory as train.py leaves it (summary None = no summary.json at all)."""
+    (path / ".hydra").mkdir(parents=True, exist_ok=True)
+    ovr = overrides if overrides is not None else [f"router={router}", f"seed={seed}"]
+    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(ovr))
+    cfg = {"seed": seed, "router": {"name": router, "top_k": 2}, "moe": {"num_experts": 8}, "model": {"name": "tiny"}}
+    cfg.update(config or {})
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    recs = records if records is not None else [
+        {"step": s, "loss": 3.0 - 0.1 * s, "train/cv_mean": cv + 0.01 * s} for s in (1, 2, 3)
+    ] + [{"step": 3, "eval_loss": loss, "eval/cv_mean": cv}]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    if status is None:
+        return path
+    summary = {"status": status, "started": started, "router": router, "seed": seed}
+    if status == "completed":
+        summary.update(final={"eval_loss": loss, "eval/cv_mean": cv, "eval/maxvio_mean": 2 * cv, **(extra_final or {})},
+                       best={"eval_loss": loss}, objective={"eval_loss": loss}, steps=3, tokens_per_s=1000.0 + seed)
+    else:
+        summary["error"] = "RuntimeError: boom"
+    summary.update(extra_summary or {})
+    (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """2 routers x 3 seeds, plus a failed run, a run without summary, and a duplicate."""
+    root = tmp_path / "sweep"
+    root.mkdir()
+    (root / "multirun.yaml").write_text("{}")
+    for router in LOSS:
+        for seed in range(3):
+            make_run(root / f"{router}_s{seed}", router, seed, loss=LOSS[router][seed], cv=CV[router][seed])
+    make_run(root / "spectra_s3", "spectra", 3, status="failed")
+    make_run(root / "switch_top2_s4", "switch_top2", 4, status=None)  # killed: no summary.json
+    # an older copy of spectra seed 0 with a different loss: must not be counted
+    make_run(root / "old" / "spectra_s0", "spectra", 0, loss=9.9, cv=9.9, started=1.0)
+    return root
+
+
+def test_collect_flags_failed_incomplete_and_duplicate_runs(sweep):
+    runs, steps = collect([sweep])
+    assert len(runs) == 9
+    by_dir = runs.set_index(runs["run_dir"].map(lambda p: p.split("sweep/")[-1]))
+    assert by_dir.loc["spectra_s3", "status"] == "failed" and "boom" in by_dir.loc["spectra_s3", "error"]
+    assert by_dir.loc["switch_top2_s4", "status"] == "incomplete"
+    assert bool(by_dir.loc["old/spectra_s0", "duplicate"]) and not by_dir.loc["old/spectra_s0", "counted"]
+    assert bool(by_dir.loc["spectra_s0", "counted"])  # the later-started completed run wins
+    assert runs["counted"].sum() == 6
+    assert by_dir.loc["spectra_s1", "cfg:moe.num_experts"] == 8 and by_dir.loc["spectra_s1", "ov:router"] == "spectra"
+    assert by_dir.loc["spectra_s1", "last:train/cv_mean"] == pytest.approx(CV["spectra"][1] + 0.03)
+    bad = problems(runs)
+    assert sorted(bad["problem"]) == ["duplicate", "failed", "incomplete"]
+    # the long frame: every record of every run, tagged
+    assert len(steps) == 9 * 4 and {"step", "loss", "kind", "variant", "seed"} <= set(steps.columns)
+
+
+def test_means_and_stds_equal_numpy_and_duplicates_not_counted(sweep):
+    runs, _ = collect([sweep])
+    t = metric_table(runs, ["eval_loss", "cv"], name="t", title="t")
+    for router, losses in LOSS.items():
+        row = t.data[t.data.index.str.contains(f"router={router}")].iloc[0]
+        assert row["eval_loss_mean"] == pytest.approx(np.mean(losses))
+        assert row["eval_loss_std"] == pytest.approx(np.std(losses, ddof=1))
+        assert row["cv_mean"] == pytest.approx(np.mean(CV[router])) and row["eval_loss_n"] == 3
+    spectra_row = t.data[t.data.index.str.contains("router=spectra")].iloc[0]
+    assert spectra_row["failed"] == 1 and spectra_row["duplicate"] == 1 and spectra_row["completed"] == 3
+    switch_row = t.data[t.data.index.str.contains("router=switch_top2")].iloc[0]
+    assert switch_row["incomplete"] == 1
+    # the display: formatted mean ± std, best loss in bold, short labels
+    md = t.markdown()
+    assert f"**{np.mean(LOSS['spectra']):.4f} ± {np.std(LOSS['spectra'], ddof=1):.4f}**" in md
+    assert "| SPECTRA |" in md and "| Switch Top-2 |" in md
+
+
+def test_significance_table_equals_scipy_welch(sweep):
+    runs, _ = collect([sweep])
+    t = significance_table(runs, ["eval_loss", "cv"])  # baseline: router=spectra
+    d = t.data.set_index("metric")
+    for metric, values in (("eval_loss", LOSS), ("cv", CV)):
+        ref = stats.ttest_ind(values["switch_top2"], values["spectra"], equal_var=False)
+        assert d.loc[metric, "p"] == pytest.approx(ref.pvalue, rel=1e-12)
+        assert d.loc[metric, "t"] == pytest.approx(ref.statistic, rel=1e-12)
+        assert d.loc[metric, "diff"] == pytest.approx(np.mean(values["switch_top2"]) - np.mean(values["spectra"]))
+        assert d.loc[metric, "stars"] == stars(ref.pvalue)
+        assert d.loc[metric, "diff_ci_low"] <= d.loc[metric, "diff"] <= d.loc[metric, "diff_ci_high"]
+    assert "baseline: SPECTRA" in t.markdown()
+    # an explicit baseline flips the sign of t, not p
+    t2 = significance_table(runs, ["eval_loss"], baseline="switch_top2")
+    assert t2.data["p"].iloc[0] == pytest.approx(d.loc["eval_loss", "p"]) and t2.data["t"].iloc[0] == pytest.approx(-d.loc["eval_loss", "t"])
+
+
+def test_stars_welch_edge_cases_and_bootstrap():
+    assert [stars(p) for p in (0.0009, 0.001, 0.009, 0.01, 0.049, 0.05, math.nan)] == ["***", "**", "**", "*", "*", "", ""]
+    assert all(math.isnan(v) for v in welch_ttest([1.0], [1.0, 2.0]))  # < 2 values: nan, no exception
+    assert math.isnan(welch_ttest([1.0, 1.0], [1.0, 1.0]).p)  # no variance: nan
+    x = np.array([1.0, 2.0, 4.0, 3.0])
+    lo, hi = bootstrap_ci(x, seed=3)
+    ref = stats.bootstrap((x,), np.mean, n_resamples=9999, method="percentile", rng=np.random.default_rng(3))
+    assert (lo, hi) == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high))
+    assert bootstrap_ci(x, seed=3) == (lo, hi)  # seeded: reproducible
+    assert all(math.isnan(v) for v in bootstrap_diff_ci([1.0], x))
+    dlo, dhi = bootstrap_diff_ci(x + 10, x, seed=0)
+    assert dlo <= 10 <= dhi
+
+
+def test_monitor_keys_and_stability_block_fill_tables_7_9_12(tmp_path):
+    mon = {"monitor/usage_entropy_mean": 0.9, "monitor/expert_overlap_mean": 0.2, "monitor/gram_orthogonality_mean": 0.75,
+           "monitor/collapse_rate_mean": 0.125, "monitor/router_ms_mean": 1.0, "monitor/experts_ms_mean": 3.0,
+           "monitor/layer0/router_ms": 99.0, "monitor/forward_ms": 10.0}
+    stab = {"stability": {"mean": {"consistency_consecutive_mean": 0.8, "usage_variance": 0.01, "kendall_tau_mean": 0.5},
+                          "layers": {"0": {"consistency_consecutive": [0.8]}}, "steps": [1, 2]}}
+    for seed in range(2):
+        make_run(tmp_path / f"r{seed}", seed=seed, extra_final=mon, extra_summary=stab)
+    runs, _ = collect([tmp_path])
+    t7 = ablation_table(runs)
+    row = t7.display.iloc[0]
+    assert row["expert entropy"] == "0.900 ± 0.000" and row["expert overlap (%)"] == "20.0 ± 0.0"
+    assert row["Gram ortho (×10⁻²)"] == "75.0 ± 0.0" and row["collapse rate (%)"] == "12.5 ± 0.0"
+    assert not any("not logged" in n for n in t7.notes)
+    t12 = stability_table(runs).display.iloc[0]
+    assert t12["routing consistency (%)"] == "80.0 ± 0.0" and t12["Kendall τ"] == "0.500 ± 0.000"
+    t9 = overhead_table(runs)
+    col_ms, col_pct = [c for c in t9.display.columns if c.endswith(" ms")][0], [c for c in t9.display.columns if c.endswith(" %")][0]
+    assert list(t9.display[col_ms]) == ["1.000", "3.000", "4.000", "10.00"]  # router, experts, MoE total, forward
+    assert list(t9.display[col_pct])[:3] == ["25.0", "75.0", "100"]
+
+
+def test_missing_metrics_are_dashes_with_notes_and_failed_only_variants_kept(tmp_path):
+    make_run(tmp_path / "a", "topk", 0)
+    make_run(tmp_path / "b", "hash", 0, status="failed")
+    runs, _ = collect([tmp_path])
+    t = ablation_table(runs)
+    assert (t.display["Gram ortho (×10⁻²)"] == "–").all()
+    assert any(n.startswith("Gram ortho") and "not logged" in n for n in t.notes)
+    assert t.display.loc["Hash", "eval loss"] == "–" and t.display.loc["Hash", "failed"] == "1"
+    for tab in (overhead_table(runs), stability_table(runs), significance_table(runs),
+                scaling_table(runs, "cfg:moe.num_experts", name="t11", title="t11"),
+                scaling_table(runs, "cfg:nope", name="t10", title="t10")):
+        assert tab.markdown() and tab.latex().count(r"\toprule") == 1  # renders, never raises
+
+
+def test_latex_booktabs_and_legacy_comparison_table(sweep):
+    runs, _ = collect([sweep])
+    t = metric_table(runs, ["eval_loss", "dropped_rate"], name="t", title="Loss_and 50% drops")
+    tex = t.latex()
+    assert tex.index(r"\toprule") < tex.index(r"\midrule") < tex.index(r"\bottomrule")
+    assert r"\textbf{" in tex and r"$\pm$" in tex and r"Loss\_and 50\% drops" in tex
+    assert tex.count(r" \\") == 1 + 2  # header + one line per variant
+    legacy = comparison_table(runs, columns=[("final:eval_loss", "eval loss", True)])
+    assert isinstance(legacy, pd.DataFrame) and list(legacy.columns)[:1] == ["eval loss"]
+    assert "| variant | eval loss |" in to_markdown(legacy)
+    paths = t.write(sweep.parent / "tables")
+    assert pd.read_csv(paths["csv"], index_col=0)["eval_loss_n"].tolist() == [3, 3]
+
+
+def test_labels_baseline_and_sweep_tables(tmp_path):
+    groups = ["ablation=no_gru,router=spectra", "ablation=full,router=spectra", "ablation=no_all,router=spectra"]
+    assert variant_labels(groups)["ablation=full,router=spectra"] == "SPECTRA-Full"
+    assert resolve_baseline(groups, None) == "ablation=full,router=spectra"
+    assert resolve_baseline(groups, "-GRU") == "ablation=no_gru,router=spectra"
+    with pytest.raises(ValueError, match="matches 3 variants"):
+        resolve_baseline(groups, "spectra")
+    for i, g in enumerate(groups):
+        make_run(tmp_path / "abl" / f"r{i}", seed=0, overrides=g.split(",") + ["seed=0"])
+    runs, _ = collect([tmp_path / "abl"])
+    assert list(ablation_table(runs).display.index) == ["SPECTRA-Full", "-GRU", "-All"]  # the paper's order
+    for i, (name, w) in enumerate([("C", 0.1), ("C", 0.5), ("D", 0.1)]):
+        make_run(tmp_path / name / f"c{i}", seed=0, overrides=["+sweep=" + name, f"osr.repulsion_weight={w}", "seed=0"],
+                 config={"sweep_name": name}, loss=2 + w)
+        (tmp_path / name / "multirun.yaml").write_text("{}")
+    runs, _ = collect([tmp_path / "C", tmp_path / "D"])
+    tabs = sweep_tables(runs)
+    assert [t.name for t in tabs] == ["sweep_00_C", "sweep_01_D"]
+    assert list(tabs[0].display.index) == ["osr.repulsion_weight=0.1", "osr.repulsion_weight=0.5"]
+    assert tabs[0].best["eval loss"].tolist() == [True, False]
+
+
+def _check_image_files(paths):
+    png, pdf = paths
+    assert png.stat().st_size > 0 and mpimg.imread(png).ndim == 3
+    assert pdf.read_bytes()[:4] == b"%PDF"
+
+
+def test_figures_from_synthetic_arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    _check_image_files(plot_usage_histograms({"before": {0: [5, 1, 1, 1], 1: [2, 2, 2, 2]}, "after": {0: [2, 2, 2, 2], 1: [3, 1, 2, 2]}},
+                                             tmp_path / "hist"))
+    _check_image_files(plot_usage_over_training([1, 2, 4], rng.random((3, 4)), tmp_path / "over"))
+    steps = pd.DataFrame({"step": [1, 2, 1, 2, 1, 2], "variant": ["a", "a", "a", "a", "b", "b"], "seed": [0, 0, 1, 1, 0, 0],
+                          "train/cv_mean": rng.random(6)})
+    _check_image_files(plot_metric_curves(steps, [("train/cv_mean", "CV"), ("missing", "not there")], tmp_path / "curves"))
+    _check_image_files(plot_selection_heatmap({0: rng.integers(0, 4, (40, 2))}, np.tile(np.arange(10), 4), 4, tmp_path / "sel"))
+    _check_image_files(plot_expert_tsne({"a": rng.normal(size=(8, 5)), "b": rng.normal(size=(3, 5))}, tmp_path / "tsne"))
+    aff = rng.random((3, 4))
+    _check_image_files(plot_domain_heatmap(aff / aff.sum(1, keepdims=True), rng.random(4), ["code", "math", "prose"],
+                                           tmp_path / "dom", keywords={0: ["def", "return"], 2: ["x"]}))
+    cells = pd.DataFrame({"cv": [0.1, 0.2, 0.3], "eval_loss": [3.0, 2.0, 2.5], "label": ["a", "b", "c"]})
+    _check_image_files(plot_pareto(cells, tmp_path / "pareto"))
+
+
+def test_pareto_front_and_selection_frequency_against_brute_force():
+    rng = np.random.default_rng(1)
+    x, y = rng.random(30), rng.random(30)
+    x[3] = np.nan
+    brute = [bool(np.isfinite(x[i]) and not any(x[j] <= x[i] and y[j] <= y[i] and (x[j] < x[i] or y[j] < y[i])
+                                                for j in range(30) if np.isfinite(x[j]))) for i in range(30)]
+    assert pareto_front(x, y).tolist() == brute
+    idx = np.array([[0, 1], [1, 2], [0, 2], [0, 1]])
+    f, edges = selection_frequency(idx, np.array([0, 1, 0, 1]), 3)
+    assert edges.tolist() == [0, 1]
+    # position 0: rows [0,1], [0,2]; position 1: rows [1,2], [0,1]
+    np.testing.assert_allclose(f, [[1.0, 0.5], [0.5, 1.0], [0.5, 0.5]])  # P(e selected | position)
+
+
+def _snapshot(step, index, load, n_valid):
+    return {"format": 1, "step": step, "shape": [2, 3], "valid": torch.arange(6) < n_valid,
+            "domain_ids": torch.tensor([0, 1, 0, 1, 0, -1]),
+            "layers": {0: {"expert_index": torch.tensor(index, dtype=torch.int32), "served": torch.ones(6, 2, dtype=torch.bool),
+                           "load": torch.tensor(load, dtype=torch.float64)}}}
+
+
+def test_snapshots_loader_and_stability_by_hand(tmp_path):
+    a = [[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]]
+    b = [[0, 1], [2, 3], [2, 1], [3, 0], [1, 3], [0, 1]]  # kept: 2/2, 1/2, 1/2, 2/2, 0/2 (row 5 padding)
+    (tmp_path / "routing").mkdir()
+    torch.save(_snapshot(10, a, [3.0, 3.0, 3.0, 3.0], 5), tmp_path / "routing" / "step000010.pt")
+    torch.save(_snapshot(20, b, [4.0, 3.0, 2.0, 3.0], 5), tmp_path / "routing" / "step000020.pt")
+    (tmp_path / "routing" / "step000030.pt").write_bytes(b"torn")
+    with pytest.warns(UserWarning, match="unreadable"):
+        snaps = load_routing_snapshots(tmp_path)
+    assert [s.step for s in snaps] == [10, 20]
+    assert snaps[0].positions().tolist() == [0, 1, 2, 0, 1, 2]
+    assert snaps[1].load_after(0).tolist() == [4.0, 3.0, 2.0, 3.0]
+    st = stability_from_snapshots(snaps)
+    assert st["consistency"] == pytest.approx((2 + 1 + 1 + 2 + 0) / 2 / 5)
+    shares = np.array([[3, 3, 3, 3], [4, 3, 2, 3]]) / 12
+    assert st["usage_variance"] == pytest.approx(shares.var(0).mean())
+    assert math.isnan(st["kendall_tau"])  # a flat load has no ranking
+
+
+def test_expert_representations_from_model_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "model").mkdir()
+    save_file({"model.layers.0.mlp.router.gate.weight": torch.ones(4, 6),
+               "model.layers.1.mlp.router.expert_repr_ema": torch.full((4, 3), 2.0),
+               "model.layers.1.mlp.router.expert_repr_ema_ready": torch.tensor(True),
+               "model.layers.1.mlp.router.projector.weight": torch.zeros(12, 6)}, str(tmp_path / "model" / "model.safetensors"))
+    reps = expert_representations(tmp_path)
+    assert sorted(reps) == [0, 1] and reps[0].shape == (4, 6) and (reps[1] == 2.0).all()
+    assert expert_representations(tmp_path / "nothing") == {}
+
+
+def test_cli_table_report_and_latest(sweep, tmp_path, capsys):
+    assert cli(["table", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "| SPECTRA |" in out and "failed: " in out and "incomplete: " in out and "duplicate: " in out
+    out_dir = tmp_path / "report"
+    assert cli(["report", str(sweep), "--out", str(out_dir), "--no-figures"]) == 0
+    index = (out_dir / "index.md").read_text()
+    assert "**failed**" in index and "spectra_s3" in index and "**incomplete**" in index and "**duplicate**" in index
+    for name in ("table07_ablations", "table09_overhead", "table10_model_sizes", "table11_num_experts",
+                 "table12_stability", "table13_significance", "sweep_00_sweep", "comparison"):
+        for ext in ("md", "tex", "csv"):
+            assert (out_dir / "tables" / f"{name}.{ext}").stat().st_size > 0, name
+        assert f"tables/{name}.md" in index
+    assert cli(["report", str(tmp_path / "missing"), "--out", str(out_dir)]) == 2
+    capsys.readouterr()
+    assert cli(["latest", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip().endswith("sweep")
