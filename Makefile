@@ -9,7 +9,12 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help setup demo test test-fast lint clean
+SCALE ?= cpu_tiny
+LAUNCHER ?= basic
+SWEEP_ARGS ?=
+SWEEP = $(PYTHON) train.py -m +sweep=$(1) scale=$(SCALE) hydra/launcher=$(LAUNCHER) $(SWEEP_ARGS)
+
+.PHONY: help setup demo test test-fast lint clean sweep-A sweep-B sweep-C sweep-D sweep-E sweep-ablations sweep-baselines
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -27,6 +32,31 @@ $(STAMP): pyproject.toml
 demo: setup  ## tiny multirun over the routers on the bundled corpus, then the comparison table
 	$(PYTHON) train.py -m experiment=demo router=$(DEMO_ROUTERS)
 	$(PYTHON) -m spectra.analysis table outputs/demo
+
+sweep-A: setup  ## Sweep A: quota on/off x capacity factor (SCALE=cpu_tiny|paper LAUNCHER=basic|local|slurm)
+	$(call SWEEP,A)
+sweep-B: setup  ## Sweep B: Sinkhorn epsilon x iterations x log-domain
+	$(call SWEEP,B)
+sweep-C: setup  ## Sweep C: OSR repulsion weight
+	$(call SWEEP,C)
+sweep-D: setup  ## Sweep D: routing entropy coefficient
+	$(call SWEEP,D)
+sweep-E: setup  ## Sweep E: sequence length x {full, -GRU}
+	$(call SWEEP,E)
+sweep-ablations: setup  ## the ablation grid (paper Table 7)
+	$(call SWEEP,ablations)
+sweep-baselines: setup  ## SPECTRA vs Switch top-1/top-2, Expert Choice, Hash, top-k, dense
+	$(call SWEEP,baselines)
+
+# `make report` reads SWEEPS: by default the newest REPORT_LATEST sweep directories (those holding
+# Hydra's multirun.yaml) under outputs/, e.g. outputs/demo, outputs/sweeps/C/cpu_tiny; choose with
+# `make report SWEEPS="outputs/sweeps/A/cpu_tiny outputs/sweeps/ablations/cpu_tiny"`.
+REPORT_LATEST ?= 5
+SWEEPS ?= $(shell test -x $(PYTHON) && $(PYTHON) -m spectra.analysis latest outputs --count $(REPORT_LATEST))
+.PHONY: report
+report: setup  ## tables (md/tex/csv) + figures of the latest sweeps -> outputs/report/index.md
+	@test -n "$(strip $(SWEEPS))" || { echo "no sweep under outputs/: run make demo or a sweep, or pass SWEEPS=dir..." >&2; exit 2; }
+	$(PYTHON) -m spectra.analysis report $(SWEEPS) --out outputs/report
 
 test: setup  ## the whole suite (slow end-to-end tests included)
 	$(PYTHON) -m pytest -q

@@ -46,3 +46,24 @@ def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 900, env: dict | N
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, *args] if args[0].endswith(".py") or args[0] == "-m" else args,
                           cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# Any training config shrunk to seconds per run (a 2-layer model, 4 steps, 64-token rows).
+TINY_TRAIN = [
+    "trainer.max_steps=4",
+    "trainer.eval_steps=2",
+    "trainer.logging_steps=1",
+    "trainer.save_steps=4",
+    "trainer.per_device_train_batch_size=2",
+    "trainer.per_device_eval_batch_size=4",
+    "data.max_seq_length=64",
+    "data.max_train_samples=64",
+    "data.max_eval_samples=8",
+    "moe.num_experts=4",
+    "model.arch.num_hidden_layers=2",
+]
+
+
+def assert_ok(proc) -> None:
+    """A subprocess exited 0; otherwise fail with the ends of its output."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"

@@ -426,7 +426,7 @@ def test_router_level_errors_name_the_key():
 def test_router_yaml_validates(name):
     router = OmegaConf.load(ROOT / "conf" / "router" / f"{name}.yaml")
     assert router.name == name
-    cfg = OmegaConf.create({"model": {"arch": {"model_type": "llama"}}, "moe": {"num_experts": 8}, "router": router})
+    cfg = OmegaConf.create({"model": {"arch": {"model_type": "llama"}}, "moe": {"num_experts": 8, "top_k": 2}, "router": router})
     typed = validate(cfg)
     if name.startswith("switch"):
         assert typed.router.aux_loss_coef == pytest.approx(1e-2)

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_causal_lm
 
+from conftest import tiny_causal_lm
 from spectra.config import load_config, validate
 from spectra.moe import UnsupportedMLPError, load_moe_model, moe_blocks, parameter_report, save_moe_model, upcycle
 from spectra.moe.experts import ExpertsImplConfig, GatedExperts, PlainExperts

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
 
+from conftest import ROOT, run_cli
 from spectra.train.rundir import read_jsonl
 
 pytestmark = pytest.mark.slow

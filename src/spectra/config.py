@@ -11,15 +11,18 @@ Paper names map 1:1 onto these keys (see README "Config keys and the paper's nam
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 ROUTER_NAMES = ("topk", "spectra", "switch_top1", "switch_top2", "expert_choice", "hash", "dense")
 RECURRENCES = ("token_and_depth", "depth", "none")
 EXPERT_IMPLS = ("auto", "eager", "grouped_mm", "batched_mm")
+# transformers schedulers that need no extra arguments
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
 
 
 class ConfigError(ValueError):
@@ -41,7 +44,7 @@ class ModelConfig:
 
     name: str = "tiny"
     source: str = "config"
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     # A transformers config as a dict (model.source=config). Empty in the schema so a model
     # group's arch replaces rather than merges with another architecture's keys.
     arch: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +69,10 @@ class MoEConfig:
     """How dense MLPs become MoE blocks (METHOD.md §1)."""
 
     num_experts: int = 8  # E, routed experts per MoE layer
+    # k for routers whose k is a free choice (topk, spectra, Expert Choice's inference
+    # fallback): their router yamls read `top_k: ${moe.top_k}`; Switch top-1/top-2 and Hash fix
+    # their own. Scales and experiments set this, so a baseline grid never conflicts with k.
+    top_k: int = 2
     first_k_dense_replace: int = 0  # the first f decoder layers stay dense
     num_shared_experts: int = 1  # 0 or 1: a copy of the dense MLP mixed in with weight a
     shared_expert_weight: float = 0.5  # a in y = (1-a) routed + a shared
@@ -75,6 +82,7 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_experts >= 1, "moe.num_experts", f"must be >= 1, got {self.num_experts}")
+        _check(self.top_k >= 1, "moe.top_k", f"must be >= 1, got {self.top_k}")
         _check(self.first_k_dense_replace >= 0, "moe.first_k_dense_replace", f"must be >= 0, got {self.first_k_dense_replace}")
         _check(self.num_shared_experts in (0, 1), "moe.num_shared_experts", f"must be 0 or 1, got {self.num_shared_experts}")
         _check(0.0 <= self.shared_expert_weight < 1.0, "moe.shared_expert_weight", f"must be in [0, 1), got {self.shared_expert_weight}")
@@ -102,7 +110,7 @@ class RouterConfig:
     jitter: float = 0.0
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
-    capacity_factor: Optional[float] = None
+    capacity_factor: float | None = None
     ec_capacity_factor: float = 1.25
     recurrence: str = "token_and_depth"
     gru_hidden_size: int = 128
@@ -175,13 +183,13 @@ class DataConfig:
     """Training data: the bundled multi-domain corpus or smoltalk from the hub (real hosts)."""
 
     name: str = "bundled"  # bundled | smoltalk
-    path: Optional[str] = None  # bundled corpus file; null = the copy shipped in the package
+    path: str | None = None  # bundled corpus file; null = the copy shipped in the package
     hub_dataset: str = "HuggingFaceTB/smoltalk"
     hub_subset: str = "all"
     tokenizer: str = "bundled"  # 'bundled' = the locally trained BPE; else a hub id or path
     max_seq_length: int = 256
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = 256
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = 256
     packing: bool = True
     assistant_only_loss: bool = True
     num_proc: int = 1
@@ -192,6 +200,8 @@ class DataConfig:
         for key in ("max_train_samples", "max_eval_samples"):
             v = getattr(self, key)
             _check(v is None or v >= 1, f"data.{key}", f"must be >= 1 or null, got {v}")
+        _check(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
+        _check(bool(self.tokenizer), "data.tokenizer", "must be 'bundled', a hub id or a path")
 
 
 @dataclass
@@ -215,11 +225,13 @@ class TrainerConfig:
     save_total_limit: int = 2
     bf16: bool = False
     gradient_checkpointing: bool = False
-    neftune_noise_alpha: Optional[float] = None
+    neftune_noise_alpha: float | None = None
     nproc_per_node: int = 1
     dataloader_num_workers: int = 0
     resume: str = "auto"  # auto | never | <checkpoint path>
     report_every_step_metrics: bool = True
+    max_bad_steps: int = 0  # non-finite steps skipped before training stops (0 = stop at the first)
+    deterministic: bool = False  # deterministic kernels (exact resume on CPU holds without it too)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -232,6 +244,11 @@ class TrainerConfig:
         _check(self.save_total_limit >= 1, "trainer.save_total_limit", f"must be >= 1, got {self.save_total_limit}")
         if self.neftune_noise_alpha is not None:
             _check(self.neftune_noise_alpha > 0, "trainer.neftune_noise_alpha", f"must be > 0 or null, got {self.neftune_noise_alpha}")
+        _check(self.lr_scheduler in LR_SCHEDULERS, "trainer.lr_scheduler", f"unknown {self.lr_scheduler!r}; choose one of {list(LR_SCHEDULERS)}")
+        _check(self.weight_decay >= 0.0, "trainer.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.dataloader_num_workers >= 0, "trainer.dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
+        _check(self.max_bad_steps >= 0, "trainer.max_bad_steps", f"must be >= 0, got {self.max_bad_steps}")
+        _check(bool(self.resume), "trainer.resume", "must be auto, never or a checkpoint path")
 
 
 @dataclass
@@ -258,6 +275,23 @@ class LoggerConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Routing monitor (metrics/monitor.py): every metric per MoE layer on a fixed held-out slice
+    at each eval, router vs expert time (paper Table 9), and routing snapshots for stability
+    across checkpoints (paper Table 12) at `snapshot_fractions` of trainer.max_steps."""
+
+    enabled: bool = True
+    num_sequences: int = 16  # the slice: the first rows of the eval split (same data config => same tokens)
+    snapshot_fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0])
+    timing: bool = True  # router/expert wall time per layer on the slice forward
+
+    def __post_init__(self) -> None:
+        _check(self.num_sequences >= 1, "monitor.num_sequences", f"must be >= 1, got {self.num_sequences}")
+        for f in self.snapshot_fractions:
+            _check(0.0 < f <= 1.0, "monitor.snapshot_fractions", f"every fraction must be in (0, 1], got {f}")
+
+
+@dataclass
 class SpectraConfig:
     """The whole run. `objective` names the metric `train.py` returns (for Optuna)."""
 
@@ -270,10 +304,20 @@ class SpectraConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     seed: int = 0
     output_dir: str = "outputs/run"
     objectives: list[str] = field(default_factory=lambda: ["eval_loss"])
     tags: list[str] = field(default_factory=list)
+    # Sweeps (sweeps/*.yaml): the name and scale key the deterministic sweep directory
+    # outputs/sweeps/<sweep_name>/<scale_name>/<overrides>; `seeds` feeds the grid's seed axis.
+    sweep_name: str = "adhoc"
+    scale_name: str = "custom"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    sweep_values: dict[str, Any] = field(default_factory=dict)  # scale-dependent sweep axes
+    # A cell whose summary.json is complete for the same resolved config is not re-run: its
+    # recorded objective is returned (how an interrupted sweep resumes). false = always train.
+    skip_complete: bool = True
 
     def __post_init__(self) -> None:
         r, m = self.router, self.moe
@@ -287,11 +331,84 @@ class SpectraConfig:
         if self.trainer.bf16 and self.deepspeed.stage > 0:
             pass  # DeepSpeed bf16 is configured from trainer.bf16 (see train/deepspeed.py)
         _check(len(self.objectives) >= 1, "objectives", "needs at least one metric name")
+        for name in self.objectives:  # objectives are read from the final evaluation's metrics
+            _check(str(name).startswith(("eval_", "eval/", "monitor/")), "objectives",
+                   f"{name!r} is not an evaluation metric (e.g. eval_loss, eval/cv_mean, monitor/gram_orthogonality_mean)")
+        _check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
+        if self.trainer.max_bad_steps > 0:
+            _check(self.deepspeed.stage == 0, "trainer.max_bad_steps",
+                   f"skipping non-finite steps needs deepspeed.stage=0 (DeepSpeed steps inside backward), got stage {self.deepspeed.stage}")
+        _check(len(self.seeds) >= 1, "seeds", "needs at least one seed")
+
+
+def _csv(values) -> str:
+    """OmegaConf resolver `${csv:${seeds}}` -> "0,1,2": a list as a Hydra sweep value."""
+    return ",".join(str(v) for v in values)
+
+
+# Overrides that do not name what a sweep cell computes (kept out of cell directory names).
+CELL_NAME_EXCLUDE = ("sweep", "scale", "seeds", "trainer.resume", "skip_complete", "hydra.")
+
+
+def _swept_keys_of(sweep_dir) -> set[str]:
+    """Keys swept on the command line (`k=a,b`, `k=range(...)`), read from the multirun.yaml
+    that Hydra's sweeper writes into the sweep directory before launching any cell."""
+    if not sweep_dir:
+        return set()
+    f = Path(str(sweep_dir)) / "multirun.yaml"
+    if not f.exists():
+        return set()
+    try:
+        import yaml
+
+        task = ((yaml.safe_load(f.read_text()) or {}).get("hydra") or {}).get("overrides", {}).get("task") or []
+    except Exception:
+        return set()
+    keys = set()
+    for o in task:
+        key, _, value = str(o).partition("=")
+        if ("," in value and not value.strip().startswith(("[", "{"))) or value.startswith(("range(", "choice(", "glob(")):
+            keys.add(key.lstrip("+~"))
+    return keys
+
+
+def cell_dirname(task_overrides, sweep_params=None, sweep_dir=None, max_len: int = 120) -> str:
+    """Resolver `${cell_dirname:${hydra.overrides.task},${hydra.sweeper.params},${hydra.sweep.dir}}`:
+    a sweep cell's directory name from its overrides — deterministic, so a re-run finds the same
+    cell.
+
+    The swept keys (hydra.sweeper.params, `k=a,b` on the command line) and seed come first;
+    when the whole `k=v,...` string is longer than `max_len`, the tail is replaced by a hash of
+    the full string (unique, and within filesystem limits).
+    """
+    axes = set((sweep_params or {}).keys()) | {"seed"} | _swept_keys_of(sweep_dir)
+    items = []
+    for o in task_overrides or []:
+        key = str(o).split("=", 1)[0].lstrip("+~")
+        if not key.startswith(CELL_NAME_EXCLUDE):
+            items.append((key not in axes, str(o).lstrip("+~").replace("/", "_")))
+    items.sort()
+    full = ",".join(text for _, text in items) or "defaults"
+    if len(full) <= max_len:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:10]
+    head = ""
+    for _, text in items:
+        if len(head) + len(text) + 1 > max_len - 12:
+            break
+        head = f"{head},{text}" if head else text
+    return f"{head}-{digest}"
 
 
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (conf/config.yaml uses `spectra_schema`)."""
+    """Register the schemas with Hydra's ConfigStore (conf/config.yaml uses `spectra_schema`)
+    and the `csv` resolver used by sweep grids."""
     from hydra.core.config_store import ConfigStore
+
+    if not OmegaConf.has_resolver("csv"):
+        OmegaConf.register_resolver("csv", _csv, annotation_validation="off")
+    if not OmegaConf.has_resolver("cell_dirname"):
+        OmegaConf.register_resolver("cell_dirname", cell_dirname, annotation_validation="off")
 
     cs = ConfigStore.instance()
     cs.store(name="spectra_schema", node=SpectraConfig, replace=True)
@@ -317,7 +434,7 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
 
 
 # Free-form dict fields whose keys are not ours to check (a transformers config).
-_FREE_FORM = {"model.arch"}
+_FREE_FORM = {"model.arch", "sweep_values"}
 
 
 def _reject_unknown_keys(cfg: DictConfig) -> None:

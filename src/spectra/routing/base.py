@@ -14,8 +14,8 @@ Every router returns a `RoutingOutput`; the MoE block and the metrics consume no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

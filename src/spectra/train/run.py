@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from spectra.config import SpectraConfig, validate
-from spectra.train.rundir import SUMMARY, write_json_atomic
+from spectra.train.rundir import METRICS, SUMMARY, write_json_atomic
 
 log = logging.getLogger("spectra")
 
@@ -102,34 +102,65 @@ def _param_checksums_across_ranks(model) -> list[float]:
 
 def run(cfg: DictConfig | SpectraConfig):
     """Train one model as configured; returns the objective (a float, or a tuple if several)."""
+    from spectra.train.cells import cached_objective, config_fingerprint, record_progress, reset_run_dir
+    from spectra.train.launch import export_submitit_distributed_env
+
     typed = validate(cfg)  # every key checked before anything is loaded
+    export_submitit_distributed_env()  # SLURM tasks_per_node > 1: one rank per task
     run_dir = Path(typed.output_dir)
+    fingerprint = config_fingerprint(typed)
+    if typed.skip_complete:
+        cached = cached_objective(run_dir, fingerprint)
+        if cached is not None:  # a complete sweep cell: resume the sweep without re-training it
+            log.info(f"{run_dir}: complete for this config, skipped (objective {cached})")
+            if _rank() == 0:
+                record_progress(run_dir, "skipped")
+            return cached
+    if typed.trainer.resume == "never" and _rank() == 0:
+        reset_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    status: dict = {"status": "running", "started": started}
+    status: dict = {"status": "running", "started": started, "config_fingerprint": fingerprint}
     try:
-        result = _train(typed, run_dir, status)
+        if typed.trainer.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+            # Several processes for this one trial: spawn the ranks here (torch elastic launch),
+            # each re-entering run() with the resolved config; rank 0's objective comes back.
+            from spectra.train.launch import launch_processes
+
+            result = launch_processes(run, typed.trainer.nproc_per_node, typed)
+        else:
+            result = _train(typed, run_dir, status)
     except BaseException as e:
         if _rank() == 0:
             write_json_atomic(run_dir / SUMMARY, {**status, "status": "failed", "error": f"{type(e).__name__}: {e}"})
+            record_progress(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
+    if _rank() == 0:
+        record_progress(run_dir, "completed")
     return result
 
 
 def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from spectra.data import PackedCollator, build_datasets, load_tokenizer
     from spectra.moe import load_base_model, parameter_report, save_moe_model, upcycle
     from spectra.train.callbacks import JsonlMetricsCallback, RouterStepCallback
+    from spectra.train.checkpoint import find_resumable_checkpoint, rewind_metrics
     from spectra.train.deepspeed import mark_moe_blocks_as_zero3_leaves
+    from spectra.train.guards import enable_determinism, preflight
     from spectra.train.trainer import MoETrainer
 
+    preflight(cfg)  # files, model config (no weights), max positions, DeepSpeed vs hardware
+    if cfg.trainer.deterministic:
+        enable_determinism()
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     train_ds, eval_ds = build_datasets(cfg.data, tokenizer, seed=cfg.seed)
     model = load_base_model(cfg.model, vocab_size=len(tokenizer), cache_root=cache_root(), seed=cfg.seed)
+    # Building a config model's cache entry draws from the global RNG, loading it does not: re-seed
+    # so router initialisation (upcycle) is the same on a first and a later run of one seed.
+    set_seed(cfg.seed)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and cfg.data.max_seq_length > max_pos:
         raise ValueError(f"data.max_seq_length={cfg.data.max_seq_length} exceeds the model's max_position_embeddings={max_pos}")
@@ -152,6 +183,14 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
         os.environ.setdefault("WANDB_PROJECT", cfg.logger.wandb_project)
     args = training_arguments(cfg, run_dir)
     t = cfg.trainer
+    monitor = None
+    if cfg.monitor.enabled and getattr(model, "spectra_context", None) is not None:
+        from spectra.data.pipeline import get_domain_names
+        from spectra.metrics.monitor import RoutingMonitor
+
+        domains = get_domain_names(eval_ds) if "domain_ids" in eval_ds.column_names else None
+        monitor = RoutingMonitor(model, eval_ds, run_dir, cfg.monitor, PackedCollator(include_domain_ids=True),
+                                 num_domains=len(domains) if domains else None, domain_names=domains)
     tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.data.max_seq_length * _world_size()
     trainer = MoETrainer(
         model=model,
@@ -160,14 +199,14 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
         eval_dataset=eval_ds,
         data_collator=PackedCollator(),
         processing_class=tokenizer,
-        callbacks=[JsonlMetricsCallback(run_dir, tokens_per_step), RouterStepCallback(model)],
+        callbacks=[JsonlMetricsCallback(run_dir, tokens_per_step), RouterStepCallback(model)] + ([monitor] if monitor else []),
         spectra_cfg=cfg,
         routing_context=getattr(model, "spectra_context", None),
     )
 
     resume = None
     if t.resume == "auto":
-        resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        resume = find_resumable_checkpoint(args.output_dir)  # newest *complete* one; skipped ones are warned about
     elif t.resume != "never":
         resume = t.resume
     from transformers.trainer_callback import ProgressCallback
@@ -178,6 +217,12 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
     trainer.add_callback(CompactProgressCallback())
     if resume and _rank() == 0:
         log.info(f"resuming from {resume}")
+    if _rank() == 0 and t.resume != "never":
+        # metrics.jsonl back to where it was at the checkpoint (empty when starting fresh): records
+        # of a lost segment would otherwise duplicate the resumed curve.
+        dropped = rewind_metrics(run_dir / METRICS, resume)
+        if dropped:
+            log.info(f"{METRICS}: dropped {dropped} records logged after {resume or 'the start'}")
 
     t0 = time.time()
     train_out = trainer.train(resume_from_checkpoint=resume)
@@ -197,7 +242,7 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
             "router": cfg.router.name,
             "seed": cfg.seed,
             "steps": trainer.state.global_step,
-            "train_loss": train_out.training_loss,
+            "train_loss": trainer.whole_run_train_loss() or train_out.training_loss,  # all steps, across resumes
             "train_time_s": train_time,
             "wall_time_s": time.time() - status["started"],
             "tokens_per_s": trainer.state.global_step * tokens_per_step / max(train_time, 1e-9),
@@ -208,6 +253,7 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
             "world_size": _world_size(),
             "resumed_from": resume,
             "param_checksum_per_rank": checksums,
+            **(monitor.summary() if monitor else {}),  # "monitor": final slice metrics, "stability": Table 12
         }
         write_json_atomic(run_dir / SUMMARY, summary)
     values = tuple(objective.values())

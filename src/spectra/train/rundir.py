@@ -18,8 +18,9 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
@@ -38,20 +39,26 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temp file in the same directory, fsync, then rename over `path`."""
+def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Write a file whole or not at all: `write(f)` into a temp file in the same directory,
+    fsync, then rename over `path` (readers never see a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(obj), f, indent=2, sort_keys=True)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """JSON (NaN/inf as null) written atomically (see `write_atomic`)."""
+    write_atomic(path, lambda f: json.dump(_jsonable(obj), f, indent=2, sort_keys=True))
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:

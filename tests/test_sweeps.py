@@ -1,0 +1,154 @@
+"""Sweeps: grids as Hydra multirun, deterministic cell directories, resume after a kill,
+SLURM launcher config -> sbatch script, submitit local executor, several processes per trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY_TRAIN, assert_ok, run_cli
+from spectra.config import cell_dirname, load_config, validate
+from spectra.train.rundir import read_jsonl
+
+# cpu_tiny shrunk to seconds per cell (the sweep's scale stays cpu_tiny).
+TINY = [*TINY_TRAIN, "trainer.save_steps=2"]
+
+
+_ok = assert_ok
+
+
+def _summaries(sweep: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+
+
+# ---------------------------------------------------------------- fast: configs and names
+
+
+@pytest.mark.parametrize("sweep", ["A", "B", "C", "D", "E", "ablations", "baselines"])
+@pytest.mark.parametrize("scale", ["cpu_tiny", "paper"])
+def test_every_sweep_composes_at_every_scale(sweep, scale):
+    cfg = validate(load_config([f"+sweep={sweep}", f"scale={scale}"]))
+    assert cfg.sweep_name == sweep and cfg.scale_name == scale
+    if scale == "paper":
+        assert cfg.moe.num_experts == 32 and cfg.moe.top_k == 4 and cfg.router.router_dim == 32
+
+
+def test_sweep_grids_match_the_paper():
+    from hydra import compose, initialize_config_dir
+
+    from spectra.config import config_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir())):
+        a = compose("config", ["+sweep=A"], return_hydra_config=True).hydra.sweeper.params
+        b = compose("config", ["+sweep=B"], return_hydra_config=True).hydra.sweeper.params
+        e = compose("config", ["+sweep=E", "seeds=[3,4]"], return_hydra_config=True).hydra.sweeper.params
+    assert a["quota.capacity_factor"] == "1.0,1.25,1.5,2.0" and a["quota.enabled"] == "false,true"
+    assert b["osr.epsilon"] == "0.03,0.05,0.1,0.2" and b["osr.iterations"] == "2,3,5,8"
+    # cpu_tiny keeps the paper's 2k:8k:32k:128k ratios; seeds feed the seed axis
+    assert e["data.max_seq_length"] == "16,64,256,1024" and e["seed"] == "3,4"
+
+
+def test_cell_dirname_is_deterministic_readable_and_bounded():
+    ovr = ["+sweep=C", "osr.repulsion_weight=0.3", "seed=1", "trainer.max_steps=4"]
+    name = cell_dirname(ovr, {"osr.repulsion_weight": "0,0.3"})
+    assert name == "osr.repulsion_weight=0.3,seed=1,trainer.max_steps=4"  # axes first, sweep key dropped
+    assert cell_dirname(list(reversed(ovr)), {"osr.repulsion_weight": "x"}) == name
+    long = [f"data.key{i}=value{i}" for i in range(40)] + ["seed=0"]
+    n1, n2 = cell_dirname(long), cell_dirname(long[:-1] + ["seed=1"])
+    assert len(n1) <= 120 and n1 != n2 and n1.startswith("seed=0")
+
+
+def test_sbatch_script_has_the_requested_resources():
+    from spectra.train.launch import launcher_params, sbatch_preview
+
+    params = launcher_params(["hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
+                              "hydra.launcher.nodes=2", "hydra.launcher.timeout_min=90",
+                              "hydra.launcher.account=proj42", "hydra.launcher.constraint=a100",
+                              "hydra.launcher.mem_gb=128"])
+    script = sbatch_preview(params)
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=4", "#SBATCH --nodes=2", "#SBATCH --time=90",
+                 "#SBATCH --account=proj42", "#SBATCH --constraint=a100", "#SBATCH --mem=128GB"):
+        assert line in script, f"{line!r} missing from:\n{script}"
+
+
+# ---------------------------------------------------------------- slow: real multiruns
+
+@pytest.mark.slow
+def test_repulsion_multirun_three_cells_with_different_gram_metrics(tmp_path):
+    sweep = tmp_path / "c"
+    proc = run_cli(["train.py", "-m", "router=spectra", "osr.repulsion_weight=0,0.3,1.0", *TINY,
+                    f"hydra.sweep.dir={sweep}"])
+    _ok(proc)
+    sums = _summaries(sweep)
+    assert len(sums) == 3 and all(s["status"] == "completed" for s in sums.values())
+    weights = sorted(float(n.split("osr.repulsion_weight=")[1].split(",")[0]) for n in sums)
+    assert weights == [0.0, 0.3, 1.0]
+    for name in sums:  # the weight is recorded in the run's resolved config
+        cfg = (sweep / name / ".hydra" / "config.yaml").read_text()
+        assert f"repulsion_weight: {name.split('osr.repulsion_weight=')[1].split(',')[0]}" in cfg
+    gram = {n: (s.get("monitor") or {}).get("gram_orthogonality_mean", s["final"].get("eval/ortho_loss_mean"))
+            for n, s in sums.items()}
+    assert all(v is not None for v in gram.values()) and len(set(gram.values())) == 3
+    assert "3 cells" in proc.stdout and "0 skipped" in proc.stdout  # the end-of-sweep report
+
+
+@pytest.mark.slow
+def test_killed_sweep_rerun_completes_only_the_missing_cells(tmp_path):
+    """SIGKILL the driver while the second of three cells trains; the re-run skips the first."""
+    sweep = tmp_path / "sweeps"
+    args = [sys.executable, "train.py", "-m", "+sweep=C", "osr.repulsion_weight=0,0.5,1.0", "seeds=[0]", *TINY,
+            "trainer.max_steps=10", f"hydra.sweep.dir={sweep}"]
+    driver = subprocess.Popen(args, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    progress = sweep / "sweep_progress.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        done = [r for r in read_jsonl(progress) if r["status"] == "completed"] if progress.exists() else []
+        started = list(sweep.glob("*/metrics.jsonl"))
+        if len(done) == 1 and len(started) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    first = next(sweep.glob("*/summary.json"))
+    first_mtime = first.stat().st_mtime
+    assert len(list(sweep.glob("*/summary.json"))) == 1  # the killed cell has no summary: not done
+
+    proc = run_cli(args[1:])
+    _ok(proc)
+    assert "3 cells" in proc.stdout and "1 skipped" in proc.stdout and "2 ran" in proc.stdout
+    sums = _summaries(sweep)
+    assert len(sums) == 3 and all(s["status"] == "completed" for s in sums.values())
+    assert first.stat().st_mtime == first_mtime  # the finished cell was not touched
+
+
+@pytest.mark.slow
+def test_sweep_runs_through_submitit_local_executor(tmp_path):
+    sweep = tmp_path / "local"
+    proc = run_cli(["train.py", "-m", "hydra/launcher=local", "router=topk", "moe.top_k=1,2", *TINY,
+                    f"hydra.sweep.dir={sweep}"])
+    _ok(proc)
+    sums = _summaries(sweep)
+    assert len(sums) == 2 and all(s["status"] == "completed" for s in sums.values())
+    assert list(sweep.glob(".submitit/*/*_log.out"))  # it really went through submitit
+
+
+@pytest.mark.slow
+def test_trial_with_two_processes_reports_one_objective(tmp_path):
+    run_dir = tmp_path / "np2"
+    proc = run_cli(["train.py", "experiment=demo", *TINY, "monitor.enabled=false", "trainer.nproc_per_node=2",
+                    f"hydra.run.dir={run_dir}"], env={"OMP_NUM_THREADS": "1"})
+    _ok(proc)
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "completed" and s["world_size"] == 2
+    a, b = s["param_checksum_per_rank"]
+    assert a == pytest.approx(b, rel=1e-9)
+    assert len(list(tmp_path.iterdir())) == 1  # one run directory, not one per rank
