@@ -148,8 +148,11 @@ def test_snapshot_load_counts_only_served_slots(tmp_path):
     mon.on_train_begin(ARGS, _state(0), None)
     mon.on_step_end(ARGS, _state(1), None, model=model)  # 1 = ceil(0.1 * 8): a snapshot step
     snap = load_snapshot(snapshot_path(tmp_path, 1))
-    valid = (PackedCollator(include_domain_ids=True)(_rows())["domain_ids"] >= 0).reshape(-1)
+    batch = PackedCollator(include_domain_ids=True)(_rows())
+    valid = (batch["domain_ids"] >= 0).reshape(-1)
     assert torch.equal(snap["valid"], valid)
+    assert torch.equal(snap["input_ids"].long(), batch["input_ids"].reshape(-1))
+    assert snap["domain_names"] == ["a", "b", "c"]
     for layer, out in seen.items():
         served = valid[:, None] & ~out.dropped
         s = snap["layers"][layer]

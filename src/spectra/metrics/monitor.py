@@ -22,8 +22,9 @@ What it does during training (`RoutingMonitor`, a TrainerCallback wired in `trai
 * **At 10/25/50/75/100 % of max_steps** (`snapshot_steps`) it saves the slice's dispatched routing
   to `<run_dir>/routing/step{step:06d}.pt` (temp file + rename, so a file is complete or absent):
   per layer the selected `expert_index` [N, k], the `served` mask [N, k] and the dispatched load
-  [E]. `stability(snapshots)` turns them into Table 12; `compare_routing(run_a, run_b)` compares
-  two runs on the same slice.
+  [E]; top level: step, fingerprint of the slice tokens, shape [B, S], valid [N], domain_ids [N],
+  input_ids [N], domain_names. `stability(snapshots)` turns them into Table 12;
+  `compare_routing(run_a, run_b)` compares two runs on the same slice.
 
 Every number is read from the dispatched assignment: a slot counts only if its token is real and
 the slot was not dropped (after selection, capacity and drops). Padding — the pad block at the tail
@@ -446,7 +447,9 @@ class RoutingMonitor(TrainerCallback):
         first = next(iter(routing.outputs.values()))
         return {"format": 1, "step": routing.step, "max_steps": max_steps, "fingerprint": self.fingerprint,
                 "num_experts": first.num_experts, "top_k": first.top_k, "shape": list(self.shape),
-                "valid": self.valid.clone(), "domain_ids": self.domain_ids, "layers": layers}
+                "valid": self.valid.clone(), "domain_ids": self.domain_ids,
+                "input_ids": self.batch["input_ids"].reshape(-1).to(torch.int32),  # [N], for per-expert keywords
+                "domain_names": list(self.domain_names or []), "layers": layers}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.steps = snapshot_steps(self.cfg.snapshot_fractions, state.max_steps)

@@ -59,8 +59,9 @@ def build_config_model_dir(model_cfg: ModelConfig, vocab_size: int, cache_root: 
         return out
     model_type = arch.pop("model_type")
     config = AutoConfig.for_model(model_type, **arch)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.random.fork_rng(devices=[]):  # building must not move the run's global RNG
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     os.makedirs(out.parent, exist_ok=True)

@@ -64,9 +64,9 @@ class RouterStepCallback(TrainerCallback):
 
 
 class CompactProgressCallback(ProgressCallback):
-    """The Trainer's progress bar, printing only aggregate metrics (per-layer keys go to
-    metrics.jsonl / loggers, not the console)."""
+    """The Trainer's progress bar, printing only aggregate metrics (per-layer and monitor keys
+    go to metrics.jsonl / loggers, not the console)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = {k: v for k, v in (logs or {}).items() if "/layer" not in k}
+        logs = {k: v for k, v in (logs or {}).items() if "/layer" not in k and not k.startswith("monitor/")}
         super().on_log(args, state, control, logs=logs, **kwargs)
