@@ -48,6 +48,22 @@ sweep-ablations: setup  ## the ablation grid (paper Table 7)
 sweep-baselines: setup  ## SPECTRA vs Switch top-1/top-2, Expert Choice, Hash, top-k, dense
 	$(call SWEEP,baselines)
 
+# Optuna searches (hydra/sweeper=optuna): TRIALS is the study's target; re-running tops it up.
+# Several workers: start the same command several times with STORAGE=journal:///shared/x.log or
+# STORAGE=postgresql://user:pass@host/db (and the same sweep).
+TRIALS ?=
+STORAGE ?=
+SEARCH = $(call SWEEP,search_$(1)) $(if $(TRIALS),hydra.sweeper.n_trials=$(TRIALS)) $(if $(STORAGE),"hydra.sweeper.storage='$(STORAGE)'")
+.PHONY: search-osr search-quota search-router search-pareto
+search-osr: setup  ## Optuna: repulsion, hinge, Sinkhorn epsilon/iterations (TRIALS=20 STORAGE=...)
+	$(call SEARCH,osr)
+search-quota: setup  ## Optuna: quota capacity factor
+	$(call SEARCH,quota)
+search-router: setup  ## Optuna: GRU size, routing dim, entropy coef, router/expert LRs
+	$(call SEARCH,router)
+search-pareto: setup  ## Optuna multi-objective: eval loss vs eval load CV (NSGA-II), Pareto front
+	$(call SEARCH,pareto)
+
 # `make report` reads SWEEPS: by default the newest REPORT_LATEST sweep directories (those holding
 # Hydra's multirun.yaml) under outputs/, e.g. outputs/demo, outputs/sweeps/C/cpu_tiny; choose with
 # `make report SWEEPS="outputs/sweeps/A/cpu_tiny outputs/sweeps/ablations/cpu_tiny"`.

@@ -1,0 +1,250 @@
+"""`hydra/sweeper=optuna` for spectra: Hydra's Optuna sweeper with resumable, shared studies.
+
+We reuse the upstream plugin for everything it does right — samplers, search-space syntax
+(`choice`, `interval`, `range`, `tag(log, …)`), overrides per trial, the results file — and
+replace its `sweep()` loop, whose behaviour loses or duplicates work (SWEEPS.md, Optuna sweeper):
+
+- upstream runs `n_trials` *more* trials each start; here `n_trials` is the study's target and a
+  re-run (or a second worker) runs only what is missing;
+- upstream leaves a killed driver's trials RUNNING; here stale trials are failed and re-queued
+  (spectra.train.study), and the retry lands in the same cell directory and resumes its checkpoint;
+- upstream's default storage is in-memory and its default study name random; here the study is an
+  SQLite file in the sweep directory named after the sweep, so it resumes with `load_if_exists`;
+- a seeded sampler is re-seeded per trial number, so restarts and workers never replay suggestions;
+- a failed trial (crash, NaN) is recorded as FAIL with its error and the sweep goes on; a study
+  with no complete trial ends with a readable error instead of "Record does not exist".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import optuna
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from hydra.utils import instantiate
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from spectra.train import study as hygiene
+
+log = logging.getLogger(__name__)
+
+
+class SweepFailed(RuntimeError):
+    """The Optuna sweep cannot go on (too many failures, or not one trial completed)."""
+
+
+class _Impl(OptunaSweeperImpl):
+    """Upstream implementation with spectra's sweep loop (see the module docstring)."""
+
+    def __init__(self, *args, sampler_seed: int | None, heartbeat_interval: float, grace_period: float, **kw):
+        super().__init__(*args, **kw)
+        self.sampler_seed = sampler_seed
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.grace_period = float(grace_period)
+
+    # ----------------------------------------------------------------------------- helpers
+    def _study_name(self, params_conf: list[str]) -> str:
+        """`study_name`, else `<sweep_name>-<hash of the search space and fixed overrides>`: the
+        same command finds its study again, a different search never joins it by accident."""
+        if self.study_name:
+            return str(self.study_name)
+        digest = hashlib.sha256("\n".join(sorted(params_conf)).encode()).hexdigest()[:8]
+        return f"{self.config.get('sweep_name') or 'adhoc'}-{digest}"
+
+    def _check_directions(self, directions: list[str]) -> None:
+        objectives = list(self.config.get("objectives") or [])
+        if objectives and len(objectives) != len(directions):
+            raise ValueError(
+                f"hydra.sweeper.direction has {len(directions)} entr{'y' if len(directions) == 1 else 'ies'} "
+                f"({directions}) but objectives has {len(objectives)} ({objectives}): give one direction per objective"
+            )
+
+    def _grid(self, distributions: dict) -> None:
+        """GridSampler needs the whole grid up front; the target is capped at the grid's size."""
+        import functools
+
+        if isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler:
+            grid = {k: self._to_grid_sampler_choices(d) for k, d in distributions.items()}
+            self.sampler = self.sampler(grid)
+            size = 1
+            for v in grid.values():
+                size *= len(v)
+            self.n_trials = min(self.n_trials, size)
+
+    def _tell(self, study: optuna.Study, trial: optuna.Trial, ret, n_obj: int) -> Exception | None:
+        """Record one finished job; returns its exception when it failed."""
+        try:
+            value = ret.return_value  # re-raises the job's exception
+            values = [float(value)] if n_obj == 1 else [float(v) for v in value]
+            if len(values) != n_obj:
+                raise ValueError(f"the run returned {len(values)} objective values for {n_obj} directions")
+            study.tell(trial, values=values)
+            if study._storage.get_trial(trial._trial_id).state == TrialState.FAIL:  # NaN value
+                raise ValueError(f"objective is not finite: {values}")
+            return None
+        except Exception as e:
+            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            try:
+                study._storage.set_trial_user_attr(trial._trial_id, hygiene.ERROR, msg)
+                study.tell(trial, state=TrialState.FAIL)
+            except (RuntimeError, ValueError):  # already FAIL (non-finite value)
+                pass
+            log.warning(f"trial {trial.number} failed ({msg}); the sweep goes on")
+            return e
+
+    # ------------------------------------------------------------------------------- sweep
+    def sweep(self, arguments: list[str]) -> None:
+        assert self.config is not None and self.launcher is not None
+        self._process_searchspace_config()
+        params_conf = self._parse_sweeper_params_config() + list(arguments)
+        distributions, fixed_params, fixed_overrides = create_params_from_overrides(params_conf)
+        self._grid(distributions)
+        for name in fixed_params:
+            distributions.pop(name, None)
+        directions = self._get_directions()
+        self._check_directions(directions)
+
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        storage = hygiene.open_storage(self.storage, sweep_dir)
+        study = optuna.create_study(
+            study_name=self._study_name(params_conf),
+            storage=storage,
+            sampler=self.sampler,
+            directions=cast(list[Literal["minimize", "maximize"]], directions),
+            load_if_exists=True,
+        )
+        target = int(self.n_trials)
+        start = hygiene.progress(study)
+        log.info(
+            f"Optuna study '{study.study_name}' in {hygiene.describe_storage(self.storage, sweep_dir)}: "
+            f"{start['counted']}/{target} trials finished, {start['running']} running elsewhere; "
+            f"directions {directions}, sampler {type(self.sampler).__name__}"
+        )
+
+        ran, failures = 0, []
+        with hygiene.Heartbeat(study, self.heartbeat_interval) as heart:
+            while True:
+                recovered = hygiene.recover_stale_trials(study, self.grace_period)
+                if recovered:
+                    log.warning(f"trials {recovered} had no live owner: marked FAIL and re-queued")
+                n = min(self.n_jobs, hygiene.remaining(study, target))
+                if n == 0:
+                    p = hygiene.progress(study)
+                    if p["running"] == 0:
+                        break
+                    # Others' trials still run: wait, so their trials are retried here if they die.
+                    time.sleep(min(self.heartbeat_interval, 5.0))
+                    continue
+                trials = [study.ask() for _ in range(n)]
+                heart.claim(trials)
+                batch = []
+                for t in trials:
+                    if hygiene.is_surplus(study, t.number, target):
+                        hygiene.drop_surplus(study, t)  # another worker reached the target first
+                        heart.release([t])
+                    else:
+                        batch.append(t)
+                if not batch:
+                    continue
+                overrides = []
+                for t in batch:
+                    if self.sampler_seed is not None:
+                        hygiene.reseed_sampler(study.sampler, int(self.sampler_seed) + t.number)
+                    overrides += self._configure_trials([t], distributions, fixed_params, fixed_overrides)
+                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                self.job_idx += len(returns)
+                for t, ret in zip(batch, returns):
+                    err = self._tell(study, t, ret, len(directions))
+                    if err is not None:
+                        failures.append(err)
+                heart.release(batch)
+                ran += len(batch)
+                p = hygiene.progress(study)
+                log.info(f"[spectra] optuna: {p['counted']}/{target} trials finished "
+                         f"({p['complete']} complete, {p['failed']} failed), {p['running']} running")
+                if self.max_failure_rate < 1.0 and len(failures) / ran > self.max_failure_rate:
+                    raise SweepFailed(
+                        f"{len(failures)} of this worker's {ran} trials failed, above "
+                        f"hydra.sweeper.max_failure_rate={self.max_failure_rate}; first error: {failures[0]}"
+                    )
+        self._write_results(study, directions, sweep_dir, ran)
+
+    def _write_results(self, study: optuna.Study, directions: list[str], sweep_dir: Path, ran: int) -> None:
+        """optimization_results.yaml (best trial or Pareto front) and optuna_trials.csv."""
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            errors = [t.user_attrs.get(hygiene.ERROR) for t in study.get_trials(deepcopy=False)]
+            errors = [e for e in errors if e]
+            raise SweepFailed(
+                f"Optuna study '{study.study_name}': no trial completed ({len(study.trials)} trials, "
+                f"{ran} run by this worker); first error: {errors[0] if errors else 'none recorded'}. "
+                f"Run directories are under {sweep_dir}"
+            )
+        results: dict[str, Any] = {"name": "optuna", "study_name": study.study_name, "n_complete": len(complete)}
+        if len(directions) == 1:
+            best = study.best_trial
+            results.update(best_params=best.params, best_value=best.value, best_trial=best.number)
+            log.info(f"Best parameters: {best.params}  value: {best.value} (trial {best.number})")
+        else:
+            front = study.best_trials
+            results["solutions"] = [{"trial": t.number, "params": t.params, "values": t.values} for t in front]
+            log.info(f"Pareto front: {len(front)} trials")
+            for t in front:
+                log.info(f"    values {t.values}  params {t.params}")
+        OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
+        df = study.trials_dataframe(attrs=("number", "state", "values", "params", "user_attrs", "duration"))
+        tmp = sweep_dir / "optuna_trials.csv.tmp"
+        df.to_csv(tmp, index=False)
+        tmp.replace(sweep_dir / "optuna_trials.csv")
+
+
+class SpectraOptunaSweeper(Sweeper):
+    """Hydra's Optuna sweeper with spectra's trial hygiene; same config keys plus
+    `heartbeat_interval` and `grace_period` (conf/hydra/sweeper/optuna.yaml)."""
+
+    def __init__(
+        self,
+        sampler: Any,
+        direction: Any,
+        storage: str | None,
+        study_name: str | None,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        custom_search_space: str | None,
+        params: DictConfig | None,
+        heartbeat_interval: float = 30.0,
+        grace_period: float = 300.0,
+    ) -> None:
+        seed = sampler.get("seed") if isinstance(sampler, (dict, DictConfig)) else None
+        sampler = instantiate(
+            sampler, _execution_whitelist_=("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
+        )
+        if storage is not None and not isinstance(storage, str):
+            raise ValueError("hydra.sweeper.storage must be a URL string (sqlite:///…, journal:///…, postgresql://…)")
+        if n_trials < 1:
+            raise ValueError(f"hydra.sweeper.n_trials must be >= 1, got {n_trials}")
+        self.sweeper = _Impl(
+            sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate, custom_search_space,
+            params, sampler_seed=seed, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+        )
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> None:
+        try:
+            return self.sweeper.sweep(arguments)
+        except SweepFailed as e:  # one readable line and exit 1, not Hydra's traceback
+            log.error(str(e))
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
