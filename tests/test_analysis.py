@@ -287,6 +287,98 @@ def test_snapshots_loader_and_stability_by_hand(tmp_path):
     assert math.isnan(st["kendall_tau"])  # a flat load has no ranking
 
 
+# Hand-built slice for the TF-IDF keywords (k = 1, E = 2, N = 10 = 2 rows x 5):
+#   expert 0 serves  a a b z   (domain 0)      expert 1 serves  c c d z   (domain 1)
+#   row 8: token a routed to expert 1 but dropped; row 9: token d routed to expert 0, padding.
+# Neither may reach a document. By hand (smooth idf = ln((1 + 2) / (1 + df)) + 1): a, b, c, d
+# are in one document (idf ln 1.5 + 1 ≈ 1.405), z is in both (idf 1), so with tf a=2, b=1, z=1
+# expert 0 ranks a > b > z and expert 1 ranks c > d > z: z, as common as b, ranks below it.
+KW_VOCAB = ["[UNK]", "a", "b", "c", "d", "z"]
+KW_TOKENS = ["a", "a", "b", "z", "c", "c", "d", "z", "a", "d"]
+KW_EXPERT = [0, 0, 0, 0, 1, 1, 1, 1, 1, 0]
+KW_EXPECTED = {0: ["a", "b", "z"], 1: ["c", "d", "z"]}
+
+
+def _keyword_snapshot(step=4, quota=False):
+    served = torch.ones(10, 1, dtype=torch.bool)
+    served[8] = False
+    layer = {"expert_index": torch.tensor(KW_EXPERT, dtype=torch.int32)[:, None], "served": served,
+             "load": torch.tensor([4.0, 4.0], dtype=torch.float64)}
+    if quota:
+        layer.update(load_before_quota=torch.tensor([7.0, 3.0], dtype=torch.float64),
+                     load_after_quota=torch.tensor([5.0, 5.0], dtype=torch.float64))
+    return {"format": 1, "step": step, "shape": [2, 5], "valid": torch.arange(10) < 9,
+            "domain_ids": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, -1]), "domain_names": ["prose", "code"],
+            "input_ids": torch.tensor([KW_VOCAB.index(t) for t in KW_TOKENS], dtype=torch.int32), "layers": {0: layer}}
+
+
+def _word_tokenizer(model_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(KW_VOCAB)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(model_dir / "tokenizer.json"))
+
+
+def test_expert_keywords_from_a_hand_built_snapshot(tmp_path):
+    from spectra.analysis.report import expert_keywords, token_texts
+    from spectra.analysis.snapshots import parse_snapshot
+
+    snap = parse_snapshot(_keyword_snapshot(), tmp_path / "step000004.pt")
+    texts, source = token_texts(tmp_path, snap)  # no tokenizer anywhere: the ids themselves
+    assert texts == [str(KW_VOCAB.index(t)) for t in KW_TOKENS] and source.startswith("token ids")
+    assert expert_keywords(snap, 0, texts, 2) == {e: [str(KW_VOCAB.index(t)) for t in w] for e, w in KW_EXPECTED.items()}
+    _word_tokenizer(tmp_path / "model")
+    texts, source = token_texts(tmp_path, snap)
+    assert texts == KW_TOKENS and source == "the run's tokenizer"
+    assert expert_keywords(snap, 0, texts, 2) == KW_EXPECTED
+    assert expert_keywords(snap, 0, texts, 3)[2] == []  # an expert that served nothing
+    assert expert_keywords(snap, 0, texts, 2, top_n=1) == {0: ["a"], 1: ["c"]}
+
+
+def test_report_draws_quota_histograms_and_keyword_annotated_heatmaps(tmp_path, monkeypatch):
+    from spectra.analysis import figures
+    from spectra.analysis.report import build_report
+
+    root = tmp_path / "sweep"
+    for router, quota in (("spectra", True), ("topk", False)):
+        run = make_run(root / f"{router}_s0", router, 0)
+        (run / "routing").mkdir()
+        torch.save(_keyword_snapshot(quota=quota), run / "routing" / "step000004.pt")
+    _word_tokenizer(root / "spectra_s0" / "model")  # topk: no tokenizer -> keywords are token ids
+    hist, heat = {}, {}
+    real_hist, real_heat = figures.plot_usage_histograms, figures.plot_domain_heatmap
+    monkeypatch.setattr(figures, "plot_usage_histograms",
+                        lambda loads, stem, **kw: hist.setdefault(stem.name, loads) and real_hist(loads, stem, **kw))
+    monkeypatch.setattr(figures, "plot_domain_heatmap",
+                        lambda *a, keywords=None, **kw: heat.setdefault(a[3].name, keywords) and real_heat(*a, keywords=keywords, **kw))
+    rep = build_report([root], tmp_path / "rep")
+    (spectra_tag,) = [k[len("usage_hist_"):] for k in hist if "spectra" in k.lower()]
+    (topk_tag,) = [k[len("usage_hist_"):] for k in hist if "top_k" in k.lower()]
+    # SPECTRA: the monitor's pre/post-quota loads, next to the eval routing's served load
+    got = {label: v[0].tolist() for label, v in hist[f"usage_hist_{spectra_tag}"].items()}
+    assert got == {"before quota (top-k of the plan)": [7.0, 3.0], "after quota": [5.0, 5.0],
+                   "served at eval (no quota)": [4.0, 4.0]}
+    # top-k (no quota stored): falls back to every selected slot of the real tokens vs the served ones
+    got = {label: v[0].tolist() for label, v in hist[f"usage_hist_{topk_tag}"].items()}
+    assert got == {"selected (before drops)": [4.0, 5.0], "served (after quota / drops)": [4.0, 4.0]}
+    assert heat[f"domain_heatmap_{spectra_tag}"] == KW_EXPECTED
+    assert heat[f"domain_heatmap_{topk_tag}"] == {0: ["1", "2", "5"], 1: ["3", "4", "5"]}
+    index = rep.index.read_text()
+    for tag in (spectra_tag, topk_tag):
+        for name in (f"usage_hist_{tag}", f"domain_heatmap_{tag}"):
+            _check_image_files(rep.figures[name])
+            assert f"figures/{name}.png" in index
+        assert f"tables/keywords_{tag}.md" in index
+    kw = pd.read_csv(tmp_path / "rep" / "tables" / f"keywords_{spectra_tag}.csv", index_col=0)
+    assert [json.loads(x) for x in kw["keywords"]] == [KW_EXPECTED[0], KW_EXPECTED[1]]
+    assert kw["load"].tolist() == [4.0, 4.0] and kw["purity"].tolist() == [1.0, 1.0]
+    assert kw["top_domain"].tolist() == ["prose", "code"]
+    assert "a · b · z" in (tmp_path / "rep" / "tables" / f"keywords_{spectra_tag}.md").read_text()
+    assert "TF-IDF keywords are token ids" in index
+
+
 def test_expert_representations_from_model_safetensors(tmp_path):
     from safetensors.torch import save_file
 

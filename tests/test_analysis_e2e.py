@@ -126,11 +126,21 @@ def test_snapshot_figures_when_runs_have_routing_snapshots(sweep, report):
         assert "no routing snapshots" in (out / "index.md").read_text()
         pytest.skip("these runs wrote no routing snapshots (monitor disabled)")
     stems = {f.stem for f in (out / "figures").glob("*.png")}
-    for kind in ("usage_hist", "usage_over_training", "selection_heatmap"):  # one per variant with completed runs
+    for kind in ("usage_hist", "usage_over_training", "selection_heatmap", "domain_heatmap"):  # one per variant
         per_variant = {s for s in stems if s.startswith(kind + "_") and s != "usage_hist_variants"}
         assert len(per_variant) == len(ROUTERS), (kind, stems)
         assert any("switch_top2" in s for s in per_variant) and any("topk" in s for s in per_variant)
     assert "usage_hist_variants" in stems and "expert_tsne" in stems  # router gate rows from <run_dir>/model
+    # TF-IDF keywords per expert, from the slice tokens decoded with each run's saved tokenizer
+    index = (out / "index.md").read_text()
+    tables = sorted((out / "tables").glob("keywords_*.csv"))
+    assert len(tables) == len(ROUTERS) and "tokens decoded with the run's tokenizer" in index
+    for t in tables:
+        assert f"tables/{t.stem}.md" in index
+        kw = pd.read_csv(t, index_col=0)
+        assert len(kw) == 2 * 4  # TINY: 2 MoE layers x 4 experts
+        busy = kw[kw["load"] >= 10]  # an expert serving a handful of special tokens may have none
+        assert len(busy) and all(json.loads(x) for x in busy["keywords"])
 
 
 def test_notebook_executes_against_the_sweep(sweep, tmp_path, monkeypatch):

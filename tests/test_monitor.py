@@ -26,7 +26,7 @@ from spectra.metrics.monitor import (
     stability,
 )
 from spectra.moe import moe_blocks, upcycle
-from spectra.routing.base import RoutingOutput
+from spectra.routing.base import RoutingInputs, RoutingOutput
 from spectra.train.rundir import read_jsonl
 
 S = 16  # sequence length of the fake eval rows
@@ -164,6 +164,69 @@ def test_snapshot_load_counts_only_served_slots(tmp_path):
     assert sum(float(snap["layers"][i]["load"].sum()) for i in seen) == 2 * 2 * int(valid.sum()) - dropped_real
     mon.on_step_end(ARGS, _state(3), None, model=model)  # not a snapshot step
     assert sorted(p.name for p in (tmp_path / "routing").iterdir()) == ["step000001.pt"]
+
+
+def test_spectra_router_reports_pre_quota_load_only_when_the_quota_ran():
+    # Reference: plain top-k of the same plan, counted by hand over the real tokens.
+    model = _model("router=spectra")
+    router = moe_blocks(model)[0].router
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 12, model.config.hidden_size, generator=g)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, 9:] = False  # padding: counted nowhere
+    doc_start = torch.zeros(2, 12, dtype=torch.bool)
+    doc_start[:, 0] = True
+    inputs = RoutingInputs(hidden=hidden, valid=valid, doc_start=doc_start)
+    router.train()
+    with torch.no_grad():
+        out = router(inputs)
+    real = valid.reshape(-1)
+    top = out.probs[real].topk(2, dim=-1).indices  # [N_real, 2] top-k of the Sinkhorn plan
+    ref = torch.bincount(top.reshape(-1), minlength=4).float()
+    assert torch.equal(out.load_before_quota, ref)
+    assert out.load_before_quota.sum() == out.dispatch_counts.sum() == 2 * int(real.sum())
+    router.eval()  # eval: per-token top-k, no quota -> nothing to report
+    with torch.no_grad():
+        assert router(inputs).load_before_quota is None
+    router.quota_enabled = False
+    router.train()
+    with torch.no_grad():
+        assert router(inputs).load_before_quota is None
+
+
+def test_snapshot_stores_loads_before_and_after_quota(tmp_path):
+    # capacity factor 1: N·k / E = 48·2 / 4 = 24 is a hard cap on every expert, so the quota's
+    # load must be exactly flat, whatever plain top-k chose.
+    model = _model("router=spectra", "quota.capacity_factor=1.0")
+    seen = _capture(model)
+    mon = _monitor(model, tmp_path)
+    mon.on_train_begin(ARGS, _state(0), None)
+    mon.on_step_end(ARGS, _state(1), None, model=model)
+    snap = load_snapshot(snapshot_path(tmp_path, 1))
+    assert all(not b.router.sinkhorn_inference for b in moe_blocks(model))  # switched back off
+    n_router = len(_rows()) * S  # packed rows carry no attention mask: the router counts all 48
+    assert set(seen) == {0, 1}
+    for layer, out in seen.items():  # the last forward hooked: the quota pass
+        s = snap["layers"][layer]
+        assert s["load_after_quota"].tolist() == [24.0] * 4
+        ref_before = torch.bincount(out.probs.topk(2, dim=-1).indices.reshape(-1), minlength=4).double()
+        assert torch.equal(s["load_before_quota"], ref_before)
+        assert float(s["load_before_quota"].sum()) == 2 * n_router
+    assert any(s["load_before_quota"].max() > 24 for s in snap["layers"].values())  # the quota did bind
+    # the eval routing (no quota) is what `load` and the monitor metrics still describe
+    for layer, out in _monitor(model, tmp_path / "eval").collect(model, 1).outputs.items():
+        assert torch.equal(snap["layers"][layer]["expert_index"].long(), out.expert_index)
+
+
+@pytest.mark.parametrize("router", [["router=spectra", "ablation=no_quota"], ["router=topk"]])
+def test_snapshot_without_quota_has_no_pre_quota_load(tmp_path, router):
+    model = _model(*router)
+    mon = _monitor(model, tmp_path)
+    mon.on_train_begin(ARGS, _state(0), None)
+    mon.on_step_end(ARGS, _state(1), None, model=model)
+    snap = load_snapshot(snapshot_path(tmp_path, 1))
+    for s in snap["layers"].values():
+        assert "load_before_quota" not in s and "load_after_quota" not in s
 
 
 def test_monitor_forward_leaves_training_untouched(tmp_path):
@@ -333,6 +396,7 @@ def test_e2e_summary_and_snapshots(runs):
         snap = load_snapshot(snapshot_path(runs["s0"], n))
         assert snap["step"] == n and sorted(snap["layers"]) == [0, 1, 2, 3]
         assert snap["layers"][0]["expert_index"].shape == snap["layers"][0]["served"].shape
+        assert "load_before_quota" not in snap["layers"][0]  # top-k router: no quota, nothing to compare
     # the monitor does not change training: same seed, monitor off -> same losses
     off = json.loads((runs["off"] / "summary.json").read_text())
     assert off["train_loss"] == pytest.approx(s["train_loss"], rel=1e-6)

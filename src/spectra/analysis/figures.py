@@ -206,10 +206,11 @@ def plot_domain_heatmap(affinity: np.ndarray, purity: np.ndarray, domain_names: 
     bx.set_xlim(-0.5, e - 0.5)
     bx.set_ylim(0, 1.05)
     bx.set_ylabel("purity")
-    for i in range(e):
-        words = (keywords or {}).get(i) or []
-        if words:
-            bx.text(i, 0.02, "\n".join(w[:12] for w in words[:4]), rotation=90, fontsize=6, ha="center", va="bottom")
+    if keywords:  # each expert's tick: its id, then its top TF-IDF keywords (best first)
+        bx.set_xticks(range(e), [
+            "\n".join([str(i), *(repr(w)[1:-1][:12] for w in (keywords.get(i) or [])[:4])]) for i in range(e)
+        ], fontsize=7)
+        bx.set_xlabel("expert / TF-IDF keywords")
     fig.tight_layout()
     return save_figure(fig, stem)
 

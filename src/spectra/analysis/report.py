@@ -8,11 +8,15 @@
 Figures that need per-token data (usage histograms, selection heatmaps, t-SNE, domain heatmaps,
 usage over training) are drawn from the routing snapshots `<run_dir>/routing/step*.pt` when a
 run has them (one representative run per variant: the lowest counted seed); otherwise they are
-skipped and the index says why.
+skipped and the index says why. From the last snapshot: usage histograms before vs after the
+quota (quota routers; others: selected vs served slots), and per layer and expert the TF-IDF
+keywords of the slice tokens it served (`tables/keywords_<variant>.{md,tex,csv}`; layer 0's
+annotate the domain heatmap), decoded with the run's tokenizer (see `token_texts`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,7 +35,7 @@ from spectra.analysis.snapshots import (
     load_routing_snapshots,
     stability_from_snapshots,
 )
-from spectra.analysis.table import Table
+from spectra.analysis.table import MISSING, Table
 from spectra.analysis.tables import (
     STABILITY_METRICS,
     TABLE7_METRICS,
@@ -85,28 +89,94 @@ def _representatives(runs: pd.DataFrame, has: dict[str, bool]) -> dict[str, str]
     return out
 
 
-def _keywords(run_dir: Path, snap: RoutingSnapshot, layer: int, num_experts: int) -> dict[int, list[str]] | None:
-    """TF-IDF keywords per expert from the slice's token texts (snapshot `token_texts`, or
-    `input_ids`/`token_ids` decoded with the run's tokenizer); None when the snapshot has neither."""
-    from spectra.metrics import expert_top_keywords
+def token_texts(run_dir: str | Path, snap: RoutingSnapshot) -> tuple[list[str] | None, str]:
+    """The slice's tokens as strings [N], aligned with the snapshot's routing rows, and their source.
 
-    d = snap.layers[layer]
+    In order: the snapshot's `token_texts`; its `input_ids` / `token_ids` decoded one token at a
+    time with the run's saved tokenizer (`<run_dir>/model/tokenizer.json`), else with the run's
+    `data.tokenizer` from `.hydra/config.yaml` when that loads without the network (`bundled` or a
+    local directory); else the ids themselves as strings. Special tokens decode to "" (dropped
+    by the TF-IDF). Returns (None, "none") when the snapshot has no tokens at all.
+    """
     texts = snap.shared.get("token_texts")
+    if texts is not None:
+        return [str(t) for t in texts], "token_texts"
     ids = next((snap.shared[k] for k in ("input_ids", "token_ids") if snap.shared.get(k) is not None), None)
-    if texts is None and ids is not None and (run_dir / "model" / "tokenizer.json").exists():
+    if ids is None:
+        return None, "none"
+    ids = [int(i) for i in np.asarray(ids).ravel()]  # [N]
+    run_dir = Path(run_dir)
+    if (run_dir / "model" / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(run_dir / "model" / "tokenizer.json"))
-        texts = [tok.decode([int(i)]) for i in np.asarray(ids).ravel()]
-    if texts is None or "expert_index" not in d:
+        return [tok.decode([i]) for i in ids], "the run's tokenizer"
+    name = _config_tokenizer(run_dir)
+    if name is not None:
+        try:
+            from spectra.data import load_tokenizer
+
+            tok = load_tokenizer(name)
+            return [tok.decode([i]) for i in ids], f"tokenizer {name!r} of the run's config"
+        except (OSError, ValueError):
+            pass
+    return [str(i) for i in ids], "token ids (no tokenizer found)"
+
+
+def _config_tokenizer(run_dir: Path) -> str | None:
+    """The run's `data.tokenizer` when it can be loaded offline ('bundled' or a local dir), else None."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
         return None
-    idx = np.asarray(d["expert_index"])
+    name = (cfg.get("data") or {}).get("tokenizer") if isinstance(cfg, dict) else None
+    if name == "bundled" or (isinstance(name, str) and Path(name).is_dir()):
+        return name
+    return None
+
+
+def expert_keywords(snap: RoutingSnapshot, layer: int, texts: list[str], num_experts: int,
+                    top_n: int = 4) -> dict[int, list[str]] | None:
+    """TF-IDF keywords per expert of one layer: each expert's document is the text of every slice
+    token served to it (a token routed to k experts goes into k documents), scored by
+    `spectra.metrics.expert_top_keywords`. texts: [N] aligned with the layer's rows.
+    Returns {expert: [term, ...]} (best first; [] for an expert that served nothing), or None
+    when the layer has no `expert_index`."""
+    from spectra.metrics import expert_top_keywords
+
+    d = snap.layers.get(layer, {})
+    if "expert_index" not in d:
+        return None
+    idx = np.asarray(d["expert_index"])  # [N, k]
     served = np.asarray(d.get("served", np.ones_like(idx, dtype=bool)), dtype=bool) & snap.valid(layer)[:, None]
     per_expert: dict[int, list[str]] = {e: [] for e in range(num_experts)}
-    for t, e in zip(*np.nonzero(served)):
+    for t, j in zip(*np.nonzero(served)):
         if t < len(texts):
-            per_expert[int(idx[t, e])].append(str(texts[t]))
-    return expert_top_keywords(per_expert, top_n=4)
+            per_expert[int(idx[t, j])].append(str(texts[t]))
+    return expert_top_keywords(per_expert, top_n=top_n)
+
+
+def _md_cell(s: str) -> str:
+    """A keyword as one markdown/LaTeX table cell: no pipes or line breaks."""
+    return s.replace("|", "\\|").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def keyword_table(name: str, title: str, rows: list[dict]) -> Table:
+    """rows: {layer, expert, load, purity, top_domain, keywords: [str]} -> a Table (the CSV holds
+    the keywords as a JSON list, markdown/LaTeX separate them by " · ")."""
+    data = pd.DataFrame(rows)
+    data["keywords"] = [json.dumps(list(k), ensure_ascii=False) for k in data["keywords"]]
+    data.index = [f"layer {r['layer']} · E{r['expert']}" for r in rows]
+    data.index.name = "expert"
+    display = pd.DataFrame({
+        "load": [f"{r['load']:.0f}" for r in rows],
+        "purity": [MISSING if not np.isfinite(r["purity"]) else f"{r['purity']:.2f}" for r in rows],
+        "top domain": [r["top_domain"] for r in rows],
+        "TF-IDF keywords": [" · ".join(_md_cell(k) for k in r["keywords"]) or MISSING for r in rows],
+    }, index=data.index)
+    return Table(name=name, title=title, display=display, data=data)
 
 
 def _domain_names(run_dir: str, snap: RoutingSnapshot, n: int) -> list[str]:
@@ -120,7 +190,7 @@ def _domain_names(run_dir: str, snap: RoutingSnapshot, n: int) -> list[str]:
 def _snapshot_figures(rep: Report, runs: pd.DataFrame, snaps: dict[str, list[RoutingSnapshot]], fig_dir: Path) -> None:
     """Per variant (its lowest counted seed): usage histograms, usage over training, selection
     heatmap, domain heatmap; across variants: served usage per layer and t-SNE of expert vectors."""
-    from spectra.metrics import domain_affinity, expert_purity
+    from spectra.metrics import domain_affinity, domain_expert_counts, expert_purity
 
     labels = variant_labels(sorted(runs["variant"].unique()))
     reps = _representatives(runs, {r: bool(s) for r, s in snaps.items()})
@@ -138,10 +208,18 @@ def _snapshot_figures(rep: Report, runs: pd.DataFrame, snaps: dict[str, list[Rou
         explicit = any(k in last.layers[i] for i in layers for k in BEFORE_QUOTA_KEYS)
         before = {i: v for i in layers if (v := last.load_before(i)) is not None}
         after = {i: v for i in layers if (v := last.load_after(i)) is not None}
-        if before:
+        quota_after = {i: v for i in layers if (v := last.load_after_quota(i)) is not None}
+        if explicit and quota_after:
+            # the monitor's quota pass (training-style routing of the slice) next to eval routing
+            series["before quota (top-k of the plan)"] = before
+            series["after quota"] = quota_after
+            if after:
+                series["served at eval (no quota)"] = after
+        elif before:
             series["before quota" if explicit else "selected (before drops)"] = before
         if after:
-            series["served (after quota / drops)"] = after
+            if not (explicit and quota_after):
+                series["served (after quota / drops)"] = after
             across[lab] = after
         if series:
             rep.figures[f"usage_hist_{tag}"] = F.plot_usage_histograms(
@@ -160,21 +238,38 @@ def _snapshot_figures(rep: Report, runs: pd.DataFrame, snaps: dict[str, list[Rou
             rep.figures[f"selection_heatmap_{tag}"] = F.plot_selection_heatmap(
                 sel, pos[valid], e, fig_dir / f"selection_heatmap_{tag}", title=f"Expert selection over positions — {lab}")
         dom = last.shared.get("domain_ids")
-        if dom is not None and layers and "expert_index" in last.layers[layers[0]] and e:
-            i = layers[0]
+        texts, source = token_texts(run_dir, last)
+        keywords_missing |= texts is None
+        if texts is not None and source.startswith("token ids"):
+            rep.notes.append(f"{lab}: no tokenizer for the run, TF-IDF keywords are token ids")
+        kw_rows: list[dict] = []  # one per (layer, expert): the keyword table
+        dom = None if dom is None else np.asarray(dom).ravel()  # [N]
+        for i in layers if dom is not None and e else []:
             d = last.layers[i]
-            dom = np.asarray(dom).ravel()
-            ok = (dom >= 0) & last.valid(i)
+            if "expert_index" not in d:
+                continue
+            ok = (dom >= 0) & last.valid(i)  # [N] real tokens with a domain
             names = _domain_names(run_dir, last, int(dom.max()) + 1 if dom.size else 0)
             idx = np.asarray(d["expert_index"])[ok]
             served = np.asarray(d.get("served", np.ones_like(d["expert_index"], dtype=bool)))[ok]
-            aff = domain_affinity(idx, served, dom[ok], e, len(names)).numpy()
-            pur = expert_purity(idx, served, dom[ok], e, len(names)).per_expert.numpy()
-            kw = _keywords(Path(run_dir), last, i, e)
-            keywords_missing |= kw is None
-            rep.figures[f"domain_heatmap_{tag}"] = F.plot_domain_heatmap(
-                aff, pur, names, fig_dir / f"domain_heatmap_{tag}", keywords=kw,
-                title=f"Domain affinity and purity — {lab}, layer {i}")
+            aff = domain_affinity(idx, served, dom[ok], e, len(names)).numpy()  # [D, E]
+            pur = expert_purity(idx, served, dom[ok], e, len(names)).per_expert.numpy()  # [E]
+            kw = expert_keywords(last, i, texts, e) if texts is not None else None
+            if kw is not None:
+                counts = domain_expert_counts(idx, served, dom[ok], e, len(names)).numpy()  # [D, E]
+                top, load = counts.argmax(0), counts.sum(0)  # [E] each: the expert's top domain, its load
+                kw_rows += [{"layer": i, "expert": x, "load": float(load[x]), "purity": float(pur[x]),
+                             "top_domain": names[top[x]] if load[x] else MISSING, "keywords": kw.get(x, [])}
+                            for x in range(e)]
+            if i == layers[0]:
+                rep.figures[f"domain_heatmap_{tag}"] = F.plot_domain_heatmap(
+                    aff, pur, names, fig_dir / f"domain_heatmap_{tag}", keywords=kw,
+                    title=f"Domain affinity and purity — {lab}, layer {i}")
+        if kw_rows:
+            t = keyword_table(f"keywords_{tag}", f"TF-IDF keywords per expert — {lab} (step {last.step}, "
+                              f"tokens decoded with {source})", kw_rows)
+            t.write(fig_dir.parent / "tables")
+            rep.tables.append(t)
     if len(across) >= 2:
         rep.figures["usage_hist_variants"] = F.plot_usage_histograms(
             across, fig_dir / "usage_hist_variants", title="Served expert usage per layer, by variant (last snapshot)")

@@ -5,12 +5,16 @@ Routing snapshots `<run_dir>/routing/step{step:06d}.pt` are written by the routi
 
     {"format": 1, "step": int, "max_steps", "fingerprint", "num_experts", "top_k",
      "shape": [B, S], "valid": [N] bool, "domain_ids": [N] long (−1 = padding) or None,
-     "layers": {i: {"expert_index": [N, k], "served": [N, k] bool, "load": [E]}}}
+     "input_ids": [N] int32 (slice tokens, for TF-IDF keywords), "domain_names": [str],
+     "layers": {i: {"expert_index": [N, k], "served": [N, k] bool, "load": [E],
+                    "load_before_quota": [E], "load_after_quota": [E]   (quota routers only)}}}
 
-Read as well when present (not written by format 1): per layer "expert_repr" [E, D] and
-"load_before_quota" [E]; top level "positions" [N], "input_ids" / "token_ids" [N] (for TF-IDF
-keywords), "domain_names". Per-layer entries may also sit at the top level under `layer{i}` /
-integer keys, or flat as `layer{i}/<name>`. Everything becomes numpy arrays; missing pieces make
+"load" is the eval-mode dispatched load; "load_before_quota" / "load_after_quota" come from the
+slice routed as in training (Sinkhorn + quota): plain per-token top-k of the plan vs the quota's
+selection. Read as well when present: per layer "expert_repr" [E, D]; top level "positions" [N],
+"token_ids" [N] or "token_texts" [N] (instead of "input_ids"). Per-layer entries may also sit
+at the top level under `layer{i}` / integer keys, or flat as `layer{i}/<name>`. Everything
+becomes numpy arrays; missing pieces make
 the figures that need them skip with a note; nothing here raises on a partial snapshot.
 
 `expert_representations(run_dir)` reads one [E, D] matrix per MoE layer from the final model's
@@ -73,6 +77,11 @@ class RoutingSnapshot:
             idx = np.asarray(d["expert_index"])
             return np.bincount(idx[self.valid(layer)].ravel(), minlength=e).astype(float)
         return None
+
+    def load_after_quota(self, layer: int) -> np.ndarray | None:
+        """[E] load of the quota's selection on the same tokens as `load_before` (None if not stored)."""
+        d = self.layers.get(layer, {})
+        return np.asarray(d["load_after_quota"], dtype=float) if "load_after_quota" in d else None
 
     def valid(self, layer: int) -> np.ndarray:
         """[N] bool real tokens (per layer, else the snapshot's, else all)."""

@@ -25,6 +25,10 @@ What it does during training (`RoutingMonitor`, a TrainerCallback wired in `trai
   [E]; top level: step, fingerprint of the slice tokens, shape [B, S], valid [N], domain_ids [N],
   input_ids [N], domain_names. `stability(snapshots)` turns them into Table 12;
   `compare_routing(run_a, run_b)` compares two runs on the same slice.
+  For routers with a quota (SPECTRA, quota.enabled) each layer also gets `load_before_quota` [E]
+  and `load_after_quota` [E]: the slice routed as in training (Sinkhorn over the slice + quota,
+  see `RoutingMonitor.collect_quota`), plain per-token top-k of the plan vs the quota's
+  selection. Eval-mode routing applies no quota, so the eval `load` cannot show its effect.
 
 Every number is read from the dispatched assignment: a slot counts only if its token is real and
 the slot was not dropped (after selection, capacity and drops). Padding — the pad block at the tail
@@ -146,14 +150,23 @@ def flatten(per_layer: dict[int, dict[str, float]]) -> dict[str, float]:
     return flat
 
 
-def snapshot_layer(out: RoutingOutput, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What a snapshot keeps of one layer: expert_index [N, k] int32, served [N, k] bool, load [E]."""
+def snapshot_layer(out: RoutingOutput, valid: torch.Tensor, quota_out: RoutingOutput | None = None) -> dict[str, torch.Tensor]:
+    """What a snapshot keeps of one layer: expert_index [N, k] int32, served [N, k] bool, load [E].
+
+    quota_out: the same layer's output from a forward that applied the quota (None: none did).
+    When it carries `load_before_quota`, adds load_before_quota [E] and load_after_quota [E]
+    (float64, both counted over the router's real tokens, so their sums are equal).
+    """
     served = served_mask(valid, out.dropped)  # real tokens, slot not dropped
-    return {
+    layer = {
         "expert_index": out.expert_index.detach().cpu().to(torch.int32),
         "served": served.cpu(),
         "load": expert_load(out.expert_index, served, out.num_experts).cpu(),  # [E] float64
     }
+    if quota_out is not None and quota_out.load_before_quota is not None:
+        layer["load_before_quota"] = quota_out.load_before_quota.detach().cpu().to(torch.float64)  # [E]
+        layer["load_after_quota"] = quota_out.dispatch_counts.detach().cpu().to(torch.float64)  # [E]
+    return layer
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +313,8 @@ def _cpu_output(out: RoutingOutput) -> RoutingOutput:
                    dispatch_counts=cpu(out.dispatch_counts), aux_losses={}, diagnostics={},
                    logits=None if out.logits is None else cpu(out.logits).float(),
                    gram=None if out.gram is None else cpu(out.gram).float(),
-                   expert_repr=None if out.expert_repr is None else cpu(out.expert_repr).float(), state=None)
+                   expert_repr=None if out.expert_repr is None else cpu(out.expert_repr).float(), state=None,
+                   load_before_quota=cpu(out.load_before_quota))
 
 
 class RoutingMonitor(TrainerCallback):
@@ -353,11 +367,47 @@ class RoutingMonitor(TrainerCallback):
         """Routing of the slice at `step` (one eval-mode forward, cached per step)."""
         if self._cache is not None and self._cache.step == step:
             return self._cache
+        outputs, timing_ms, forward_ms = self._forward(model, bf16, timing=self.cfg.timing)
+        self._cache = SliceRouting(step, outputs, timing_ms, forward_ms)
+        return self._cache
+
+    def _quota_routers(self) -> list:
+        """Routers whose training forward applies a quota that their eval forward skips."""
+        return [b.router for b in self.blocks if getattr(b.router, "quota_enabled", False)
+                and hasattr(b.router, "sinkhorn_inference") and not b.router.sinkhorn_inference]
+
+    @torch.no_grad()
+    def collect_quota(self, model, routing: SliceRouting, bf16: bool = False) -> dict[int, RoutingOutput]:
+        """The slice routed with the quota: {layer: RoutingOutput} ({} when no router has one).
+
+        Eval-mode routing of a quota router (SPECTRA) is per-token top-k without the quota, so the
+        pre- vs post-quota load is measured by one more eval-mode forward with each such router's
+        `sinkhorn_inference` switched on for the call: Sinkhorn over the slice tokens + quota
+        top-k, as in training (cost Gram from the running expert directions, no buffer updated,
+        no dropout). Layers whose eval routing already applied the quota are read from `routing`.
+        """
+        if any(out.load_before_quota is not None for out in routing.outputs.values()):
+            return routing.outputs  # osr.sinkhorn_inference=true: the eval forward used the quota
+        routers = self._quota_routers()
+        if not routers:
+            return {}
+        try:
+            for r in routers:
+                r.sinkhorn_inference = True
+            outputs, _, _ = self._forward(model, bf16, timing=False)
+        finally:
+            for r in routers:
+                r.sinkhorn_inference = False
+        return outputs
+
+    def _forward(self, model, bf16: bool, timing: bool) -> tuple[dict[int, RoutingOutput], dict, float]:
+        """One eval-mode, no-grad forward of the slice: ({layer: CPU RoutingOutput}, stage ms, forward ms).
+        Training mode, RNG state and the context are restored afterwards."""
         device = next(model.parameters()).device
         inputs = {k: v.to(device) for k, v in self.batch.items()}
         if self.logits_to_keep:
             inputs["logits_to_keep"] = 1  # skip the LM head over the slice: only routing is read
-        timer = StageTimer(sync_cuda=device.type == "cuda") if self.cfg.timing else None
+        timer = StageTimer(sync_cuda=device.type == "cuda") if timing else None
         was_training = model.training
         ctx = self.context
         model.eval()
@@ -382,8 +432,7 @@ class RoutingMonitor(TrainerCallback):
             for b in self.blocks:
                 b.stage_timer = None
             model.train(was_training)
-        self._cache = SliceRouting(step, outputs, dict(timer.ms) if timer else {}, forward_ms)
-        return self._cache
+        return outputs, (dict(timer.ms) if timer else {}), forward_ms
 
     # -- metrics ----------------------------------------------------------------------------------
 
@@ -442,8 +491,10 @@ class RoutingMonitor(TrainerCallback):
 
     # -- snapshots --------------------------------------------------------------------------------
 
-    def _snapshot(self, routing: SliceRouting, max_steps: int) -> dict:
-        layers = {layer: snapshot_layer(out, self.valid) for layer, out in sorted(routing.outputs.items())}
+    def _snapshot(self, routing: SliceRouting, max_steps: int, quota: dict[int, RoutingOutput] | None = None) -> dict:
+        """The snapshot record of `routing` (quota: `collect_quota`'s outputs, for the pre/post-quota loads)."""
+        quota = quota or {}
+        layers = {layer: snapshot_layer(out, self.valid, quota.get(layer)) for layer, out in sorted(routing.outputs.items())}
         first = next(iter(routing.outputs.values()))
         return {"format": 1, "step": routing.step, "max_steps": max_steps, "fingerprint": self.fingerprint,
                 "num_experts": first.num_experts, "top_k": first.top_k, "shape": list(self.shape),
@@ -473,7 +524,7 @@ class RoutingMonitor(TrainerCallback):
             return
         t0 = time.perf_counter()
         routing = self.collect(model, state.global_step, bf16=bool(args.bf16))
-        snap = self._snapshot(routing, state.max_steps)
+        snap = self._snapshot(routing, state.max_steps, self.collect_quota(model, routing, bf16=bool(args.bf16)))
         self.snapshots = [s for s in self.snapshots if s["step"] < snap["step"]] + [snap]
         if state.is_world_process_zero:
             save_snapshot(snapshot_path(self.run_dir, snap["step"]), snap)

@@ -77,6 +77,9 @@ class RoutingOutput:
     gram:             [E, E] Gram matrix of expert representations (SPECTRA).
     expert_repr:      [E, D] expert representations (SPECTRA).
     state:            [B, S, Dh] routing state handed to the next MoE layer (SPECTRA GRU).
+    load_before_quota: [E] float, real tokens per expert under plain per-token top-k of the same
+                      scores the quota selected from, i.e. the load the quota corrected; set only
+                      by routers whose forward applied a quota (SPECTRA), None otherwise.
     """
 
     expert_index: torch.Tensor
@@ -91,6 +94,7 @@ class RoutingOutput:
     gram: torch.Tensor | None = None
     expert_repr: torch.Tensor | None = None
     state: torch.Tensor | None = None
+    load_before_quota: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:

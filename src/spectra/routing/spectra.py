@@ -269,6 +269,7 @@ class SpectraRouter(Router):
         cost = osr_cost(s, self.cost_gram(m), self.repulsion_weight, self.hinge_weight, self.hinge_threshold)  # [N, E]
         vmask = valid.unsqueeze(1)  # [N, 1]
         diag: dict[str, torch.Tensor] = {}
+        load_before: torch.Tensor | None = None  # [E] pre-quota load (quota branch only)
 
         if self.training or self.sinkhorn_inference:
             probs, log_q = sinkhorn(
@@ -279,6 +280,8 @@ class SpectraRouter(Router):
                 cap = quota_capacity(int(valid.sum()), k, e, self.capacity_factor)
                 res = quota_topk(log_q, k, cap, valid)
                 index = res.index  # [N, k]
+                with torch.no_grad():  # what plain top-k of the same plan would have dispatched
+                    load_before = dispatch_counts_of(topk_select(log_q, k), vmask.expand(n, k), e)  # [E]
                 diag["quota_capacity"] = torch.tensor(float(cap), device=cost.device)
                 diag["quota_swaps"] = torch.tensor(float(res.swaps), device=cost.device)
             else:
@@ -320,4 +323,5 @@ class SpectraRouter(Router):
             gram=g,
             expert_repr=m,
             state=state,
+            load_before_quota=load_before,
         )
