@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,11 @@ class _Impl(OptunaSweeperImpl):
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        # As Hydra's BasicSweeper does: marks the directory as a sweep for spectra.analysis. Atomic,
+        # since several workers may share the directory.
+        tmp = sweep_dir / f".multirun.yaml.{os.getpid()}"
+        OmegaConf.save(self.config, tmp)
+        tmp.replace(sweep_dir / "multirun.yaml")
         storage = hygiene.open_storage(self.storage, sweep_dir)
         study = optuna.create_study(
             study_name=self._study_name(params_conf),
