@@ -123,6 +123,16 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _short(value) -> str:
+    """An override value for a label: Optuna's floats (0.5488135039273248) to 6 significant digits."""
+    text = str(value)
+    try:
+        f = float(text)
+    except ValueError:
+        return text
+    return f"{f:.6g}" if len(text) > 8 and "." in text and math.isfinite(f) else text
+
+
 def collect_run(run_dir: Path, records: list[dict] | None = None) -> dict:
     """One row describing one run directory (see the module docstring for the columns)."""
     run_dir = Path(run_dir)
@@ -133,7 +143,7 @@ def collect_run(run_dir: Path, records: list[dict] | None = None) -> dict:
     status = s.get("status", "incomplete")
     if status not in ("completed", "failed"):
         status = "incomplete"  # no summary, an unreadable one, or "running" (killed mid-run)
-    variant = ",".join(f"{k}={v}" for k, v in sorted(ovr.items()) if not k.startswith(VOLATILE_OVERRIDE_KEYS))
+    variant = ",".join(f"{k}={_short(v)}" for k, v in sorted(ovr.items()) if not k.startswith(VOLATILE_OVERRIDE_KEYS))
     seed = cfg.get("seed", s.get("seed"))
     if seed is None and "seed" in ovr:
         seed = ovr["seed"]
