@@ -30,7 +30,8 @@ def _single_run() -> bool:
         return False
 
 
-@hydra.main(config_path="conf", config_name="config")
+# Trusted `_target_`s: our callbacks (conf/config.yaml hydra.callbacks) — Hydra 1.5 will require it.
+@hydra.main(config_path="conf", config_name="config", execution_whitelist=["spectra.*"])
 def main(cfg: DictConfig):
     from spectra.config import ConfigError
     from spectra.train.guards import NonFiniteError
