@@ -91,6 +91,12 @@ class RoutingContext:
         if self.recording:
             self.outputs[layer_idx] = out
 
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Beam search reordered the KV cache's batch rows: reorder the cached GRU states alike."""
+        self.cached_states = {
+            layer: state.index_select(0, beam_idx.to(state.device)) for layer, state in self.cached_states.items()
+        }
+
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of every recorded layer's aux losses (already scaled by their coefficients)."""
         total = None
@@ -109,7 +115,29 @@ def install_context_hook(model: torch.nn.Module, ctx: RoutingContext):
         past = 0
         if cache is not None and hasattr(cache, "get_seq_length"):
             past = int(cache.get_seq_length())
+            _follow_beam_reorder(cache, ctx)
         ctx.begin_forward(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), past)
         return None
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _follow_beam_reorder(cache, ctx: RoutingContext) -> None:
+    """Make `cache.reorder_cache(beam_idx)` (what `generate` calls between beam-search steps)
+    reorder `ctx.cached_states` too.
+
+    Why by hand: the GRU routing state is recurrent state that transformers' Cache classes do not
+    know about; wrapping this one cache object's method keeps it in step with the KV cache
+    without subclassing every Cache type.
+    """
+    if getattr(cache, "_spectra_routing_ctx", None) is ctx or not hasattr(cache, "reorder_cache"):
+        return
+    original = cache.reorder_cache
+
+    def reorder_cache(beam_idx: torch.Tensor):
+        out = original(beam_idx)
+        ctx.reorder(beam_idx)
+        return out
+
+    cache.reorder_cache = reorder_cache
+    cache._spectra_routing_ctx = ctx
