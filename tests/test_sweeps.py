@@ -56,6 +56,25 @@ def test_sweep_grids_match_the_paper():
     assert e["data.max_seq_length"] == "16,64,256,1024" and e["seed"] == "3,4"
 
 
+def test_grid_size_counts_every_cell_of_a_sweep():
+    """The progress line's denominator: sweep A is 2 (quota) x 4 (alpha) x len(seeds) cells,
+    times any extra command-line sweep."""
+    from hydra import compose, initialize_config_dir
+
+    from spectra.config import config_dir, register_configs
+    from spectra.train.cells import grid_size
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir())):
+        a = compose("config", ["+sweep=A", "seeds=[0,1]"], return_hydra_config=True)
+        a_x = compose("config", ["+sweep=A", "seeds=[0]"], return_hydra_config=True)
+        opt = compose("config", ["+sweep=search_quota"], return_hydra_config=True)
+    assert grid_size(a) == 2 * 4 * 2
+    a_x.hydra.overrides.task.append("moe.top_k=1,2,4")  # as `python train.py -m +sweep=A moe.top_k=1,2,4`
+    assert grid_size(a_x) == 2 * 4 * 1 * 3
+    assert grid_size(opt) is None  # Optuna counts against n_trials itself
+
+
 def test_cell_dirname_is_deterministic_readable_and_bounded():
     ovr = ["+sweep=C", "osr.repulsion_weight=0.3", "seed=1", "trainer.max_steps=4"]
     name = cell_dirname(ovr, {"osr.repulsion_weight": "0,0.3"})
@@ -98,6 +117,8 @@ def test_repulsion_multirun_three_cells_with_different_gram_metrics(tmp_path):
             for n, s in sums.items()}
     assert all(v is not None for v in gram.values()) and len(set(gram.values())) == 3
     assert "3 cells" in proc.stdout and "0 skipped" in proc.stdout  # the end-of-sweep report
+    for i in (1, 2, 3):  # progress after every cell
+        assert f"sweep progress: {i}/3 cells (0 skipped, {i} ran, 0 failed)" in proc.stdout
 
 
 @pytest.mark.slow

@@ -21,11 +21,12 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from spectra.train.rundir import METRICS, SUMMARY, append_jsonl, read_jsonl, read_summary
+from spectra.train.rundir import METRICS, SUMMARY, append_jsonl, read_jsonl, read_summary, write_json_atomic
 
 log = logging.getLogger("spectra")
 
 PROGRESS = "sweep_progress.jsonl"
+PLAN = "sweep_plan.json"  # {"cells": N, "started": unix time} of the multirun in progress
 # Keys that do not change what a cell computes (where it writes, how it resumes, its labels).
 VOLATILE_KEYS = ("output_dir", "skip_complete", "tags", "sweep_name", "scale_name", "seeds", "sweep_values")
 VOLATILE_TRAINER_KEYS = ("resume",)
@@ -83,6 +84,20 @@ def record_progress(run_dir: Path, status: str, **extra) -> None:
     append_jsonl(sweep / PROGRESS, {"cell": str(run_dir), "status": status, "time": time.time(), **extra})
 
 
+def grid_size(config) -> int | None:
+    """Number of cells a BasicSweeper multirun will launch (sweeper params x command-line sweeps);
+    None for other sweepers (Optuna reports its own progress against `n_trials`)."""
+    sweeper = config.hydra.sweeper
+    if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()] + list(config.hydra.overrides.task)
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
+    return sum(len(b) for b in batches)
+
+
 class SweepReportCallback(Callback):
     """Hydra callback: at the end of a multirun, print skipped/ran/failed counts and the
     comparison table of the sweep directory (through spectra.analysis)."""
@@ -92,6 +107,23 @@ class SweepReportCallback(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         self.started = time.time()
+        total = grid_size(config)
+        if total is not None:  # read by on_job_end, which may run in another process (submitit)
+            sweep = Path(config.hydra.sweep.dir)
+            sweep.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(sweep / PLAN, {"cells": total, "started": self.started})
+
+    def on_job_end(self, config, job_return=None, **kwargs) -> None:
+        """After each cell: `[spectra] sweep progress: 3/12 cells (1 skipped, 2 ran, 0 failed)`."""
+        try:
+            sweep = Path(config.hydra.sweep.dir)
+            plan = json.loads((sweep / PLAN).read_text())
+        except (OSError, ValueError, AttributeError):
+            return
+        records = [r for r in read_jsonl(sweep / PROGRESS) if r.get("time", 0) >= plan["started"]]
+        c = {s: sum(r["status"] == s for r in records) for s in ("skipped", "completed", "failed")}
+        print(f"[spectra] sweep progress: {len(records)}/{plan['cells']} cells ({c['skipped']} skipped, "
+              f"{c['completed']} ran, {c['failed']} failed)", flush=True)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
