@@ -300,12 +300,11 @@ def postgres(tmp_path_factory):
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_two_workers_share_one_postgres_study(tmp_path, postgres):
-    """Two sweeper processes, one PostgreSQL study, target 6: unique trial numbers, exactly 6
-    complete trials, and the trials each worker ran add up to the study's total."""
+def _two_workers_share_one_study(tmp_path, url: str) -> None:
+    """Two sweeper processes, one study, target 6: unique trial numbers, exactly 6 complete
+    trials, and the trials each worker ran add up to the study's total."""
     common = ["train.py", "-m", "+sweep=search_osr", "hydra.sweeper.n_trials=6", *TINY, "trainer.max_steps=6",
-              f"hydra.sweeper.storage='{postgres}'", "hydra.sweeper.study_name=two_workers"]
+              f"hydra.sweeper.storage='{url}'", "hydra.sweeper.study_name=two_workers"]
     procs = [subprocess.Popen([sys.executable, *common, f"hydra.sweep.dir={tmp_path / f'w{i}'}"], cwd=ROOT,
                               env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
@@ -313,7 +312,7 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
         assert "database is locked" not in out
-    trials = optuna.load_study(study_name="two_workers", storage=postgres).get_trials()
+    trials = optuna.load_study(study_name="two_workers", storage=hygiene.open_storage(url)).get_trials()
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -322,6 +321,33 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres):
     assert sum(per_worker) == len(complete) and min(per_worker) >= 1
     owners = {t.user_attrs[hygiene.OWNER]["pid"] for t in complete}
     assert owners == {p.pid for p in procs}
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_postgres_study(tmp_path, postgres):
+    _two_workers_share_one_study(tmp_path, postgres)
+
+
+@pytest.mark.slow
+def test_workers_starting_together_on_an_empty_postgres_all_connect(postgres):
+    """Four processes open the storage and the study at the same instant on a fresh database:
+    the race to create Optuna's schema must not fail any of them."""
+    code = ("import sys, time, optuna; from spectra.train.study import open_storage; "
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
+            "s = optuna.create_study(study_name='race', storage=open_storage(sys.argv[1]), load_if_exists=True); "
+            "s.tell(s.ask(), 1.0)")
+    start = time.time() + 4.0  # after every interpreter has imported optuna
+    procs = [subprocess.Popen([sys.executable, "-c", code, postgres, str(start)], stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-1500:] for e in errs)
+    trials = optuna.load_study(study_name="race", storage=postgres).get_trials()
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_journal_file_study(tmp_path):
+    _two_workers_share_one_study(tmp_path, f"journal://{tmp_path / 'shared' / 'study.log'}")
 
 
 # ------------------------------------------------------------------ search-space configs

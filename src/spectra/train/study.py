@@ -67,11 +67,26 @@ def open_storage(url: str | None, sweep_dir: str | Path | None = None):
         return JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return _rdb_storage(url, {"connect_args": {"timeout": 60}})
     if "://" not in url:
         raise ValueError(f"hydra.sweeper.storage: {url!r} is not a storage URL "
                          "(sqlite:///file.db, journal:///file.log, postgresql://user@host/db)")
-    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    return _rdb_storage(url, {"pool_pre_ping": True})
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, attempts: int = 6):
+    """`RDBStorage`, retried: workers started together on an empty database race to create
+    Optuna's tables and types, and the loser's DDL fails with a duplicate-object error."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except SQLAlchemyError as e:
+            if attempt == attempts - 1:
+                raise
+            log.info(f"storage not ready ({type(e).__name__}), retrying: another worker may be creating its schema")
+            time.sleep(0.5 * (attempt + 1))
 
 
 def describe_storage(url: str | None, sweep_dir: str | Path | None = None) -> str:
