@@ -376,3 +376,14 @@ def test_every_search_space_is_valid_optuna_and_valid_config(space):
         point = [f"{k}={(d.choices[0] if corner == 'low' else d.choices[-1]) if isinstance(d, CategoricalDistribution) else getattr(d, corner)}"
                  for k, d in dists.items()]
         validate(load_config([f"+sweep={space}", *point]))
+
+
+@pytest.mark.slow
+def test_sweeps_run_from_another_working_directory(tmp_path):
+    """`sweeps/` and the sweeper plugin are found from train.py's location and the installed
+    package, not the current directory (SWEEPS.md: a relative searchpath breaks on SLURM)."""
+    proc = run_cli([str(ROOT / "train.py"), "-m", "+sweep=search_quota", "hydra.sweeper.n_trials=1", *TINY,
+                    "trainer.max_steps=2"], cwd=tmp_path)
+    assert_ok(proc)
+    sweep = tmp_path / "outputs" / "sweeps" / "search_quota" / "cpu_tiny"  # relative to the caller's cwd
+    assert [t.state for t in _trials(sweep)] == [TrialState.COMPLETE]
