@@ -81,7 +81,16 @@ test-fast: setup  ## unit tests only
 	$(PYTHON) -m pytest -q -m "not slow"
 
 lint: setup  ## ruff
-	$(PYTHON) -m ruff check src tests train.py
+	$(PYTHON) -m ruff check src tests benchmarks train.py
+
+# Benchmarks (benchmarks/): ratios measured in one process; `make bench` writes benchmarks/RESULTS.md.
+# ARGS passes options through, e.g. make bench ARGS="--device cuda --dtype bfloat16" or ARGS=--quick.
+ARGS ?=
+.PHONY: bench bench-quick
+bench: setup  ## speed/memory benchmarks (~10 min on 2 CPU cores) -> benchmarks/RESULTS.md (ARGS=--quick ...)
+	$(PYTHON) -m benchmarks.run_all $(ARGS)
+bench-quick: setup  ## the same at small sizes (~1 min) -> outputs/benchmarks/RESULTS.quick.md
+	$(PYTHON) -m benchmarks.run_all --quick $(ARGS)
 
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

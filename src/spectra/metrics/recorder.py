@@ -19,6 +19,11 @@ if TYPE_CHECKING:  # metrics read RoutingOutput's fields; they never import a ro
     from spectra.routing.base import RoutingOutput
 
 
+def _accumulate(store: dict, key, value: torch.Tensor) -> None:
+    """store[key] += value, starting from a copy (never an alias of the router's tensor)."""
+    store[key] = value.clone() if key not in store else store[key] + value
+
+
 class RoutingRecorder:
     """Running sums of dispatched load, drops and router diagnostics, per MoE layer."""
 
@@ -26,29 +31,47 @@ class RoutingRecorder:
         self.reset()
 
     def reset(self) -> None:
+        # Sums are tensors on the routers' device between reports, Python floats after `_to_host`.
         self.load: dict[int, torch.Tensor] = {}  # layer -> [E] dispatched tokens
-        self.dropped: dict[int, float] = defaultdict(float)  # layer -> real tokens with every slot dropped
-        self.assignments: dict[int, float] = defaultdict(float)  # layer -> real tokens
-        self.diag_sum: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.aux_sum: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.dropped: dict[int, float | torch.Tensor] = defaultdict(float)  # layer -> real tokens with every slot dropped
+        self.assignments: dict[int, float | torch.Tensor] = defaultdict(float)  # layer -> real tokens
+        self.diag_sum: dict[int, dict[str, float | torch.Tensor]] = defaultdict(lambda: defaultdict(float))
+        self.aux_sum: dict[int, dict[str, float | torch.Tensor]] = defaultdict(lambda: defaultdict(float))
         self.calls: dict[int, int] = defaultdict(int)
 
     @torch.no_grad()
     def add(self, outputs: dict[int, RoutingOutput]) -> None:
-        """Accumulate one forward's outputs (layer index -> RoutingOutput)."""
+        """Accumulate one forward's outputs (layer index -> RoutingOutput).
+
+        The sums stay tensors on the routers' device: no host sync per step (on GPU each
+        `float(tensor)` would wait for the queued kernels); `report()` reads them back at once.
+        Token counts are summed exactly (int64), diagnostics in float64 like the Python floats
+        they replace, so the reported values are unchanged.
+        """
         for layer, out in outputs.items():
-            counts = out.dispatch_counts.detach().float().cpu()
-            self.load[layer] = counts if layer not in self.load else self.load[layer] + counts
+            _accumulate(self.load, layer, out.dispatch_counts.detach().float())  # [E]
             # A token is dropped when no routed expert served it (it passes through the shared
             # expert / residual only). Per-slot drop rates, which differ by router (Expert Choice
             # pads unpicked slots), stay in each router's diagnostics.
-            self.dropped[layer] += float((out.dropped.all(-1) & out.valid).sum())
-            self.assignments[layer] += float(out.valid.sum())
+            _accumulate(self.dropped, layer, (out.dropped.all(-1) & out.valid).sum())
+            _accumulate(self.assignments, layer, out.valid.sum())
             for k, v in out.diagnostics.items():
-                self.diag_sum[layer][k] += float(v.detach().float().mean())
+                _accumulate(self.diag_sum[layer], k, v.detach().float().mean().double())
             for k, v in out.aux_losses.items():
-                self.aux_sum[layer][k] += float(v.detach().float())
+                _accumulate(self.aux_sum[layer], k, v.detach().float().double())
             self.calls[layer] += 1
+
+    def _to_host(self) -> None:
+        """Turn every accumulated scalar tensor into a float and the loads into CPU tensors (one sync)."""
+        slots = [(self.dropped, layer) for layer in self.dropped] + [(self.assignments, layer) for layer in self.assignments]
+        slots += [(d, k) for per_layer in (self.diag_sum, self.aux_sum) for d in per_layer.values() for k in d]
+        slots = [(store, key) for store, key in slots if torch.is_tensor(store[key])]
+        if slots:
+            device = slots[0][0][slots[0][1]].device
+            values = torch.stack([store[key].reshape(()).double().to(device) for store, key in slots]).tolist()
+            for (store, key), value in zip(slots, values):
+                store[key] = value
+        self.load = {layer: counts.float().cpu() for layer, counts in self.load.items()}
 
     def _all_reduce_loads(self) -> None:
         import torch.distributed as dist
@@ -67,6 +90,7 @@ class RoutingRecorder:
         """Metrics since the last report, per layer and averaged over layers; then reset."""
         if not self.load:
             return {}
+        self._to_host()
         self._all_reduce_loads()
         logs: dict[str, float] = {}
         per_metric: dict[str, list[float]] = defaultdict(list)

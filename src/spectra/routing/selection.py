@@ -68,13 +68,51 @@ class QuotaResult(NamedTuple):
     swaps: int
 
 
+def _proposal_round(s, held, need, load, capacity: int, tokens, neg_inf):
+    """One round of phase 1 over all N tokens (masks, no host sync); updates held/need/load in place.
+
+    The same round as the compact loop in `quota_topk` (tokens that do not propose queue in a
+    dummy group E that accepts nobody), so both give the same assignment.
+
+    s [N, E] scores; held [N, E] bool; need [N] long; load [E] long; tokens = arange(N).
+    Returns a 0-dim bool tensor: did any token propose?
+    """
+    e = s.shape[1]
+    room = capacity - load  # [E]
+    avail = ~held & (room > 0).unsqueeze(0)  # [N, E]
+    proposing = (need > 0) & avail.any(dim=1)  # [N]
+    choice = torch.where(avail, s, neg_inf).argmax(dim=1)  # [N] best expert with room
+    sc = s.gather(1, choice.unsqueeze(1)).squeeze(1)  # [N]
+    group = torch.where(proposing, choice, e)  # [N] non-proposers queue in a dummy group E
+    # Order proposals by (expert asc, score desc, token asc): two stable sorts.
+    order = torch.argsort(-sc, stable=True)  # [N]
+    order = order[torch.argsort(group[order], stable=True)]  # [N]
+    grp_sorted = group[order]  # [N]
+    counts = torch.bincount(grp_sorted, minlength=e + 1)  # [E + 1]
+    first = torch.cumsum(counts, 0) - counts  # [E + 1] start of each expert's group
+    room_ext = torch.cat([room, room.new_zeros(1)])  # [E + 1] the dummy group accepts nobody
+    ok = (tokens - first[grp_sorted]) < room_ext[grp_sorted]  # [N] accepted, in sorted order
+    acc = torch.empty_like(ok)
+    acc[order] = ok  # [N] accepted, by token
+    held[tokens, choice] |= acc
+    need -= acc.to(need.dtype)
+    load.scatter_add_(0, choice, acc.to(load.dtype))
+    return proposing.any()
+
+
 @torch.no_grad()
-def quota_topk(scores: torch.Tensor, k: int, capacity: int, valid: torch.Tensor | None = None) -> QuotaResult:
+def quota_topk(
+    scores: torch.Tensor, k: int, capacity: int, valid: torch.Tensor | None = None, n_valid: int | None = None
+) -> QuotaResult:
     """Capacity-constrained top-k selection (see the module docstring for the algorithm).
 
     scores: [N, E] (higher = preferred; e.g. log Q); k: experts per token; capacity: max real
-    tokens per expert; valid: [N] bool (padding rows get a plain top-k that uses no capacity).
+    tokens per expert; valid: [N] bool (padding rows get a plain top-k that uses no capacity);
+    n_valid: valid.sum() when the caller already has it (saves a host sync).
     Raises ValueError when capacity · E < N_valid · k or k > E (no feasible assignment).
+
+    Host syncs: none in the first k proposal rounds, one per later round (usually a few) and one
+    at the end; the repair phase, which only tight capacities reach, syncs per expert.
     """
     n, e = scores.shape
     if k > e:
@@ -84,7 +122,8 @@ def quota_topk(scores: torch.Tensor, k: int, capacity: int, valid: torch.Tensor 
         valid = torch.ones(n, dtype=torch.bool, device=device)
     valid = valid.reshape(-1).to(torch.bool)  # [N]
     s = scores.detach().float().nan_to_num(nan=-_BIG, posinf=_BIG, neginf=-_BIG).clamp(-_BIG, _BIG)  # [N, E]
-    n_valid = int(valid.sum())
+    if n_valid is None:
+        n_valid = int(valid.sum())
     if capacity * e < n_valid * k:
         raise ValueError(f"capacity {capacity} x {e} experts cannot serve {n_valid} tokens x k={k}")
 
@@ -92,8 +131,14 @@ def quota_topk(scores: torch.Tensor, k: int, capacity: int, valid: torch.Tensor 
     need = torch.where(valid, k, 0).to(torch.long)  # [N] experts still to assign
     load = torch.zeros(e, dtype=torch.long, device=device)  # [E]
     neg_inf = torch.tensor(float("-inf"), device=device)
+    tokens = torch.arange(n, device=device)  # [N]
 
-    # Phase 1: proposal rounds.
+    # Phase 1: proposal rounds. The first k over all tokens with masks (no host sync: nearly every
+    # token proposes in them anyway, and a round in which nobody proposes changes nothing) ...
+    rounds_t = torch.zeros((), dtype=torch.long, device=device)  # rounds in which someone proposed
+    for _ in range(k):
+        rounds_t += _proposal_round(s, held, need, load, capacity, tokens, neg_inf)
+    # ... then over the tokens still proposing only: one host sync per round (`nonzero`).
     rounds = 0
     while True:
         room = capacity - load  # [E]
@@ -119,10 +164,12 @@ def quota_topk(scores: torch.Tensor, k: int, capacity: int, valid: torch.Tensor 
         load += torch.bincount(acc_exp, minlength=e)
         if rounds > n_valid * k + e + 1:  # unreachable (bound is E + k); guards against a bug
             raise RuntimeError("quota_topk: proposal rounds did not terminate")
+    masked_rounds, stranded = torch.stack([rounds_t, (need > 0).any().long()]).tolist()
+    rounds += masked_rounds
 
     # Phase 2: repair swaps for tokens stranded by the greedy.
     swaps = 0
-    while bool((need > 0).any()):
+    while stranded and bool((need > 0).any()):
         progressed = False
         for r in ((capacity - load) > 0).nonzero().flatten().tolist():  # loop over experts
             stuck = (need > 0).nonzero().squeeze(1)  # [T]

@@ -19,11 +19,12 @@ Recurrence (router.recurrence):
 - depth: h^l_t = GRUCell(x^l_t, h^{l-1}_t), per token (no token recurrence).
 - none (-GRU ablation): r = head(x), no state.
 
-Implementation of the token recurrence: one `nn.GRU` call (cuDNN on GPU). Without padding or
-mid-row document starts the [B, S] batch goes in directly. Otherwise every (row, document)
-segment of real tokens becomes its own sequence of a hand-built `PackedSequence` (memory O(N),
-no [segments × longest] padding), so resets and padding cost one index permutation and one
-host sync (the packed batch sizes) rather than a Python loop over tokens.
+Implementation of the token recurrence (routing/gru.py): one `nn.GRU` call (cuDNN on GPU).
+Without padding or mid-row document starts the [B, S] batch goes in directly. Otherwise every
+(row, document) segment of real tokens becomes its own sequence of a hand-built
+`PackedSequence` (memory O(N)), so resets and padding cost one index permutation and two host
+syncs rather than a Python loop over tokens. On CPU the same forward gets a hand-written
+backward (nn.GRU's CPU autograd is per-step overhead at the router's sizes).
 
 Batch dependence: in training the Gram G in the cost is the current batch's (as in the paper),
 and Sinkhorn/quota couple the tokens of one rank's micro-batch. At inference the cost uses a
@@ -38,85 +39,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
 
 from spectra.routing.base import Router, RoutingInputs, RoutingOutput, dispatch_counts_of, register_router
-from spectra.routing.orthogonality import expert_representations, gram_matrix, newton_schulz, ortho_loss, srip_lambda
+from spectra.routing.gru import token_recurrence
+from spectra.routing.orthogonality import gram_matrix, newton_schulz, ortho_loss, srip_lambda
 from spectra.routing.osr import osr_cost
+from spectra.routing.scores import cosine_scores, expert_directions
 from spectra.routing.selection import quota_capacity, quota_topk, topk_select
 from spectra.routing.sinkhorn import marginal_error, sinkhorn
 from spectra.routing.topk import routing_entropy
 
 __all__ = ["SpectraRouter", "token_recurrence"]
-
-
-def token_recurrence(
-    gru: nn.GRU, inp: torch.Tensor, valid: torch.Tensor, doc_start: torch.Tensor, h0: torch.Tensor
-) -> torch.Tensor:
-    """Causal GRU over the token axis with document resets and padding carry-through.
-
-    gru: single-layer batch_first nn.GRU; inp: [B, S, In]; valid, doc_start: [B, S] bool;
-    h0: [B, Dh] state before the first position of each row (cached state or zeros).
-    Returns states [B, S, Dh]: at a real token t, h_t = GRU(inp_t, h_prev) where h_prev is the
-    state after the previous real token of the row, 0 if a document started in between
-    (doc_start at t or at padding since that token), h0 for the row's first real token otherwise.
-    At padding positions the state of the last real token (or h0) is carried through.
-    """
-    b, s, d_in = inp.shape
-    dh = gru.hidden_size
-    valid = valid.to(torch.bool)
-    doc_start = doc_start.to(torch.bool)
-    if bool(valid.all()) and not bool(doc_start[:, 1:].any()):
-        # Fast path: one dense [B, S] call; a document start can only be at position 0.
-        h_init = h0.masked_fill(doc_start[:, :1], 0.0)  # [B, Dh]
-        out, _ = gru(inp, h_init.unsqueeze(0).contiguous())  # [B, S, Dh]
-        return out
-
-    dev = inp.device
-    vidx = valid.reshape(-1).nonzero().squeeze(1)  # [Nv] real tokens, row-major order
-    nv = vidx.numel()
-    if nv == 0:
-        return h0.unsqueeze(1).expand(b, s, dh).clone()
-    rows = vidx // s  # [Nv]
-    starts_so_far = doc_start.to(torch.long).cumsum(dim=1).reshape(-1)[vidx]  # [Nv] doc starts at ≤ t
-    first_in_row = torch.ones(nv, dtype=torch.bool, device=dev)  # [Nv]
-    first_in_row[1:] = rows[1:] != rows[:-1]
-    prev = torch.zeros_like(starts_so_far)  # [Nv] doc starts up to the previous real token
-    prev[1:] = starts_so_far[:-1]
-    prev = prev.masked_fill(first_in_row, 0)
-    reset = starts_so_far > prev  # [Nv] a document began since the previous real token
-    seg_start = first_in_row | reset  # [Nv]
-    seg_id = seg_start.to(torch.long).cumsum(0) - 1  # [Nv] segment of each real token
-    seg_first = seg_start.nonzero().squeeze(1)  # [Ns] first token of each segment
-    ns = seg_first.numel()
-    lengths = torch.bincount(seg_id, minlength=ns)  # [Ns]
-    carry = first_in_row[seg_first] & ~reset[seg_first]  # [Ns] continues the row's h0
-    seg_h0 = h0[rows[seg_first]] * carry.unsqueeze(1).to(h0.dtype)  # [Ns, Dh]
-
-    # Hand-built PackedSequence: segments sorted by length (desc); at time step j the packed data
-    # holds the j-th token of the batch_sizes[j] longest segments, in sorted order.
-    order = torch.argsort(lengths, descending=True, stable=True)  # [Ns] sorted -> segment
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(ns, device=dev)  # [Ns] segment -> sorted position
-    lengths_cpu = lengths.cpu()  # the one host sync
-    l_max = int(lengths_cpu.max())
-    n_len = torch.bincount(lengths_cpu, minlength=l_max + 1)  # [Lmax+1] segments per length
-    batch_sizes = ns - torch.cumsum(n_len, 0)[:l_max]  # [Lmax] segments longer than j
-    time_off = (torch.cumsum(batch_sizes, 0) - batch_sizes).to(dev)  # [Lmax] packed offset of step j
-    pos = torch.arange(nv, device=dev) - seg_first[seg_id]  # [Nv] position inside the segment
-    packed_pos = time_off[pos] + rank[seg_id]  # [Nv] where each real token sits in packed data
-    inv = torch.empty_like(packed_pos)
-    inv[packed_pos] = torch.arange(nv, device=dev)  # packed slot -> real token
-    data = inp.reshape(-1, d_in)[vidx][inv]  # [Nv, In] packed order
-    packed = PackedSequence(data, batch_sizes, order, rank)
-    out, _ = gru(packed, seg_h0.unsqueeze(0).contiguous())
-    h_valid = out.data[packed_pos]  # [Nv, Dh] back in row-major order
-
-    full = h_valid.new_zeros(b * s, dh).index_put((vidx,), h_valid)  # [B*S, Dh]
-    last = torch.where(valid, torch.arange(s, device=dev), -1).cummax(dim=1).values  # [B, S]
-    src = (torch.arange(b, device=dev).unsqueeze(1) * s + last.clamp_min(0)).reshape(-1)  # [B*S]
-    states = full[src].reshape(b, s, dh)  # [B, S, Dh] padding takes the last real token's state
-    return torch.where((last < 0).unsqueeze(-1), h0.unsqueeze(1).to(states.dtype), states)
 
 
 def _xavier_gru_(weight: torch.Tensor, gates: int = 3) -> None:
@@ -222,21 +155,27 @@ class SpectraRouter(Router):
         assert self.projector is not None
         return newton_schulz(self.projector.weight, self.newton_schulz_steps)
 
+    def routing_vectors(self, feats: torch.Tensor) -> torch.Tensor:
+        """r = head(feats): E unnormalised routing vectors per token, [N, F] -> [N, E, D] fp32."""
+        return self.head(feats).reshape(feats.shape[0], self.num_experts, self.dim).float()
+
+    def expression(self, x: torch.Tensor) -> torch.Tensor:
+        """p = P x: E unnormalised expression vectors per token, [N, H] -> [N, E, D] fp32."""
+        return F.linear(x, self.projector_weight()).reshape(x.shape[0], self.num_experts, self.dim).float()
+
     def scores(self, x: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor):
         """Cosine scores s [N, E] and expert representations M [E, D].
 
         x: [N, H] hidden states; feats: [N, F] head input (GRU state or x); valid: [N].
         """
-        n = x.shape[0]
-        e, d = self.num_experts, self.dim
-        r = F.normalize(self.head(feats).reshape(n, e, d).float(), dim=-1)  # [N, E, D] unit routing vectors
+        r = self.routing_vectors(feats)  # [N, E, D]
         if self.projector is not None:
-            p = F.linear(x, self.projector_weight()).reshape(n, e, d).float()  # [N, E, D]
-            s = (r * F.normalize(p, dim=-1)).sum(-1)  # [N, E] cos(r_e, p_e)
-            m = expert_representations(p, valid)  # [E, D]
+            p = self.expression(x)  # [N, E, D]
+            s, p_norm = cosine_scores(r, p)  # [N, E] cos(r_e, p_e), [N, E] ‖p_e‖
+            m = expert_directions(p, p_norm, valid)  # [E, D]
         else:
             m = F.normalize(self.expert_keys.float(), dim=-1)  # [E, D]
-            s = (r * m.unsqueeze(0)).sum(-1)  # [N, E] cos(r_e, key_e)
+            s, _ = cosine_scores(r, m.unsqueeze(0).expand_as(r))  # [N, E] cos(r_e, key_e)
         return s, m
 
     def cost_gram(self, m: torch.Tensor) -> torch.Tensor:
@@ -246,11 +185,10 @@ class SpectraRouter(Router):
         if self.training:
             with torch.no_grad():
                 md = m.detach().to(self.expert_repr_ema.dtype)
-                if bool(self.expert_repr_ema_ready):
-                    self.expert_repr_ema.mul_(self.gram_ema_decay).add_(md, alpha=1.0 - self.gram_ema_decay)
-                else:
-                    self.expert_repr_ema.copy_(md)
-                    self.expert_repr_ema_ready.fill_(True)
+                blended = torch.add(self.expert_repr_ema * self.gram_ema_decay, md, alpha=1.0 - self.gram_ema_decay)
+                # The first update copies M; `where` on the flag instead of `if flag` (a host sync).
+                self.expert_repr_ema.copy_(torch.where(self.expert_repr_ema_ready, blended, md))
+                self.expert_repr_ema_ready.fill_(True)
             return gram_matrix(m)
         # Never trained: zero Gram = no repulsion, rather than a Gram borrowed from this batch.
         return gram_matrix(F.normalize(self.expert_repr_ema.float(), dim=-1)).detach()
@@ -277,13 +215,14 @@ class SpectraRouter(Router):
             )  # [N, E] each
             log_q = log_q.masked_fill(~vmask, 0.0)  # padding rows: finite, never used
             if self.quota_enabled:
-                cap = quota_capacity(int(valid.sum()), k, e, self.capacity_factor)
-                res = quota_topk(log_q, k, cap, valid)
+                n_valid = int(valid.sum())  # host sync: the capacity is an integer
+                cap = quota_capacity(n_valid, k, e, self.capacity_factor)
+                res = quota_topk(log_q, k, cap, valid, n_valid=n_valid)
                 index = res.index  # [N, k]
                 with torch.no_grad():  # what plain top-k of the same plan would have dispatched
                     load_before = dispatch_counts_of(topk_select(log_q, k), vmask.expand(n, k), e)  # [E]
-                diag["quota_capacity"] = torch.tensor(float(cap), device=cost.device)
-                diag["quota_swaps"] = torch.tensor(float(res.swaps), device=cost.device)
+                diag["quota_capacity"] = cost.new_full((), float(cap))  # a fill, not a host-to-device copy
+                diag["quota_swaps"] = cost.new_full((), float(res.swaps))
             else:
                 index = topk_select(log_q, k)  # [N, k]
             weight = torch.softmax(log_q.gather(1, index), dim=-1)  # [N, k] = Q_sel / Σ Q_sel

@@ -1,0 +1,89 @@
+"""SPECTRA MoE layer vs a Switch top-k MoE layer at the same E, k, H, N (forward + backward).
+
+Both layers are the same `MoEBlock` with the same grouped_mm experts; only the router differs.
+Switch runs at SPECTRA's k (softmax top-k, renormalised weights, load-balancing loss); plain
+top-k (no aux loss) is listed too. Target: SPECTRA / Switch ≤ 1.10 at the paper's layer.
+
+    python -m benchmarks.bench_layer [--quick] [--device cuda --dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks.harness import Env, Section, Timing, add_common_args, make_env, md_table, time_interleaved, verdict
+from benchmarks.layers import DEMO, PAPER, PAPER_CPU, QUICK, Shape, hidden, layer_step, make_block
+
+TARGET = 1.10
+ROUTERS = ("spectra", "switch", "topk")
+
+
+def shapes(env: Env) -> dict[str, Shape]:
+    """Named shapes to compare: the demo's layer and the paper's (capped in N on CPU)."""
+    if env.quick:
+        return {"quick": QUICK}
+    paper = PAPER if (env.cuda or not env.cap_cpu) else PAPER_CPU
+    return {"demo": DEMO, "paper": paper}
+
+
+def flop_floor(shape: Shape) -> float:
+    """SPECTRA / Switch if only matmul multiply-adds counted (per token; backward scales both alike).
+
+    Experts 3·k·H·I; Switch router H·E; SPECTRA router: GRU input (H + Dh)·3Dh and recurrent
+    Dh·3Dh, routing head Dh·E·D, expression projection H·E·D.
+    """
+    h, dh, ed = shape.H, shape.Dh, shape.E * shape.D
+    experts = 3 * shape.k * h * shape.I
+    spectra = (h + dh) * 3 * dh + dh * 3 * dh + dh * ed + h * ed
+    return (experts + spectra) / (experts + h * shape.E)
+
+
+def measure(shape: Shape, env: Env) -> dict[str, Timing]:
+    """Fwd+bwd timings of one layer per router, measured interleaved."""
+    x = hidden(shape, env)
+    steps = {name: layer_step(make_block(name, shape, env), x, env) for name in ROUTERS}
+    return time_interleaved(steps, env, rounds=9)
+
+
+def run(env: Env) -> Section:
+    rows, figures, verdicts, notes = [], {}, [], []
+    for label, shape in shapes(env).items():
+        t = measure(shape, env)
+        ms = {name: x.ms for name, x in t.items()}
+        ratio = ms["spectra"] / ms["switch"]
+        best = t["spectra"].best_ms / t["switch"].best_ms
+        figures[f"{label}_spectra_over_switch"] = ratio
+        figures[f"{label}_spectra_over_topk"] = ms["spectra"] / ms["topk"]
+        rows.append([label, ms["spectra"], ms["switch"], ms["topk"], f"{ratio:.3f} ({best:.3f})",
+                     f"{ms['spectra'] / ms['topk']:.3f}", f"{flop_floor(shape):.3f}"])
+        figures[f"{label}_spectra_over_switch_best"] = best
+        figures[f"{label}_flop_floor"] = flop_floor(shape)
+        notes.append(f"- `{label}`: {shape.describe()}")
+        if label == "paper":  # quick sizes are per-op overhead, not the figure the target is about
+            verdicts.append(verdict(f"SPECTRA / Switch, {label} layer (median; fastest runs: {best:.3f}×, "
+                                    f"matmul floor {flop_floor(shape):.3f}×)", ratio, TARGET))
+    body = "\n".join([
+        "Forward + backward of one MoE layer (router + grouped_mm experts, training mode), median ms; "
+        "the three routers measured in alternation, 9 rounds. In brackets: the ratio of the fastest runs "
+        "(interference from other work only adds time, so it is the least disturbed estimate).",
+        "",
+        md_table(["layer", "SPECTRA ms", "Switch top-k ms", "top-k ms", "SPECTRA / Switch", "SPECTRA / top-k",
+                  "matmul floor"], rows),
+        "",
+        *notes,
+        "",
+        "`matmul floor`: SPECTRA / Switch if time were proportional to matmul multiply-adds (experts 3·k·H·I "
+        "per token; SPECTRA's router adds the GRU's (H + Dh)·3Dh + Dh·3Dh, the routing head Dh·E·D and the "
+        "expression projection H·E·D; Switch's adds H·E). A reference point rather than a bound: the routers "
+        "also differ in how evenly they load the experts, which changes the grouped GEMMs' efficiency.",
+    ])
+    return Section("layer", "2. SPECTRA layer vs Switch top-k layer", body, figures, verdicts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    print(run(make_env(parser.parse_args(argv))).markdown())
+
+
+if __name__ == "__main__":
+    main()

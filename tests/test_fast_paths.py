@@ -1,0 +1,146 @@
+"""Fast implementations written for speed (issue #10) against their plain references.
+
+- routing/gru.py `gru_scan` (nn.GRU forward, hand-written backward) vs `nn_gru_states` (autograd
+  through nn.GRU), values and every gradient, in float64;
+- routing/scores.py (cosines without normalised copies) vs F.normalize + orthogonality's
+  `expert_representations`;
+- metrics/recorder.py accumulating on device vs hand-computed reports, across a checkpoint
+  round trip as train/checkpoint.py does it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectra.metrics.recorder import RoutingRecorder
+from spectra.routing import gru as gru_module
+from spectra.routing.base import RoutingOutput
+from spectra.routing.gru import gru_scan, nn_gru_states, segment_resets, token_recurrence
+from spectra.routing.orthogonality import expert_representations
+from spectra.routing.scores import cosine_scores, expert_directions
+from spectra.train.checkpoint import _merge, _plain
+
+
+def _masks(b: int, s: int, layout: str, gen: torch.Generator):
+    valid = torch.ones(b, s, dtype=torch.bool)
+    doc_start = torch.zeros(b, s, dtype=torch.bool)
+    doc_start[:, 0] = torch.rand(b, generator=gen) < 0.5
+    if layout in ("padded", "both"):
+        valid = torch.rand(b, s, generator=gen) < 0.7
+        valid[0, :3] = False  # left padding
+        valid[-1] = False  # a row with no real token: h0 carried throughout
+    if layout in ("resets", "both"):
+        doc_start |= torch.rand(b, s, generator=gen) < 0.15
+    return valid, doc_start
+
+
+@pytest.mark.parametrize("layout", ["dense", "resets", "padded", "both", "both, short chunks"])
+def test_gru_scan_equals_autograd_through_nn_gru(layout, monkeypatch):
+    if layout.endswith("short chunks"):  # the backward loop's views are made per chunk of time steps
+        monkeypatch.setattr(gru_module, "_CHUNK", 4)
+        layout = layout.split(",")[0]
+    gen = torch.Generator().manual_seed(["dense", "resets", "padded", "both"].index(layout))
+    b, s, d_in, dh = 4, 23, 5, 6
+    torch.manual_seed(0)
+    gru = nn.GRU(d_in, dh, batch_first=True).double()
+    inp = torch.randn(b, s, d_in, dtype=torch.float64, generator=gen, requires_grad=True)
+    h0 = torch.randn(b, dh, dtype=torch.float64, generator=gen, requires_grad=True)
+    valid, doc_start = _masks(b, s, layout, gen)
+    g = torch.randn(b, s, dh, dtype=torch.float64, generator=gen)
+    leaves = [inp, h0, *gru.parameters()]
+    results = []
+    for fn in (nn_gru_states, gru_scan):
+        for p in leaves:
+            p.grad = None
+        y = fn(gru, inp, valid, doc_start, h0)
+        (y * g).sum().backward()
+        results.append([y.detach()] + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in leaves])
+    for ref, fast in zip(*results):
+        torch.testing.assert_close(fast, ref, atol=1e-12, rtol=1e-10)
+
+
+def test_cpu_training_uses_the_hand_written_backward():
+    gru = nn.GRU(3, 4, batch_first=True)
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    ones, start = torch.ones(2, 5, dtype=torch.bool), torch.zeros(2, 5, dtype=torch.bool)
+    assert "GRUScan" in type(token_recurrence(gru, x, ones, start, torch.zeros(2, 4)).grad_fn).__name__
+    with torch.no_grad():  # inference: nn.GRU's forward only
+        torch.testing.assert_close(token_recurrence(gru, x, ones, start, torch.zeros(2, 4)),
+                                   token_recurrence(gru, x, ones, start, torch.zeros(2, 4), fused=False))
+
+
+def test_segment_resets_by_hand():
+    valid = torch.tensor([[0, 1, 1, 0, 1, 1], [1, 1, 0, 0, 1, 1]], dtype=torch.bool)
+    start = torch.tensor([[1, 0, 0, 1, 0, 0], [1, 0, 0, 0, 1, 0]], dtype=torch.bool)
+    # row 0: the start at padding position 0 reaches token 1; the one at padding 3 reaches token 4.
+    # row 1: starts at real tokens 0 and 4.
+    want = torch.tensor([[0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 1, 0]], dtype=torch.bool)
+    assert torch.equal(segment_resets(valid, start), want)
+
+
+def test_cosine_scores_equal_normalise_first_reference():
+    torch.manual_seed(0)
+    n, e, d = 37, 5, 4
+    r = torch.randn(n, e, d, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(n, e, d, dtype=torch.float64, requires_grad=True)
+    valid = torch.rand(n) < 0.8
+    gs, gm = torch.randn(n, e, dtype=torch.float64), torch.randn(e, d, dtype=torch.float64)
+
+    def reference():
+        s = (F.normalize(r, dim=-1) * F.normalize(p, dim=-1)).sum(-1)
+        return s, expert_representations(p, valid).double()
+
+    def fast():
+        s, p_norm = cosine_scores(r.double(), p.double())
+        return s, expert_directions(p.double(), p_norm, valid)
+
+    outs = []
+    for fn in (reference, fast):
+        r.grad = p.grad = None
+        s, m = fn()
+        ((s * gs).sum() + (m * gm).sum()).backward()
+        outs.append((s.detach(), m.detach(), r.grad.clone(), p.grad.clone()))
+    for ref, got in zip(*outs):
+        torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=0)  # fp32 inside
+
+
+def _output(counts, dropped, valid, entropy, aux):
+    n = valid.shape[0]
+    return RoutingOutput(
+        expert_index=torch.zeros(n, 1, dtype=torch.long), expert_weight=torch.zeros(n, 1),
+        probs=torch.full((n, 4), 0.25), dropped=dropped, valid=valid,
+        dispatch_counts=torch.tensor(counts, dtype=torch.float32),
+        aux_losses={"lb": torch.tensor(aux)}, diagnostics={"routing_entropy": torch.tensor(entropy)},
+    )
+
+
+def test_recorder_sums_on_device_and_reports_hand_values_across_a_checkpoint():
+    valid = torch.tensor([True, True, True, False])
+    no_drop = torch.zeros(4, 1, dtype=torch.bool)
+    one_drop = torch.tensor([[True], [False], [False], [False]])
+    steps = [{0: _output([1, 1, 1, 0], no_drop, valid, 0.5, 0.25)}, {0: _output([2, 0, 1, 0], one_drop, valid, 1.0, 0.75)}]
+
+    rec = RoutingRecorder()
+    rec.add(steps[0])
+    assert all(torch.is_tensor(v) for v in (rec.dropped[0], rec.assignments[0], rec.diag_sum[0]["routing_entropy"]))
+    saved = _plain(vars(rec))  # what a checkpoint between two logs holds
+    resumed = RoutingRecorder()
+    _merge(vars(resumed), saved)
+    for r in (rec, resumed):
+        r.add(steps[1])
+
+    load = [3.0, 1.0, 2.0, 0.0]  # mean 1.5, population std sqrt(1.25)
+    want = {"layer0/cv": math.sqrt(1.25) / 1.5, "layer0/maxvio": 3.0 / 1.5 - 1.0, "layer0/dropped_rate": 1 / 6,
+            "layer0/routing_entropy": 0.75, "layer0/aux_lb": 0.5}
+    for r in (rec, resumed):
+        got = r.report()
+        assert sum(load) == 6.0
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, abs=1e-12), key
+        assert got["cv_mean"] == pytest.approx(want["layer0/cv"])
+        assert r.report() == {}  # reset after reporting
