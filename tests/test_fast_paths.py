@@ -20,7 +20,7 @@ from torch import nn
 from spectra.metrics.recorder import RoutingRecorder
 from spectra.routing import gru as gru_module
 from spectra.routing.base import RoutingOutput
-from spectra.routing.gru import gru_scan, nn_gru_states, segment_resets, token_recurrence
+from spectra.routing.gru import gru_scan, nn_gru_states, segments, token_recurrence
 from spectra.routing.orthogonality import expert_representations
 from spectra.routing.scores import cosine_scores, expert_directions
 from spectra.train.checkpoint import _merge, _plain
@@ -36,15 +36,17 @@ def _masks(b: int, s: int, layout: str, gen: torch.Generator):
         valid[-1] = False  # a row with no real token: h0 carried throughout
     if layout in ("resets", "both"):
         doc_start |= torch.rand(b, s, generator=gen) < 0.15
+    if layout == "empty":  # no real token anywhere: every state is h0
+        valid[:] = False
     return valid, doc_start
 
 
-@pytest.mark.parametrize("layout", ["dense", "resets", "padded", "both", "both, short chunks"])
+@pytest.mark.parametrize("layout", ["dense", "resets", "padded", "both", "both, short chunks", "empty"])
 def test_gru_scan_equals_autograd_through_nn_gru(layout, monkeypatch):
     if layout.endswith("short chunks"):  # the backward loop's views are made per chunk of time steps
         monkeypatch.setattr(gru_module, "_CHUNK", 4)
         layout = layout.split(",")[0]
-    gen = torch.Generator().manual_seed(["dense", "resets", "padded", "both"].index(layout))
+    gen = torch.Generator().manual_seed(len(layout))
     b, s, d_in, dh = 4, 23, 5, 6
     torch.manual_seed(0)
     gru = nn.GRU(d_in, dh, batch_first=True).double()
@@ -74,13 +76,18 @@ def test_cpu_training_uses_the_hand_written_backward():
                                    token_recurrence(gru, x, ones, start, torch.zeros(2, 4), fused=False))
 
 
-def test_segment_resets_by_hand():
+def test_segments_by_hand():
     valid = torch.tensor([[0, 1, 1, 0, 1, 1], [1, 1, 0, 0, 1, 1]], dtype=torch.bool)
-    start = torch.tensor([[1, 0, 0, 1, 0, 0], [1, 0, 0, 0, 1, 0]], dtype=torch.bool)
-    # row 0: the start at padding position 0 reaches token 1; the one at padding 3 reaches token 4.
-    # row 1: starts at real tokens 0 and 4.
-    want = torch.tensor([[0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 1, 0]], dtype=torch.bool)
-    assert torch.equal(segment_resets(valid, start), want)
+    start = torch.tensor([[1, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0]], dtype=torch.bool)
+    # row 0: the start at padding position 0 reaches token 1, the one at padding 3 reaches token 4:
+    # segments {1, 2} and {4, 5}, both from 0. row 1: {0, 1} continues h0, {10, 11} starts at 10.
+    seg = segments(valid, start)
+    assert seg.num == 4 and seg.length == 2
+    assert seg.vidx.tolist() == [1, 2, 4, 5, 6, 7, 10, 11]
+    assert seg.cell.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]  # t * Ns + j
+    assert seg.row.tolist() == [0, 0, 1, 1] and seg.from_h0.tolist() == [False, False, True, False]
+    assert seg.shows.tolist() == [0, 1, 2, 2, 4, 5, 6, 7, 7, 7, 10, 11]
+    assert seg.before_first.tolist() == [True] + [False] * 11
 
 
 def test_cosine_scores_equal_normalise_first_reference():

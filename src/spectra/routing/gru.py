@@ -6,8 +6,9 @@
     h' = (1 − z) ⊙ n + z ⊙ h
 
 At a real token the state advances from `h_prev`: 0 where a document began since the row's
-previous real token (`segment_resets`), the previous state otherwise (h0 before the row's first
-real token). At padding the state is carried unchanged.
+previous real token, the previous state otherwise (h0 before the row's first real token). At
+padding the state is carried unchanged. So the real tokens fall into independent segments (a row's
+run of one document, `segments`), each a plain GRU sequence from 0 or h0.
 
 Two implementations, one contract (`token_recurrence(..., fused=...)`):
 - `nn_gru_states`: one `nn.GRU` call. Without padding or mid-row document starts the [B, S]
@@ -17,20 +18,23 @@ Two implementations, one contract (`token_recurrence(..., fused=...)`):
 - `gru_scan` (CPU): the same forward under no_grad — ATen's GRU runs the time loop in C++ — and a
   hand-written backward. Why: on CPU, nn.GRU's autograd records ~30 nodes per time step, so at the
   router's sizes (a few rows, Dh = 128) backward costs per-node overhead × S, not arithmetic.
-  The hand-written backward recomputes every gate from the saved states with two matmuls, computes
-  the coefficients that multiply the incoming gradient for all steps at once, and leaves 4-5 ops
-  per step in the reverse loop; the weight gradients are one matmul each after it. It keeps only
-  the inputs and the output states: memory linear in S.
+  The hand-written backward works on the segments laid out as a time-major grid [L, Ns] (L = the
+  longest segment, so packed rows cost L steps, not S), recomputes every gate from the saved
+  states with two matmuls, computes the coefficients that multiply the incoming gradient for all
+  steps at once, and leaves 4 ops per step in the reverse loop; the weight gradients are one
+  matmul each after it. It keeps only the inputs and the output states: memory linear in S.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["gru_scan", "nn_gru_states", "segment_resets", "token_recurrence"]
+__all__ = ["Segments", "gru_scan", "nn_gru_states", "segments", "token_recurrence"]
 
 _CHUNK = 1024  # time steps whose per-step views the backward loop creates at once
 
@@ -122,16 +126,48 @@ def nn_gru_states(
     return torch.where((last < 0).unsqueeze(-1), h0.unsqueeze(1).to(states.dtype), states)
 
 
-def segment_resets(valid: torch.Tensor, doc_start: torch.Tensor) -> torch.Tensor:
-    """[B, S] bool: real tokens whose state starts from 0 (a document began since the row's
-    previous real token, or at or before the row's first real token)."""
+@dataclass
+class Segments:
+    """The real tokens of a [B, S] batch regrouped as segments on a time-major grid [L, Ns].
+
+    A segment is a maximal run of a row's real tokens with no document start in between (padding
+    skipped); the grid's cell (t, j) holds the t-th token of segment j, L = the longest segment.
+    """
+
+    vidx: torch.Tensor  # [Nv] flat (row-major) index of each real token
+    cell: torch.Tensor  # [Nv] its cell in the flattened grid, t * Ns + j
+    num: int  # Ns, segments
+    length: int  # L, tokens of the longest segment
+    row: torch.Tensor  # [Ns] the row of each segment
+    from_h0: torch.Tensor  # [Ns] bool: the segment continues the row's h0 (else it starts from 0)
+    shows: torch.Tensor  # [B*S] flat index of the real token whose state each position shows
+    before_first: torch.Tensor  # [B*S] bool: no real token yet in the row (the position shows h0)
+
+
+def segments(valid: torch.Tensor, doc_start: torch.Tensor) -> Segments:
+    """Segments of real tokens (see `Segments`) for masks valid, doc_start [B, S] bool."""
     b, s = valid.shape
-    starts = doc_start.to(torch.long).cumsum(dim=1)  # [B, S] document starts at positions ≤ t
-    pos = torch.arange(s, device=valid.device)
-    last = torch.where(valid, pos, -1).cummax(dim=1).values  # [B, S] last real token ≤ t
-    prev = torch.cat([last.new_full((b, 1), -1), last[:, :-1]], dim=1)  # [B, S] last real token < t
-    starts_prev = torch.where(prev >= 0, starts.gather(1, prev.clamp_min(0)), 0)  # [B, S]
-    return valid & (starts > starts_prev)
+    dev = valid.device
+    vidx = valid.reshape(-1).nonzero().squeeze(1)  # [Nv]
+    nv = vidx.numel()
+    rows = vidx // s  # [Nv]
+    starts = doc_start.to(torch.long).cumsum(dim=1).reshape(-1)[vidx]  # [Nv] document starts at positions ≤ t
+    first_in_row = torch.ones(nv, dtype=torch.bool, device=dev)
+    first_in_row[1:] = rows[1:] != rows[:-1]
+    starts_prev = torch.zeros_like(starts)  # [Nv] document starts up to the previous real token of the row
+    starts_prev[1:] = starts[:-1]
+    reset = starts > starts_prev.masked_fill(first_in_row, 0)  # [Nv] a document began since then
+    seg_start = first_in_row | reset  # [Nv]
+    seg_id = seg_start.to(torch.long).cumsum(0) - 1  # [Nv]
+    seg_first = seg_start.nonzero().squeeze(1)  # [Ns]
+    ns = seg_first.numel()
+    pos = torch.arange(nv, device=dev) - seg_first[seg_id]  # [Nv] place in the segment
+    length = int(pos.max()) + 1 if nv else 0  # host sync (free on CPU): the grid's size
+    last = torch.where(valid, torch.arange(s, device=dev), -1).cummax(dim=1).values  # [B, S] last real token ≤ t
+    shows = (torch.arange(b, device=dev).unsqueeze(1) * s + last.clamp_min(0)).reshape(-1)  # [B*S]
+    return Segments(vidx=vidx, cell=pos * ns + seg_id, num=ns, length=length, row=rows[seg_first],
+                    from_h0=first_in_row[seg_first] & ~reset[seg_first], shows=shows,
+                    before_first=(last < 0).reshape(-1))
 
 
 class _GRUScan(torch.autograd.Function):
@@ -139,72 +175,91 @@ class _GRUScan(torch.autograd.Function):
 
     inp [B, S, In]; h0 [B, Dh]; w_ih [3Dh, In], b_ih, w_hh [3Dh, Dh], b_hh: the GRU's parameters
     (passed explicitly so that autograd routes their gradients here); gru: the module itself, for
-    the forward call; valid, reset [B, S] bool. Returns states [B, S, Dh].
+    the forward call; valid, doc_start [B, S] bool. Returns states [B, S, Dh].
+
+    The backward runs on the segment grid [L, Ns] (`segments`): every segment restarts from its
+    own initial state, so no reset masks are needed, and packed rows of several documents take
+    L steps (the longest document) instead of S.
     """
 
     @staticmethod
-    def forward(ctx, inp, h0, w_ih, b_ih, w_hh, b_hh, gru, valid, doc_start, reset):
+    def forward(ctx, inp, h0, w_ih, b_ih, w_hh, b_hh, gru, valid, doc_start):
         with torch.no_grad():
             states = nn_gru_states(gru, inp, valid, doc_start, h0)  # [B, S, Dh]
-        ctx.save_for_backward(inp, h0, w_ih, b_ih, w_hh, b_hh, states, valid, reset)
+        ctx.save_for_backward(inp, h0, w_ih, b_ih, w_hh, b_hh, states, valid, doc_start)
         return states
 
     @staticmethod
     def backward(ctx, grad_states):
-        inp, h0, w_ih, b_ih, w_hh, b_hh, states, valid, reset = ctx.saved_tensors
+        inp, h0, w_ih, b_ih, w_hh, b_hh, states, valid, doc_start = ctx.saved_tensors
         b, s, d_in = inp.shape
         dh = h0.shape[-1]
         g = 3 * dh
         dt = grad_states.dtype  # computed in the gradient's dtype (autocast is off in backward)
         w_ih, b_ih, w_hh, b_hh, h0 = (t.to(dt) for t in (w_ih, b_ih, w_hh, b_hh, h0))
+        seg = segments(valid, doc_start)
+        length, ns = seg.length, seg.num
         with torch.no_grad():
-            # Time-major [S, B, ·] so that step t is a contiguous slice.
-            x = inp.to(dt).transpose(0, 1)  # [S, B, In]
-            keep = (~reset).t().unsqueeze(-1).to(dt)  # [S, B, 1] 0 where the state restarts
-            vmask = valid.t().unsqueeze(-1)  # [S, B, 1]
-            out = states.to(dt).transpose(0, 1)  # [S, B, Dh]
-            hp = torch.cat([h0.unsqueeze(0), out[:-1]], dim=0) * keep  # [S, B, Dh] state each step starts from
+            grad = grad_states.reshape(b * s, dh)  # [B*S, Dh]
+            # A padding position shows the state of the row's last real token (or h0): its gradient
+            # goes there.
+            shown = ~seg.before_first
+            g_tok = torch.zeros_like(grad).index_add_(0, seg.shows[shown], grad[shown])  # [B*S, Dh]
+            pos_row = torch.arange(b * s, device=grad.device) // s  # [B*S]
+            d_h0 = torch.zeros_like(h0).index_add_(0, pos_row[seg.before_first], grad[seg.before_first])  # [B, Dh]
+            if length == 0:  # no real token at all
+                zero = torch.zeros_like
+                return zero(inp), d_h0, zero(w_ih), zero(b_ih), zero(w_hh), zero(b_hh), None, None, None
+
+            def to_grid(rows_of_tokens: torch.Tensor) -> torch.Tensor:
+                """[Nv, F] per real token -> [L, Ns, F] on the segment grid (zeros in empty cells)."""
+                out = rows_of_tokens.new_zeros(length * ns, rows_of_tokens.shape[-1])
+                return out.index_copy_(0, seg.cell, rows_of_tokens).view(length, ns, -1)
+
+            cells = torch.zeros(length * ns, dtype=torch.bool, device=grad.device)
+            vmask = cells.index_fill_(0, seg.cell, True).view(length, ns, 1)  # [L, Ns, 1] cells holding a token
+            x = to_grid(inp.to(dt).reshape(-1, d_in)[seg.vidx])  # [L, Ns, In]
+            out = to_grid(states.to(dt).reshape(-1, dh)[seg.vidx])  # [L, Ns, Dh]
+            grad_grid = to_grid(g_tok[seg.vidx])  # [L, Ns, Dh]
+            h_init = h0[seg.row] * seg.from_h0.unsqueeze(1).to(dt)  # [Ns, Dh] each segment's initial state
+            hp = torch.cat([h_init.unsqueeze(0), out[:-1]], dim=0)  # [L, Ns, Dh] state each step starts from
             # Recompute every gate at once (two matmuls).
-            gi = F.linear(x, w_ih, b_ih)  # [S, B, 3Dh]
-            gh = F.linear(hp, w_hh, b_hh)  # [S, B, 3Dh]
-            rz = torch.sigmoid(gi[..., : 2 * dh] + gh[..., : 2 * dh])  # [S, B, 2Dh]
+            gi = F.linear(x, w_ih, b_ih)  # [L, Ns, 3Dh]
+            gh = F.linear(hp, w_hh, b_hh)  # [L, Ns, 3Dh]
+            rz = torch.sigmoid(gi[..., : 2 * dh] + gh[..., : 2 * dh])  # [L, Ns, 2Dh]
             r, z = rz[..., :dh], rz[..., dh:]
-            gh_n = gh[..., 2 * dh :]  # [S, B, Dh] W_hn h + b_hn
-            n = torch.tanh(torch.addcmul(gi[..., 2 * dh :], r, gh_n))  # [S, B, Dh]
-            vf = vmask.to(dt)  # padding: h' = h_prev, no gate sees the gradient
+            gh_n = gh[..., 2 * dh :]  # [L, Ns, Dh] W_hn h + b_hn
+            n = torch.tanh(torch.addcmul(gi[..., 2 * dh :], r, gh_n))  # [L, Ns, Dh]
+            vf = vmask.to(dt)  # empty cells (after a segment's end): no gate sees the gradient
             # Pre-activation gradients per unit of dh' (so the loop needs one multiply):
             c_n = (1 - z) * (1 - n * n) * vf  # n
             coef = torch.cat([c_n * gh_n * r * (1 - r), (hp - n) * z * (1 - z) * vf, c_n * r], dim=-1)  # r, z, W_hn h
-            coef = coef.view(s, b, 3, dh)
-            direct = torch.where(vmask, z, 1.0)  # [S, B, Dh] ∂h'/∂h_prev besides the path through W_hh
+            coef = coef.view(length, ns, 3, dh)
+            direct = torch.where(vmask, z, 1.0)  # [L, Ns, Dh] ∂h'/∂h_prev besides the path through W_hh
             del gi, gh, rz, r, z, gh_n, n  # free the recomputed gates before the loop: lower peak memory
 
-            d_gh = grad_states.new_empty(s, b, g)  # [S, B, 3Dh] gradient of W_hh h_prev + b_hh
-            d_tot = grad_states.new_empty(s, b, dh)  # [S, B, Dh] total gradient of each output state
-            grad_sb = grad_states.transpose(0, 1)  # [S, B, Dh]
-            d_tot3, d_gh3 = d_tot.view(s, b, 1, dh), d_gh.view(s, b, 3, dh)
-            resets = bool(reset[:, 1:].any())  # resets after t = 0 (t = 0 is handled after the loop)
-            carry = torch.zeros_like(h0)  # [B, Dh] gradient reaching state t from step t + 1
-            for hi in range(s, 0, -_CHUNK):
-                # Per-step views made once per chunk (unbind is one call), so the loop runs 4-5 ops
-                # per step; chunks keep the number of live view objects bounded for long sequences.
+            d_gh = grad.new_empty(length, ns, g)  # [L, Ns, 3Dh] gradient of W_hh h_prev + b_hh
+            d_tot = grad.new_empty(length, ns, dh)  # [L, Ns, Dh] total gradient of each state
+            d_tot3, d_gh3 = d_tot.view(length, ns, 1, dh), d_gh.view(length, ns, 3, dh)
+            carry = torch.zeros_like(h_init)  # [Ns, Dh] gradient reaching state t from step t + 1
+            for hi in range(length, 0, -_CHUNK):
+                # Per-step views made once per chunk (unbind is one call), so the loop runs 4 ops per
+                # step; chunks keep the number of live view objects bounded for long sequences.
                 c = slice(max(hi - _CHUNK, 0), hi)
-                grad_t, tot_t, tot3_t = grad_sb[c].unbind(0), d_tot[c].unbind(0), d_tot3[c].unbind(0)
+                grad_t, tot_t, tot3_t = grad_grid[c].unbind(0), d_tot[c].unbind(0), d_tot3[c].unbind(0)
                 gh_t, gh3_t, coef_t, direct_t = d_gh[c].unbind(0), d_gh3[c].unbind(0), coef[c].unbind(0), direct[c].unbind(0)
-                keep_t = keep[c].unbind(0)
                 for t in range(len(grad_t) - 1, -1, -1):
-                    torch.add(grad_t[t], carry, out=tot_t[t])  # [B, Dh] dL/dh_t
-                    torch.mul(coef_t[t], tot3_t[t], out=gh3_t[t])  # [B, 3, Dh]
-                    carry = torch.addmm(tot_t[t] * direct_t[t], gh_t[t], w_hh)  # [B, Dh] dL/dh_prev
-                    if resets:
-                        carry.mul_(keep_t[t])
-            carry = carry * keep[0]  # a reset at t = 0: h0 did not reach the first step
-            d_gi = torch.cat([d_gh[..., : 2 * dh], d_tot * c_n], dim=-1)  # [S, B, 3Dh]
-            flat_gi, flat_gh = d_gi.reshape(-1, g), d_gh.reshape(-1, g)  # [S·B, 3Dh]
-            d_inp = (flat_gi @ w_ih).view(s, b, d_in).transpose(0, 1)  # [B, S, In]
+                    torch.add(grad_t[t], carry, out=tot_t[t])  # [Ns, Dh] dL/dh_t
+                    torch.mul(coef_t[t], tot3_t[t], out=gh3_t[t])  # [Ns, 3, Dh]
+                    carry = torch.addmm(tot_t[t] * direct_t[t], gh_t[t], w_hh)  # [Ns, Dh] dL/dh_prev
+            # Segments that continue h0 pass their initial state's gradient on to it.
+            d_h0.index_add_(0, seg.row, carry * seg.from_h0.unsqueeze(1).to(dt))
+            d_gi = torch.cat([d_gh[..., : 2 * dh], d_tot * c_n], dim=-1)  # [L, Ns, 3Dh]
+            flat_gi, flat_gh = d_gi.reshape(-1, g), d_gh.reshape(-1, g)  # [L·Ns, 3Dh]; empty cells are 0
+            d_inp = inp.new_zeros(b * s, d_in, dtype=dt).index_copy_(0, seg.vidx, flat_gi[seg.cell] @ w_ih)
             d_w_ih = flat_gi.t() @ x.reshape(-1, d_in)  # [3Dh, In]
             d_w_hh = flat_gh.t() @ hp.reshape(-1, dh)  # [3Dh, Dh]
-        return d_inp, carry, d_w_ih, flat_gi.sum(0), d_w_hh, flat_gh.sum(0), None, None, None, None
+        return d_inp.view(b, s, d_in), d_h0, d_w_ih, flat_gi.sum(0), d_w_hh, flat_gh.sum(0), None, None, None
 
 
 def gru_scan(gru: nn.GRU, inp: torch.Tensor, valid: torch.Tensor, doc_start: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
@@ -217,6 +272,5 @@ def gru_scan(gru: nn.GRU, inp: torch.Tensor, valid: torch.Tensor, doc_start: tor
     doc_start = doc_start.to(torch.bool)
     if not torch.is_grad_enabled():
         return nn_gru_states(gru, inp, valid, doc_start, h0)
-    reset = segment_resets(valid, doc_start)  # [B, S]
     return _GRUScan.apply(inp, h0, gru.weight_ih_l0, gru.bias_ih_l0, gru.weight_hh_l0, gru.bias_hh_l0,
-                          gru, valid, doc_start, reset)
+                          gru, valid, doc_start)
