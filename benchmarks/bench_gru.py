@@ -11,7 +11,7 @@ Target: time and memory linear in S (log-log slope ≈ 1). Up to S = 8k the nn.G
 reference (`token_recurrence(fused=False)`, what CPU ran before the hand-written backward) is
 timed too.
 
-    python -m benchmarks.bench_gru [--quick] [--no-cap] [--device cuda --dtype bfloat16]
+    python -m benchmarks.bench_gru [--quick] [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -30,24 +30,23 @@ from benchmarks.harness import (
     loglog_slope,
     make_env,
     md_table,
+    paired_ratio,
     rss_mb,
     run_json_subprocess,
-    time_ms,
+    time_interleaved,
     verdict,
 )
 from benchmarks.layers import PAPER, Shape, make_router
 from spectra.routing.base import RoutingInputs
 from spectra.routing.gru import token_recurrence
 
-CPU_CAP = 32768  # on CPU (without --no-cap) S stops here: 128k costs minutes per measurement
 REFERENCE_MAX = 8192
 
 
 def lengths(env: Env) -> list[int]:
     if env.quick:
         return [128, 256, 512]
-    full = [2048, 8192, 32768, 131072]
-    return full if (env.cuda or not env.cap_cpu) else [s for s in full if s <= CPU_CAP]
+    return [2048, 8192, 32768, 131072]  # 128k: ~20 s per forward + backward on one CPU core
 
 
 class _Step:
@@ -126,19 +125,23 @@ def peak_rss_child(s: int, threads: int, dtype: torch.dtype) -> dict:
 
 
 def run(env: Env) -> Section:
+    xs = lengths(env)
+    steps = {s: _Step(s, env) for s in xs}
+    fns: dict[str, object] = {f"scan {s}": steps[s] for s in xs}
+    fns.update({f"nn.GRU {s}": _Step(s, env, fused=False) for s in xs if s <= REFERENCE_MAX})
+    # Every length (and the reference) in alternation, so load from other work hits them alike.
+    timed = time_interleaved(fns, env, rounds=3, warmup=1)
     rows, times, saved = [], [], []
-    for s in lengths(env):
-        step = _Step(s, env)
-        big = s >= 32768
-        t = time_ms(step, env, warmup=1 if big else 2, min_run_time=0.0 if big else None, min_runs=3).ms
+    for s in xs:
+        step = steps[s]
+        t = timed[f"scan {s}"].ms
         ref = ""
         if s <= REFERENCE_MAX:
-            ref_ms = time_ms(_Step(s, env, fused=False), env).ms
-            ref = f"{ref_ms:.1f} ({ref_ms / t:.2f}×)"
+            ref = f"{timed[f'nn.GRU {s}'].ms:.1f} ({paired_ratio(timed[f'nn.GRU {s}'], timed[f'scan {s}']):.2f}×)"
         mb = saved_for_backward_mb(step)
         if env.cuda:
             peak = cuda_peak_mb(step, env.device)
-        elif env.quick and s != lengths(env)[-1]:  # quick: one child process (seconds of start-up each)
+        elif env.quick and s != xs[-1]:  # quick: one child process (seconds of start-up each)
             peak = "—"
         else:
             child = ["--peak-rss-of", str(s), "--threads", str(env.threads), "--dtype", str(env.dtype).replace("torch.", "")]
@@ -146,21 +149,21 @@ def run(env: Env) -> Section:
         times.append(t)
         saved.append(mb)
         rows.append([s, t, f"{1e3 * t / s:.1f}", ref, mb, peak])
-    xs = lengths(env)
     slope_t, slope_m = loglog_slope(xs, times), loglog_slope(xs, saved)
+    tail = (times[-1] / xs[-1]) / (times[-2] / xs[-2])  # per-token time, largest S over the one before
     peak_name = "peak allocated MiB (CUDA)" if env.cuda else "peak RSS growth MiB"
-    capped = "" if (env.quick or env.cuda or not env.cap_cpu) else (
-        f" On CPU, S stops at {CPU_CAP} (`--no-cap` runs 131072: minutes per measurement).")
     body = "\n".join([
         f"GRU routing state ([x; prev] -> token recurrence) forward + backward, one row of S tokens, H={PAPER.H}, Dh={PAPER.Dh} "
-        f"(median ms). 'nn.GRU autograd' is the reference path for S ≤ {REFERENCE_MAX} (its time, and × the "
-        f"default path's).{capped}",
+        f"(median ms; all lengths and the reference measured in alternation, 3 rounds). 'nn.GRU autograd' is "
+        f"the reference path for S ≤ {REFERENCE_MAX} (its time, and × the default path's, paired).",
         "",
         md_table(["S", "ms", "µs / token", "nn.GRU autograd ms", "saved for backward MiB", peak_name], rows),
         "",
-        f"Fitted log-log slopes in S: time **{slope_t:.2f}**, saved memory **{slope_m:.2f}** (1 = linear).",
+        f"Fitted log-log slopes in S: time **{slope_t:.2f}**, saved memory **{slope_m:.2f}** (1 = linear). "
+        f"Time per token at S = {xs[-1]} over S = {xs[-2]}: {tail:.2f} (the cleaner linearity figure on CPU, "
+        "where the smallest S can run with its working set in cache).",
     ])
-    figures = {"slope_time": slope_t, "slope_memory": slope_m}
+    figures = {"slope_time": slope_t, "slope_memory": slope_m, "per_token_tail_ratio": tail}
     verdicts = [] if env.quick else [verdict("GRU time, log-log slope in S", slope_t, 1.1, unit=""),
                                      verdict("GRU saved memory, log-log slope in S", slope_m, 1.1, unit="")]
     return Section("gru", "5. Router GRU vs sequence length", body, figures, verdicts)

@@ -93,12 +93,16 @@ def sync(device: torch.device) -> None:
 
 @dataclass
 class Timing:
-    """Median, interquartile range and fastest run of one measurement, in milliseconds."""
+    """Median, interquartile range and fastest run of one measurement, in milliseconds.
+
+    rounds_ms: for `time_interleaved`, the median of each round, in order (for paired ratios).
+    """
 
     ms: float
     iqr_ms: float
     runs: int
     best_ms: float = float("nan")
+    rounds_ms: list[float] = field(default_factory=list)
 
     def __str__(self) -> str:
         return f"{self.ms:.2f} ms"
@@ -146,13 +150,26 @@ def time_interleaved(fns: dict[str, Callable[[], object]], env: Env, rounds: int
         timers[name] = _timer(fn)
     sync(env.device)
     times: dict[str, list[float]] = {name: [] for name in fns}
+    per_round: dict[str, list[float]] = {name: [] for name in fns}
     runs = dict.fromkeys(fns, 0)
     for _ in range(rounds):
         for name, timer in timers.items():
             t, n = _block(timer, env.min_run_time / rounds, 1)
             times[name] += t
+            per_round[name].append(statistics.median(t) * 1e3)
             runs[name] += n
-    return {name: _summary(times[name], runs[name]) for name in fns}
+    out = {name: _summary(times[name], runs[name]) for name in fns}
+    for name in fns:
+        out[name].rounds_ms = per_round[name]
+    return out
+
+
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """Median over rounds of a's time / b's time in the same round (from `time_interleaved`).
+
+    Robust to load bursts on a shared machine: a burst inflates one round's pair, not the median.
+    """
+    return statistics.median(x / y for x, y in zip(a.rounds_ms, b.rounds_ms))
 
 
 def cuda_peak_mb(fn: Callable[[], object], device: torch.device) -> float:

@@ -41,11 +41,12 @@ def _masks(b: int, s: int, layout: str, gen: torch.Generator):
     return valid, doc_start
 
 
-@pytest.mark.parametrize("layout", ["dense", "resets", "padded", "both", "both, short chunks", "empty"])
+@pytest.mark.parametrize("layout", ["dense", "resets", "padded", "both", "both, chunks of 4", "both, chunks of 24",
+                                    "dense, chunks of 24", "empty"])
 def test_gru_scan_equals_autograd_through_nn_gru(layout, monkeypatch):
-    if layout.endswith("short chunks"):  # the backward loop's views are made per chunk of time steps
-        monkeypatch.setattr(gru_module, "_CHUNK", 4)
-        layout = layout.split(",")[0]
+    if ", chunks of " in layout:  # the backward runs per chunk of time steps (cells // segments steps each)
+        layout, cells = layout.split(", chunks of ")
+        monkeypatch.setattr(gru_module, "_CHUNK_CELLS", int(cells))
     gen = torch.Generator().manual_seed(len(layout))
     b, s, d_in, dh = 4, 23, 5, 6
     torch.manual_seed(0)

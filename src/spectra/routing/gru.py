@@ -19,10 +19,12 @@ Two implementations, one contract (`token_recurrence(..., fused=...)`):
   hand-written backward. Why: on CPU, nn.GRU's autograd records ~30 nodes per time step, so at the
   router's sizes (a few rows, Dh = 128) backward costs per-node overhead × S, not arithmetic.
   The hand-written backward works on the segments laid out as a time-major grid [L, Ns] (L = the
-  longest segment, so packed rows cost L steps, not S), recomputes every gate from the saved
-  states with two matmuls, computes the coefficients that multiply the incoming gradient for all
-  steps at once, and leaves 4 ops per step in the reverse loop; the weight gradients are one
-  matmul each after it. It keeps only the inputs and the output states: memory linear in S.
+  longest segment, so packed rows cost L steps, not S), in chunks of time steps taken latest first
+  (`_CHUNK_CELLS` cells each, so the working set stays in cache and the time per token does not
+  grow with S): per chunk it recomputes every gate from the saved states with two matmuls,
+  computes the coefficients that multiply the incoming gradient for all steps at once, and leaves
+  4 ops per step in the reverse loop; the chunk's weight gradients are one matmul each after it.
+  It keeps only the inputs and the output states: memory linear in S.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 __all__ = ["Segments", "gru_scan", "nn_gru_states", "segments", "token_recurrence"]
 
-_CHUNK = 1024  # time steps whose per-step views the backward loop creates at once
+_CHUNK_CELLS = 1024  # grid cells (time steps × segments) whose gates the backward recomputes at once
 
 
 def token_recurrence(
@@ -194,7 +196,6 @@ class _GRUScan(torch.autograd.Function):
         inp, h0, w_ih, b_ih, w_hh, b_hh, states, valid, doc_start = ctx.saved_tensors
         b, s, d_in = inp.shape
         dh = h0.shape[-1]
-        g = 3 * dh
         dt = grad_states.dtype  # computed in the gradient's dtype (autocast is off in backward)
         w_ih, b_ih, w_hh, b_hh, h0 = (t.to(dt) for t in (w_ih, b_ih, w_hh, b_hh, h0))
         seg = segments(valid, doc_start)
@@ -207,59 +208,86 @@ class _GRUScan(torch.autograd.Function):
             g_tok = torch.zeros_like(grad).index_add_(0, seg.shows[shown], grad[shown])  # [B*S, Dh]
             pos_row = torch.arange(b * s, device=grad.device) // s  # [B*S]
             d_h0 = torch.zeros_like(h0).index_add_(0, pos_row[seg.before_first], grad[seg.before_first])  # [B, Dh]
+            d_inp = inp.new_zeros(b * s, d_in, dtype=dt)  # [B*S, In]
+            d_w_ih, d_w_hh = torch.zeros_like(w_ih), torch.zeros_like(w_hh)  # [3Dh, In], [3Dh, Dh]
+            d_b_ih, d_b_hh = torch.zeros_like(b_ih), torch.zeros_like(b_hh)  # [3Dh]
             if length == 0:  # no real token at all
-                zero = torch.zeros_like
-                return zero(inp), d_h0, zero(w_ih), zero(b_ih), zero(w_hh), zero(b_hh), None, None, None
+                return d_inp.view(b, s, d_in), d_h0, d_w_ih, d_b_ih, d_w_hh, d_b_hh, None, None, None
 
-            def to_grid(rows_of_tokens: torch.Tensor) -> torch.Tensor:
-                """[Nv, F] per real token -> [L, Ns, F] on the segment grid (zeros in empty cells)."""
-                out = rows_of_tokens.new_zeros(length * ns, rows_of_tokens.shape[-1])
-                return out.index_copy_(0, seg.cell, rows_of_tokens).view(length, ns, -1)
-
-            cells = torch.zeros(length * ns, dtype=torch.bool, device=grad.device)
-            vmask = cells.index_fill_(0, seg.cell, True).view(length, ns, 1)  # [L, Ns, 1] cells holding a token
-            x = to_grid(inp.to(dt).reshape(-1, d_in)[seg.vidx])  # [L, Ns, In]
-            out = to_grid(states.to(dt).reshape(-1, dh)[seg.vidx])  # [L, Ns, Dh]
-            grad_grid = to_grid(g_tok[seg.vidx])  # [L, Ns, Dh]
+            # The grid as an index: the flat position of the token in each cell, -1 where empty.
+            cell_pos = torch.full((length * ns,), -1, dtype=torch.long, device=grad.device)
+            cell_pos.index_copy_(0, seg.cell, seg.vidx)  # [L*Ns]
+            inp_flat, states_flat = inp.reshape(b * s, d_in), states.reshape(b * s, dh)
             h_init = h0[seg.row] * seg.from_h0.unsqueeze(1).to(dt)  # [Ns, Dh] each segment's initial state
-            hp = torch.cat([h_init.unsqueeze(0), out[:-1]], dim=0)  # [L, Ns, Dh] state each step starts from
-            # Recompute every gate at once (two matmuls).
-            gi = F.linear(x, w_ih, b_ih)  # [L, Ns, 3Dh]
-            gh = F.linear(hp, w_hh, b_hh)  # [L, Ns, 3Dh]
-            rz = torch.sigmoid(gi[..., : 2 * dh] + gh[..., : 2 * dh])  # [L, Ns, 2Dh]
-            r, z = rz[..., :dh], rz[..., dh:]
-            gh_n = gh[..., 2 * dh :]  # [L, Ns, Dh] W_hn h + b_hn
-            n = torch.tanh(torch.addcmul(gi[..., 2 * dh :], r, gh_n))  # [L, Ns, Dh]
-            vf = vmask.to(dt)  # empty cells (after a segment's end): no gate sees the gradient
-            # Pre-activation gradients per unit of dh' (so the loop needs one multiply):
-            c_n = (1 - z) * (1 - n * n) * vf  # n
-            coef = torch.cat([c_n * gh_n * r * (1 - r), (hp - n) * z * (1 - z) * vf, c_n * r], dim=-1)  # r, z, W_hn h
-            coef = coef.view(length, ns, 3, dh)
-            direct = torch.where(vmask, z, 1.0)  # [L, Ns, Dh] ∂h'/∂h_prev besides the path through W_hh
-            del gi, gh, rz, r, z, gh_n, n  # free the recomputed gates before the loop: lower peak memory
-
-            d_gh = grad.new_empty(length, ns, g)  # [L, Ns, 3Dh] gradient of W_hh h_prev + b_hh
-            d_tot = grad.new_empty(length, ns, dh)  # [L, Ns, Dh] total gradient of each state
-            d_tot3, d_gh3 = d_tot.view(length, ns, 1, dh), d_gh.view(length, ns, 3, dh)
-            carry = torch.zeros_like(h_init)  # [Ns, Dh] gradient reaching state t from step t + 1
-            for hi in range(length, 0, -_CHUNK):
-                # Per-step views made once per chunk (unbind is one call), so the loop runs 4 ops per
-                # step; chunks keep the number of live view objects bounded for long sequences.
-                c = slice(max(hi - _CHUNK, 0), hi)
-                grad_t, tot_t, tot3_t = grad_grid[c].unbind(0), d_tot[c].unbind(0), d_tot3[c].unbind(0)
-                gh_t, gh3_t, coef_t, direct_t = d_gh[c].unbind(0), d_gh3[c].unbind(0), coef[c].unbind(0), direct[c].unbind(0)
-                for t in range(len(grad_t) - 1, -1, -1):
-                    torch.add(grad_t[t], carry, out=tot_t[t])  # [Ns, Dh] dL/dh_t
-                    torch.mul(coef_t[t], tot3_t[t], out=gh3_t[t])  # [Ns, 3, Dh]
-                    carry = torch.addmm(tot_t[t] * direct_t[t], gh_t[t], w_hh)  # [Ns, Dh] dL/dh_prev
+            carry = torch.zeros_like(h_init)  # [Ns, Dh] gradient reaching the chunk's last state from later
+            steps = max(1, _CHUNK_CELLS // ns)  # time steps per chunk
+            for hi in range(length, 0, -steps):
+                lo = max(hi - steps, 0)
+                carry = _backward_chunk(lo, hi, ns, cell_pos, inp_flat, states_flat, g_tok, h_init, carry,
+                                        (w_ih, b_ih, w_hh, b_hh), (d_inp, d_w_ih, d_b_ih, d_w_hh, d_b_hh))
             # Segments that continue h0 pass their initial state's gradient on to it.
             d_h0.index_add_(0, seg.row, carry * seg.from_h0.unsqueeze(1).to(dt))
-            d_gi = torch.cat([d_gh[..., : 2 * dh], d_tot * c_n], dim=-1)  # [L, Ns, 3Dh]
-            flat_gi, flat_gh = d_gi.reshape(-1, g), d_gh.reshape(-1, g)  # [L·Ns, 3Dh]; empty cells are 0
-            d_inp = inp.new_zeros(b * s, d_in, dtype=dt).index_copy_(0, seg.vidx, flat_gi[seg.cell] @ w_ih)
-            d_w_ih = flat_gi.t() @ x.reshape(-1, d_in)  # [3Dh, In]
-            d_w_hh = flat_gh.t() @ hp.reshape(-1, dh)  # [3Dh, Dh]
-        return d_inp.view(b, s, d_in), d_h0, d_w_ih, flat_gi.sum(0), d_w_hh, flat_gh.sum(0), None, None, None
+        return d_inp.view(b, s, d_in), d_h0, d_w_ih, d_b_ih, d_w_hh, d_b_hh, None, None, None
+
+
+def _backward_chunk(lo, hi, ns, cell_pos, inp_flat, states_flat, g_tok, h_init, carry, weights, grads):
+    """Backward through grid rows lo..hi-1 (time steps of every segment), latest first.
+
+    cell_pos [L*Ns]: flat token position per grid cell (-1 empty); inp_flat [B*S, In],
+    states_flat [B*S, Dh]: the forward's inputs and states; g_tok [B*S, Dh]: dL/d(state) per real
+    token; h_init [Ns, Dh]; carry [Ns, Dh]: dL/dh at step hi - 1 from the steps after it.
+    weights: (w_ih, b_ih, w_hh, b_hh); grads: (d_inp [B*S, In], d_w_ih, d_b_ih, d_w_hh, d_b_hh),
+    accumulated in place. Returns dL/dh_prev of step lo [Ns, Dh] (the new carry).
+    Only the chunk's gates are recomputed, so its working set stays in cache and the cost per
+    token does not grow with S.
+    """
+    w_ih, b_ih, w_hh, b_hh = weights
+    d_inp, d_w_ih, d_b_ih, d_w_hh, d_b_hh = grads
+    t_len, dh = hi - lo, h_init.shape[-1]
+    dt = h_init.dtype
+    pos = cell_pos[lo * ns : hi * ns]  # [T*Ns]
+    filled = pos >= 0  # [T*Ns] cells holding a token
+    src = pos.clamp_min(0)  # empty cells read token 0: finite values whose coefficients are masked to 0
+    x = inp_flat.index_select(0, src).to(dt).view(t_len, ns, -1)  # [T, Ns, In]
+    grad_grid = g_tok.index_select(0, src).masked_fill_(~filled.unsqueeze(1), 0.0).view(t_len, ns, dh)
+    prev_pos = cell_pos[max(lo - 1, 0) * ns : (hi - 1) * ns].clamp_min(0)  # cells of steps lo-1..hi-2
+    hp = states_flat.index_select(0, prev_pos).to(dt).view(-1, ns, dh)
+    if lo == 0:
+        hp = torch.cat([h_init.unsqueeze(0), hp], dim=0)  # [T, Ns, Dh] state each step starts from
+    vmask = filled.view(t_len, ns, 1)
+    # Recompute the chunk's gates at once (two matmuls).
+    gi = F.linear(x, w_ih, b_ih)  # [T, Ns, 3Dh]
+    gh = F.linear(hp, w_hh, b_hh)  # [T, Ns, 3Dh]
+    rz = torch.sigmoid(gi[..., : 2 * dh] + gh[..., : 2 * dh])  # [T, Ns, 2Dh]
+    r, z = rz[..., :dh], rz[..., dh:]
+    gh_n = gh[..., 2 * dh :]  # [T, Ns, Dh] W_hn h + b_hn
+    n = torch.tanh(torch.addcmul(gi[..., 2 * dh :], r, gh_n))  # [T, Ns, Dh]
+    vf = vmask.to(dt)  # empty cells (after a segment's end): no gate sees the gradient
+    # Pre-activation gradients per unit of dh' (so the loop needs one multiply):
+    c_n = (1 - z) * (1 - n * n) * vf  # n
+    coef = torch.cat([c_n * gh_n * r * (1 - r), (hp - n) * z * (1 - z) * vf, c_n * r], dim=-1)  # r, z, W_hn h
+    coef = coef.view(t_len, ns, 3, dh)
+    direct = torch.where(vmask, z, 1.0)  # [T, Ns, Dh] ∂h'/∂h_prev besides the path through W_hh
+    del gi, gh, rz, r, z, gh_n, n
+
+    d_gh = x.new_empty(t_len, ns, 3 * dh)  # [T, Ns, 3Dh] gradient of W_hh h_prev + b_hh
+    d_tot = x.new_empty(t_len, ns, dh)  # [T, Ns, Dh] total gradient of each state
+    # Per-step views made once (unbind is one call), so the loop runs 4 ops per step.
+    grad_t, tot_t, tot3_t = grad_grid.unbind(0), d_tot.unbind(0), d_tot.view(t_len, ns, 1, dh).unbind(0)
+    gh_t, gh3_t = d_gh.unbind(0), d_gh.view(t_len, ns, 3, dh).unbind(0)
+    coef_t, direct_t = coef.unbind(0), direct.unbind(0)
+    for t in range(t_len - 1, -1, -1):
+        torch.add(grad_t[t], carry, out=tot_t[t])  # [Ns, Dh] dL/dh_t
+        torch.mul(coef_t[t], tot3_t[t], out=gh3_t[t])  # [Ns, 3, Dh]
+        carry = torch.addmm(tot_t[t] * direct_t[t], gh_t[t], w_hh)  # [Ns, Dh] dL/dh_prev
+    d_gi = torch.cat([d_gh[..., : 2 * dh], d_tot * c_n], dim=-1)  # [T, Ns, 3Dh]
+    flat_gi, flat_gh = d_gi.view(-1, 3 * dh), d_gh.view(-1, 3 * dh)  # [T*Ns, 3Dh]; empty cells are 0
+    d_inp.index_copy_(0, pos[filled], flat_gi[filled] @ w_ih)
+    d_w_ih.addmm_(flat_gi.t(), x.view(-1, x.shape[-1]))  # [3Dh, In]
+    d_w_hh.addmm_(flat_gh.t(), hp.reshape(-1, dh))  # [3Dh, Dh]
+    d_b_ih.add_(flat_gi.sum(0))
+    d_b_hh.add_(flat_gh.sum(0))
+    return carry
 
 
 def gru_scan(gru: nn.GRU, inp: torch.Tensor, valid: torch.Tensor, doc_start: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
