@@ -19,12 +19,11 @@ the layer itself produces at that point, then compared with the whole layer's st
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
 
-from benchmarks.harness import Env, Section, add_common_args, make_env, md_table, time_interleaved
+from benchmarks.harness import Env, Section, md_table, section_main, time_interleaved
 from benchmarks.layers import DEMO, PAPER, PAPER_CPU, QUICK, Shape, hidden, layer_step, make_block
 from spectra.routing.base import RoutingInputs, dispatch_counts_of
 from spectra.routing.orthogonality import gram_matrix, ortho_loss
@@ -169,8 +168,7 @@ def run(env: Env) -> Section:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    print(run(make_env(parser.parse_args(argv))).markdown())
+    section_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Target: MoE block / dense ≤ 1.3.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
@@ -25,10 +24,9 @@ from benchmarks.harness import (
     Env,
     Section,
     Timing,
-    add_common_args,
-    make_env,
     md_table,
     paired_ratio,
+    section_main,
     time_interleaved,
     time_ms,
     verdict,
@@ -138,8 +136,7 @@ def run(env: Env) -> Section:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    print(run(make_env(parser.parse_args(argv))).markdown())
+    section_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,13 @@ top-k (no aux loss) is listed too. Target: SPECTRA / Switch ≤ 1.10 at the pape
 
 from __future__ import annotations
 
-import argparse
-
 from benchmarks.harness import (
     Env,
     Section,
     Timing,
-    add_common_args,
-    make_env,
     md_table,
     paired_ratio,
+    section_main,
     time_interleaved,
     verdict,
 )
@@ -93,8 +90,7 @@ def run(env: Env) -> Section:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    print(run(make_env(parser.parse_args(argv))).markdown())
+    section_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,20 @@ time grows linearly in N (log-log slope ≈ 1).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Env, Section, add_common_args, loglog_slope, make_env, md_table, time_ms, verdict
+from benchmarks.harness import (
+    Env,
+    Section,
+    loglog_slope,
+    md_table,
+    section_main,
+    time_ms,
+    verdict,
+)
 from benchmarks.layers import PAPER, QUICK, hidden, layer_step, make_block
 from spectra.routing.orthogonality import gram_matrix
 from spectra.routing.osr import osr_cost
@@ -128,8 +135,7 @@ def run(env: Env) -> Section:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    print(run(make_env(parser.parse_args(argv))).markdown())
+    section_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

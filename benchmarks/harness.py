@@ -72,6 +72,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def section_main(run: Callable[[Env], Section], doc: str, argv: list[str] | None = None) -> None:
+    """Command line of a benchmark script that is one section: common options -> run -> markdown."""
+    parser = add_common_args(argparse.ArgumentParser(description=doc.splitlines()[0]))
+    print(run(make_env(parser.parse_args(argv))).markdown())
+
+
 def make_env(args: argparse.Namespace) -> Env:
     """Apply the common options (threads, seed) and return the Env."""
     if args.threads:
