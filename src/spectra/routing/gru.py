@@ -82,25 +82,12 @@ def nn_gru_states(
         return out
 
     dev = inp.device
-    vidx = valid.reshape(-1).nonzero().squeeze(1)  # [Nv] real tokens, row-major order
-    nv = vidx.numel()
+    seg = segments(valid, doc_start)
+    nv, ns = seg.vidx.numel(), seg.num
     if nv == 0:
         return h0.unsqueeze(1).expand(b, s, dh).clone()
-    rows = vidx // s  # [Nv]
-    starts_so_far = doc_start.to(torch.long).cumsum(dim=1).reshape(-1)[vidx]  # [Nv] doc starts at ≤ t
-    first_in_row = torch.ones(nv, dtype=torch.bool, device=dev)  # [Nv]
-    first_in_row[1:] = rows[1:] != rows[:-1]
-    prev = torch.zeros_like(starts_so_far)  # [Nv] doc starts up to the previous real token
-    prev[1:] = starts_so_far[:-1]
-    prev = prev.masked_fill(first_in_row, 0)
-    reset = starts_so_far > prev  # [Nv] a document began since the previous real token
-    seg_start = first_in_row | reset  # [Nv]
-    seg_id = seg_start.to(torch.long).cumsum(0) - 1  # [Nv] segment of each real token
-    seg_first = seg_start.nonzero().squeeze(1)  # [Ns] first token of each segment
-    ns = seg_first.numel()
-    lengths = torch.bincount(seg_id, minlength=ns)  # [Ns]
-    carry = first_in_row[seg_first] & ~reset[seg_first]  # [Ns] continues the row's h0
-    seg_h0 = h0[rows[seg_first]] * carry.unsqueeze(1).to(h0.dtype)  # [Ns, Dh]
+    lengths = torch.bincount(seg.seg_id, minlength=ns)  # [Ns]
+    seg_h0 = h0[seg.row] * seg.from_h0.unsqueeze(1).to(h0.dtype)  # [Ns, Dh]
 
     # Hand-built PackedSequence: segments sorted by length (desc); at time step j the packed data
     # holds the j-th token of the batch_sizes[j] longest segments, in sorted order.
@@ -112,20 +99,17 @@ def nn_gru_states(
     n_len = torch.bincount(lengths_cpu, minlength=l_max + 1)  # [Lmax+1] segments per length
     batch_sizes = ns - torch.cumsum(n_len, 0)[:l_max]  # [Lmax] segments longer than j
     time_off = (torch.cumsum(batch_sizes, 0) - batch_sizes).to(dev)  # [Lmax] packed offset of step j
-    pos = torch.arange(nv, device=dev) - seg_first[seg_id]  # [Nv] position inside the segment
-    packed_pos = time_off[pos] + rank[seg_id]  # [Nv] where each real token sits in packed data
+    packed_pos = time_off[seg.pos] + rank[seg.seg_id]  # [Nv] where each real token sits in packed data
     inv = torch.empty_like(packed_pos)
     inv[packed_pos] = torch.arange(nv, device=dev)  # packed slot -> real token
-    data = inp.reshape(-1, d_in)[vidx][inv]  # [Nv, In] packed order
+    data = inp.reshape(-1, d_in)[seg.vidx][inv]  # [Nv, In] packed order
     packed = PackedSequence(data, batch_sizes, order, rank)
     out, _ = gru(packed, seg_h0.unsqueeze(0).contiguous())
     h_valid = out.data[packed_pos]  # [Nv, Dh] back in row-major order
 
-    full = h_valid.new_zeros(b * s, dh).index_put((vidx,), h_valid)  # [B*S, Dh]
-    last = torch.where(valid, torch.arange(s, device=dev), -1).cummax(dim=1).values  # [B, S]
-    src = (torch.arange(b, device=dev).unsqueeze(1) * s + last.clamp_min(0)).reshape(-1)  # [B*S]
-    states = full[src].reshape(b, s, dh)  # [B, S, Dh] padding takes the last real token's state
-    return torch.where((last < 0).unsqueeze(-1), h0.unsqueeze(1).to(states.dtype), states)
+    full = h_valid.new_zeros(b * s, dh).index_put((seg.vidx,), h_valid)  # [B*S, Dh]
+    states = full[seg.shows].reshape(b, s, dh)  # [B, S, Dh] padding takes the last real token's state
+    return torch.where(seg.before_first.view(b, s, 1), h0.unsqueeze(1).to(states.dtype), states)
 
 
 @dataclass
@@ -137,13 +121,23 @@ class Segments:
     """
 
     vidx: torch.Tensor  # [Nv] flat (row-major) index of each real token
-    cell: torch.Tensor  # [Nv] its cell in the flattened grid, t * Ns + j
+    seg_id: torch.Tensor  # [Nv] its segment j
+    pos: torch.Tensor  # [Nv] its place t in the segment
     num: int  # Ns, segments
-    length: int  # L, tokens of the longest segment
     row: torch.Tensor  # [Ns] the row of each segment
     from_h0: torch.Tensor  # [Ns] bool: the segment continues the row's h0 (else it starts from 0)
     shows: torch.Tensor  # [B*S] flat index of the real token whose state each position shows
     before_first: torch.Tensor  # [B*S] bool: no real token yet in the row (the position shows h0)
+
+    @property
+    def cell(self) -> torch.Tensor:
+        """[Nv] each real token's cell in the flattened grid, t * Ns + j."""
+        return self.pos * self.num + self.seg_id
+
+    @property
+    def length(self) -> int:
+        """L, tokens of the longest segment (a host sync on GPU)."""
+        return int(self.pos.max()) + 1 if self.pos.numel() else 0
 
 
 def segments(valid: torch.Tensor, doc_start: torch.Tensor) -> Segments:
@@ -164,10 +158,9 @@ def segments(valid: torch.Tensor, doc_start: torch.Tensor) -> Segments:
     seg_first = seg_start.nonzero().squeeze(1)  # [Ns]
     ns = seg_first.numel()
     pos = torch.arange(nv, device=dev) - seg_first[seg_id]  # [Nv] place in the segment
-    length = int(pos.max()) + 1 if nv else 0  # host sync (free on CPU): the grid's size
     last = torch.where(valid, torch.arange(s, device=dev), -1).cummax(dim=1).values  # [B, S] last real token ≤ t
     shows = (torch.arange(b, device=dev).unsqueeze(1) * s + last.clamp_min(0)).reshape(-1)  # [B*S]
-    return Segments(vidx=vidx, cell=pos * ns + seg_id, num=ns, length=length, row=rows[seg_first],
+    return Segments(vidx=vidx, seg_id=seg_id, pos=pos, num=ns, row=rows[seg_first],
                     from_h0=first_in_row[seg_first] & ~reset[seg_first], shows=shows,
                     before_first=(last < 0).reshape(-1))
 

@@ -22,7 +22,7 @@ Recurrence (router.recurrence):
 Implementation of the token recurrence (routing/gru.py): one `nn.GRU` call (cuDNN on GPU).
 Without padding or mid-row document starts the [B, S] batch goes in directly. Otherwise every
 (row, document) segment of real tokens becomes its own sequence of a hand-built
-`PackedSequence` (memory O(N)), so resets and padding cost one index permutation and two host
+`PackedSequence` (memory O(N)), so resets and padding cost one index permutation and a few host
 syncs rather than a Python loop over tokens. On CPU the same forward gets a hand-written
 backward (nn.GRU's CPU autograd is per-step overhead at the router's sizes).
 
