@@ -68,34 +68,36 @@ class QuotaResult(NamedTuple):
     swaps: int
 
 
-def _proposal_round(s, held, need, load, capacity: int, tokens, neg_inf):
-    """One round of phase 1 over all N tokens (masks, no host sync); updates held/need/load in place.
+def _proposal_round(s, held, need, load, capacity: int, tok, neg_inf):
+    """One round of phase 1 over the tokens `tok`; updates held/need/load in place, no host sync.
 
-    The same round as the compact loop in `quota_topk` (tokens that do not propose queue in a
-    dummy group E that accepts nobody), so both give the same assignment.
+    Each token of `tok` that still needs an expert proposes to its best-scoring expert with room;
+    each expert accepts its proposers by (score desc, token asc) up to its room. Tokens that do
+    not propose queue in a dummy group E that accepts nobody, so `tok` may hold every token.
 
-    s [N, E] scores; held [N, E] bool; need [N] long; load [E] long; tokens = arange(N).
+    s [N, E] scores; held [N, E] bool; need [N] long; load [E] long; tok [P] ascending token ids.
     Returns a 0-dim bool tensor: did any token propose?
     """
     e = s.shape[1]
     room = capacity - load  # [E]
-    avail = ~held & (room > 0).unsqueeze(0)  # [N, E]
-    proposing = (need > 0) & avail.any(dim=1)  # [N]
-    choice = torch.where(avail, s, neg_inf).argmax(dim=1)  # [N] best expert with room
-    sc = s.gather(1, choice.unsqueeze(1)).squeeze(1)  # [N]
-    group = torch.where(proposing, choice, e)  # [N] non-proposers queue in a dummy group E
+    avail = ~held[tok] & (room > 0).unsqueeze(0)  # [P, E]
+    proposing = (need[tok] > 0) & avail.any(dim=1)  # [P]
+    s_tok = s[tok]  # [P, E]
+    choice = torch.where(avail, s_tok, neg_inf).argmax(dim=1)  # [P] best expert with room
+    sc = s_tok.gather(1, choice.unsqueeze(1)).squeeze(1)  # [P]
+    group = torch.where(proposing, choice, e)  # [P] non-proposers queue in a dummy group E
     # Order proposals by (expert asc, score desc, token asc): two stable sorts.
-    order = torch.argsort(-sc, stable=True)  # [N]
-    order = order[torch.argsort(group[order], stable=True)]  # [N]
-    grp_sorted = group[order]  # [N]
+    order = torch.argsort(-sc, stable=True)  # [P]
+    order = order[torch.argsort(group[order], stable=True)]  # [P]
+    grp_sorted = group[order]  # [P]
     counts = torch.bincount(grp_sorted, minlength=e + 1)  # [E + 1]
     first = torch.cumsum(counts, 0) - counts  # [E + 1] start of each expert's group
     room_ext = torch.cat([room, room.new_zeros(1)])  # [E + 1] the dummy group accepts nobody
-    ok = (tokens - first[grp_sorted]) < room_ext[grp_sorted]  # [N] accepted, in sorted order
-    acc = torch.empty_like(ok)
-    acc[order] = ok  # [N] accepted, by token
-    held[tokens, choice] |= acc
-    need -= acc.to(need.dtype)
+    place = torch.arange(tok.numel(), device=tok.device) - first[grp_sorted]  # [P] place in the queue
+    acc = torch.empty_like(proposing)
+    acc[order] = place < room_ext[grp_sorted]  # [P] accepted, by token
+    held[tok, choice] |= acc
+    need.index_add_(0, tok, -acc.to(need.dtype))
     load.scatter_add_(0, choice, acc.to(load.dtype))
     return proposing.any()
 
@@ -133,35 +135,20 @@ def quota_topk(
     neg_inf = torch.tensor(float("-inf"), device=device)
     tokens = torch.arange(n, device=device)  # [N]
 
-    # Phase 1: proposal rounds. The first k over all tokens with masks (no host sync: nearly every
-    # token proposes in them anyway, and a round in which nobody proposes changes nothing) ...
+    # Phase 1: proposal rounds. The first k over all tokens (no host sync: nearly every token
+    # proposes in them anyway, and a round in which nobody proposes changes nothing) ...
     rounds_t = torch.zeros((), dtype=torch.long, device=device)  # rounds in which someone proposed
     for _ in range(k):
         rounds_t += _proposal_round(s, held, need, load, capacity, tokens, neg_inf)
     # ... then over the tokens still proposing only: one host sync per round (`nonzero`).
     rounds = 0
     while True:
-        room = capacity - load  # [E]
-        avail = ~held & (room > 0).unsqueeze(0)  # [N, E]
-        proposing = (need > 0) & avail.any(dim=1)  # [N]
-        tok = proposing.nonzero().squeeze(1)  # [P], ascending token index
+        avail = ~held & (capacity - load > 0).unsqueeze(0)  # [N, E]
+        tok = ((need > 0) & avail.any(dim=1)).nonzero().squeeze(1)  # [P] ascending
         if tok.numel() == 0:
             break
         rounds += 1
-        choice = torch.where(avail[tok], s[tok], neg_inf).argmax(dim=1)  # [P] best expert with room
-        sc = s[tok, choice]  # [P]
-        # Order proposals by (expert asc, score desc, token asc): two stable sorts.
-        order = torch.argsort(-sc, stable=True)  # [P]
-        order = order[torch.argsort(choice[order], stable=True)]  # [P]
-        exp_sorted = choice[order]  # [P]
-        counts = torch.bincount(exp_sorted, minlength=e)  # [E]
-        first = torch.cumsum(counts, 0) - counts  # [E] start of each expert's group
-        rank = torch.arange(tok.numel(), device=device) - first[exp_sorted]  # [P] place in queue
-        ok = rank < room[exp_sorted]  # [P] accepted
-        acc_tok, acc_exp = tok[order][ok], exp_sorted[ok]
-        held[acc_tok, acc_exp] = True
-        need[acc_tok] -= 1
-        load += torch.bincount(acc_exp, minlength=e)
+        _proposal_round(s, held, need, load, capacity, tok, neg_inf)
         if rounds > n_valid * k + e + 1:  # unreachable (bound is E + k); guards against a bug
             raise RuntimeError("quota_topk: proposal rounds did not terminate")
     masked_rounds, stranded = torch.stack([rounds_t, (need > 0).any().long()]).tolist()
