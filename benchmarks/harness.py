@@ -8,7 +8,6 @@ lazy initialisation, autotuning) stay out of the figures.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -17,6 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.utils import benchmark
 
@@ -215,11 +215,7 @@ def run_json_subprocess(module: str, args: list[str], timeout: int = 600) -> dic
 
 def loglog_slope(xs: list[float], ys: list[float]) -> float:
     """Least-squares slope of log y against log x: 1 = linear growth, 2 = quadratic."""
-    lx = [math.log(x) for x in xs]
-    ly = [math.log(max(y, 1e-12)) for y in ys]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    den = sum((a - mx) ** 2 for a in lx)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / den if den > 0 else float("nan")
+    return float(np.polyfit(np.log(xs), np.log(np.maximum(ys, 1e-12)), 1)[0])
 
 
 def md_table(headers: list[str], rows: list[list[object]]) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from benchmarks import bench_breakdown, bench_experts, bench_gru, bench_layer, bench_routing_scale, bench_sweep
 from benchmarks.harness import Env, Section, add_common_args, machine_description, make_env
+from spectra.train.rundir import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {  # key -> (module, title used when it fails)
@@ -102,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     sections, seconds, ok = run_sections(env, only)
     text = render(env, sections, seconds, " ".join(["python -m benchmarks.run_all", *map(shlex.quote, argv)]),
                   args.note, load)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_atomic(out, lambda f: f.write(text))  # an interrupted write never leaves half a results file
     print(text)
     print(f"[bench] wrote {out}", file=sys.stderr)
     return 0 if ok else 1
