@@ -14,6 +14,7 @@ forward used, whereas a "last written" slot would hold the final layer's state b
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -106,17 +107,35 @@ class RoutingContext:
         return total
 
 
+# The KV cache's keyword: transformers <= 5.23 passes `past_key_values`, 5.24 and later pass
+# `cache` (`past_key_values` is still accepted there, with a deprecation warning). Read both.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def _model_input(signature: inspect.Signature, args: tuple, kwargs: dict, name: str):
+    """The value of forward argument `name`, passed by keyword or by position (None if absent)."""
+    if name in kwargs:
+        return kwargs[name]
+    params = list(signature.parameters)
+    if name in params and params.index(name) < len(args):
+        return args[params.index(name)]
+    return None
+
+
 def install_context_hook(model: torch.nn.Module, ctx: RoutingContext):
     """Register the forward pre-hook that feeds `ctx` from the causal LM's inputs."""
+    signature = inspect.signature(model.forward)
 
     def hook(module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        def get(name):
+            return _model_input(signature, args, kwargs, name)
+
+        cache = next((c for c in map(get, CACHE_KWARGS) if c is not None), None)
         past = 0
         if cache is not None and hasattr(cache, "get_seq_length"):
             past = int(cache.get_seq_length())
             _follow_beam_reorder(cache, ctx)
-        ctx.begin_forward(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), past)
+        ctx.begin_forward(get("input_ids"), get("attention_mask"), get("position_ids"), past)
         return None
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)
