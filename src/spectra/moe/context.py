@@ -79,6 +79,7 @@ class RoutingContext:
             prev_state=prev,
             cached_state=cached,
             step=self.step,
+            past_length=self.past_length,
         )
 
     def record(self, layer_idx: int, out: RoutingOutput, training: bool) -> None:

@@ -36,6 +36,8 @@ class RoutingInputs:
     cached_state:  [B, Dh] this layer's recurrent state after the previous decoding call, or None
                    when the call starts a new sequence.
     step:          optimizer steps taken so far (schedules such as the SRIP warm-up read it).
+    past_length:   tokens already in the KV cache when this forward started (> 0 while decoding
+                   incrementally with a cache; 0 for a full forward).
     """
 
     hidden: torch.Tensor
@@ -45,6 +47,7 @@ class RoutingInputs:
     prev_state: torch.Tensor | None = None
     cached_state: torch.Tensor | None = None
     step: int = 0
+    past_length: int = 0
 
     @property
     def flat_hidden(self) -> torch.Tensor:
@@ -74,6 +77,8 @@ class RoutingOutput:
                       the training loss. Unscaled values for logging go in `diagnostics`.
     diagnostics:      name -> scalar tensor, logged per layer (e.g. Sinkhorn marginal error).
     logits:           [N, E] raw router output, when the router has one.
+    scores:           [N, E] the router's similarity scores before any cost or plan, when it has
+                      them (SPECTRA: s = cos(r_e, p_e) ∈ [-1, 1]; the alignment metric reads these).
     gram:             [E, E] Gram matrix of expert representations (SPECTRA).
     expert_repr:      [E, D] expert representations (SPECTRA).
     state:            [B, S, Dh] routing state handed to the next MoE layer (SPECTRA GRU).
@@ -91,6 +96,7 @@ class RoutingOutput:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
     logits: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
     gram: torch.Tensor | None = None
     expert_repr: torch.Tensor | None = None
     state: torch.Tensor | None = None

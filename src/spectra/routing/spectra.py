@@ -209,6 +209,15 @@ class SpectraRouter(Router):
         diag: dict[str, torch.Tensor] = {}
         load_before: torch.Tensor | None = None  # [E] pre-quota load (quota branch only)
 
+        if not self.training and self.sinkhorn_inference and inputs.past_length > 0:
+            # One new token per row per call: a Sinkhorn plan over B tokens (uniform for B = 1)
+            # would decide the route, not the cost, so cached decoding could never match the
+            # full forward. Refuse instead of routing by an arbitrary plan.
+            raise ValueError(
+                "osr.sinkhorn_inference=true cannot route incremental decoding with a KV cache: each call "
+                "sees one token per sequence, so the Sinkhorn plan ignores the cost. Generate with "
+                "use_cache=False, or set osr.sinkhorn_inference=false (per-token top-k of -C)."
+            )
         if self.training or self.sinkhorn_inference:
             probs, log_q = sinkhorn(
                 cost, self.epsilon, self.iterations, valid, log_domain=self.log_sinkhorn, return_log=True
@@ -259,6 +268,7 @@ class SpectraRouter(Router):
             aux_losses=aux,
             diagnostics=diag,
             logits=-cost,
+            scores=s,
             gram=g,
             expert_repr=m,
             state=state,
