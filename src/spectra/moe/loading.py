@@ -7,8 +7,12 @@ back with `from_pretrained` — the same code path a real checkpoint takes.
 
 Upcycled model: `save_moe_model` is `save_pretrained` (the config carries `spectra_moe`: E, k,
 router and its settings); `load_moe_model` rebuilds the MoE blocks from that record and loads
-the weights, giving identical logits. The record's `mode` says how the blocks were made:
-'upcycle' (dense MLPs -> MoE) or 'replace' (an MoE model's gates replaced, moe/replace.py).
+the weights, giving identical logits. Weights are loaded by `load_weights` (also the Trainer's
+resume, train/checkpoint.py) through transformers' own loader, so its key renames (GPT-NeoX
+saves `lm_head` as `embed_out`) and tied weights apply as in `from_pretrained`, and strictly: a
+missing, unexpected or mis-shaped key raises WeightsMismatchError naming it. The record's
+`mode` says how the blocks were made: 'upcycle' (dense MLPs -> MoE) or 'replace' (an MoE
+model's gates replaced, moe/replace.py).
 
 Tokenizer larger than the model's vocabulary (e.g. the paper's SmolVLM-256M-Instruct tokenizer,
 49,280 tokens, on SmolLM2-135M's 49,152-row embedding): `load_base_model` grows the embedding
@@ -106,9 +110,79 @@ def spec_to_config(spec: dict) -> SpectraConfig:
     return OmegaConf.to_object(merged)
 
 
+class WeightsMismatchError(ValueError):
+    """Saved weights and the model they are loaded into do not match key for key."""
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[str]:
+    """The safetensors files `save_pretrained` wrote into `path` (one file, or the shards of its index)."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    root = Path(path)
+    index = root / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [str(root / s) for s in shards]
+    if (root / SAFE_WEIGHTS_NAME).is_file():
+        return [str(root / SAFE_WEIGHTS_NAME)]
+    raise FileNotFoundError(f"{path}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (not a save_pretrained directory)")
+
+
+def _mismatches(info) -> list[str]:
+    """What did not load cleanly, one entry per kind, naming every key (empty when all did)."""
+    problems = [f"{label} {sorted(keys)}" for label, keys in (("missing", info.missing_keys), ("unexpected", info.unexpected_keys)) if keys]
+    if info.mismatched_keys:
+        problems.append("shape mismatch " + ", ".join(f"{k} {tuple(a)} vs model {tuple(b)}" for k, a, b in sorted(info.mismatched_keys)))
+    if info.conversion_errors:
+        problems.append(f"conversion errors {dict(info.conversion_errors)}")
+    return problems + list(info.error_msgs)
+
+
+def _restore_tensor_objects(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Copy the loaded values into the tensors the model had before loading and put those back.
+
+    transformers' loader installs new Parameter objects (on its load device, requires_grad=True);
+    keeping the old objects keeps their device, dtype and `requires_grad` (a frozen shared expert
+    stays frozen), their tying (several names, one object) and every other reference to them.
+    """
+    for name, old in before.items():
+        module_path, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_path)
+        new = getattr(module, leaf)
+        if new is not old:
+            with torch.no_grad():
+                old.copy_(new)
+            setattr(module, leaf, old)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load what `save_pretrained` wrote into `path` (`save_moe_model`, a Trainer checkpoint) into
+    `model`, strictly; raises WeightsMismatchError naming every missing, unexpected or mis-shaped key.
+
+    The keys go through transformers' own loader, as in `from_pretrained`: the model's weight
+    conversions (e.g. GPT-NeoX saves `lm_head` as `embed_out`), prefix handling, and tied weights
+    (a tied LM head is not saved; it is re-tied to the embedding). A key the model does not tie
+    must be in the file: an untied LM head that is missing is an error, not a silent keep.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    before = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    load_config = LoadStateDictConfig(pretrained_model_name_or_path=str(path), weight_mapping=get_model_conversion_mapping(model))
+    info, _ = type(model)._load_pretrained_model(model, None, checkpoint_files(path), load_config)
+    # from_pretrained's own finishing steps that apply to a model that already has its tensors:
+    # tie (removes the tied, unsaved keys from `missing`), then drop keys transformers ignores on
+    # purpose (rotary inv_freq / position_ids buffers of older checkpoints).
+    model.tie_weights(missing_keys=info.missing_keys, recompute_mapping=False)
+    model._adjust_missing_and_unexpected_keys(info)
+    problems = _mismatches(info)
+    if problems:
+        raise WeightsMismatchError(f"{path}: the saved weights do not match {type(model).__name__}: " + "; ".join(problems))
+    _restore_tensor_objects(model, before)
+
+
 def load_moe_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild an upcycled model saved with `save_moe_model` and load its weights."""
-    from safetensors.torch import load_file
+    """Rebuild an upcycled model saved with `save_moe_model` and load its weights (strictly)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from spectra.moe.replace import replace_routers
@@ -124,16 +198,6 @@ def load_moe_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
         replace_routers(model, cfg)
     elif cfg.router.name != "dense":  # records without `mode` predate router replacement
         upcycle(model, cfg)
-    state = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-        tied = set(model._tied_weights_keys)
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the rebuilt model; missing={missing[:5]} unexpected={unexpected[:5]}")
-    model.tie_weights()
+    load_weights(model, path)
     model.eval()
     return model

@@ -49,7 +49,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import warnings
 from pathlib import Path
 
@@ -309,25 +308,14 @@ def _barrier(trainer) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def _test_kill(point: str, step: int) -> None:
-    """Test hook (`SPECTRA_TEST_KILL_AT=<point>:<step>`, point `step` or `save`): SIGKILL this process."""
-    spec = os.environ.get("SPECTRA_TEST_KILL_AT")
-    if spec and spec == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class _LoopStateCallback(TrainerCallback):
-    """Internal: restores the loop state at train begin; runs the `step` kill test hook."""
+    """Internal: restores the loop state at train begin."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.restore_loop_state()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            _test_kill("step", state.global_step)
 
 
 class AtomicCheckpointMixin:
@@ -369,7 +357,6 @@ class AtomicCheckpointMixin:
 
             torch.save(_plain(vars(recorder)), staged / RECORDER.format(rank=self.args.process_index))
         _barrier(self)  # every rank's files (RNG states, DeepSpeed shards, recorder) are written
-        _test_kill("save", step)
         # the loss accumulated since the last log, averaged over ranks as the next log will (all ranks call this)
         tr_loss = getattr(self, "_tr_loss", None)
         tr_loss = float(nested_gather(tr_loss, self.args.parallel_mode).mean().item()) if tr_loss is not None else 0.0
@@ -406,6 +393,21 @@ class AtomicCheckpointMixin:
         if self.args.should_save:  # saves a previous process left half-written
             shutil.rmtree(Path(super()._get_output_dir(None)) / STAGING, ignore_errors=True)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume's model weights, loaded strictly through transformers' loader (`load_weights`).
+
+        The stock Trainer reads the safetensors file into `load_state_dict(strict=False)` and only
+        warns: a key renamed on save (GPT-NeoX's `lm_head` is saved as `embed_out`) is then
+        skipped and the run continues with the untrained head. Here any missing, unexpected or
+        mis-shaped key stops the resume, naming the keys. FSDP / SageMaker loading (wrapped
+        models) is left to the stock code; DeepSpeed resumes through its own strict loader.
+        """
+        if getattr(self, "is_fsdp_enabled", False) or (model is not None and model is not self.model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from spectra.moe.loading import load_weights
+
+        load_weights(self.model, resume_from_checkpoint)
 
     def restore_loop_state(self) -> None:
         """Called at train begin (after the Trainer reset its loss accumulators)."""
