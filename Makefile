@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
+LOCK := requirements/lock.txt
+LATEST_VENV ?= .venv-latest
 TORCH_VERSION ?= 2.13.0
 DEMO_ROUTERS ?= topk,spectra,switch_top2,hash
 export WANDB_MODE ?= offline
@@ -19,15 +21,42 @@ SWEEP = $(PYTHON) train.py -m +sweep=$(1) scale=$(SCALE) hydra/launcher=$(LAUNCH
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP)  ## create .venv and install (torch first, by exact version, unless one is there)
+setup: $(STAMP)  ## create .venv and install the committed lock (torch first, by exact version, unless one is there)
 
-$(STAMP): pyproject.toml
+# The lock (requirements/lock.txt) pins every package the suite passed with, transitive ones
+# included, as pip constraints; torch is pinned here by TORCH_VERSION instead, because a GPU host
+# installs its own CUDA build of it first. `make lock` regenerates the lock from the newest
+# releases the pyproject ranges allow; `make test-latest` runs the suite on those without
+# touching the lock. Re-running `make setup` changes nothing; check_lock.py proves the result.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
-	@$(PYTHON) -m pip install -q --upgrade pip
+	@$(PYTHON) -m pip install -q -c $(LOCK) pip
 	@# A GPU host installs its own CUDA torch into .venv first; then this line installs nothing.
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==$(TORCH_VERSION)
-	$(PYTHON) -m pip install -q -e '.[dev]'
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q -c $(LOCK) torch==$(TORCH_VERSION)
+	@$(PYTHON) -m pip install -q -c $(LOCK) setuptools wheel
+	$(PYTHON) -m pip install -q --no-build-isolation -c $(LOCK) -e '.[dev]'
+	@$(PYTHON) requirements/check_lock.py $(LOCK)
 	@touch $(STAMP)
+
+# A separate venv with the newest releases the pyproject ranges allow (no lock), rebuilt each time.
+.PHONY: latest-venv test-latest lock
+latest-venv:
+	rm -rf $(LATEST_VENV)
+	python3 -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(LATEST_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(LATEST_VENV)/bin/python -m pip install -q --no-build-isolation -e '.[dev]'
+
+test-latest: latest-venv  ## the whole suite on the newest upstream releases (in .venv-latest; the lock is untouched)
+	SPECTRA_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest -q
+
+lock: latest-venv  ## re-resolve the newest releases into requirements/lock.txt; then run `make test`
+	@{ echo "# pip constraints: every package of spectra[dev], transitive ones included, at the versions the"; \
+	  echo "# suite passed with. Written by \`make lock\` ($$(date -u +%Y-%m-%d), Python $$($(LATEST_VENV)/bin/python -c 'import platform; print(platform.python_version())'))."; \
+	  echo "# torch is pinned by TORCH_VERSION in the Makefile ($(TORCH_VERSION)), not here: GPU hosts bring their own build."; \
+	  $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i '^torch==' | LC_ALL=C sort -f; } > $(LOCK).tmp
+	@mv $(LOCK).tmp $(LOCK)
+	@echo "wrote $(LOCK); now run the whole suite on it: make test"
 
 demo: setup  ## tiny multirun over the routers on the bundled corpus, then the comparison table
 	$(PYTHON) train.py -m experiment=demo router=$(DEMO_ROUTERS)
@@ -92,5 +121,5 @@ bench: setup  ## speed/memory benchmarks (~11 min on 2 CPU cores) -> benchmarks/
 bench-quick: setup  ## the same at small sizes (~1 min) -> outputs/benchmarks/RESULTS.quick.md
 	$(PYTHON) -m benchmarks.run_all --quick $(ARGS)
 
-clean:  ## remove outputs and caches (keeps .venv)
+clean:  ## remove outputs and caches (keeps .venv and .venv-latest)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
