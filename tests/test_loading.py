@@ -106,6 +106,38 @@ def test_load_with_an_unexpected_weight_fails_naming_it(tmp_path):
         load_moe_model(tmp_path / "m")
 
 
+def test_a_tied_head_saved_with_its_own_values_fails(tmp_path):
+    """A tied model's file holding the LM head as a second, different tensor cannot be loaded
+    into one shared tensor: refused, naming both."""
+    model = upcycled("llama_tied")
+    save_moe_model(model, tmp_path / "m")
+    embed = load_file(str(tmp_path / "m" / "model.safetensors"))["model.embed_tokens.weight"]
+    _rewrite(tmp_path / "m", add={"lm_head.weight": embed + 1.0})
+    with pytest.raises(WeightsMismatchError, match=r"tied \S*embed_tokens\.weight and lm_head\.weight differ"):
+        load_moe_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe"])
+def test_router_replaced_models_save_load_bit_equal(tmp_path, model_type):
+    """Models whose gates were replaced keep transformers' experts; their keys must come back
+    through transformers' conversion mapping (which has legacy per-expert layouts for these
+    families) unchanged, the Qwen2-MoE shared expert and its gate included."""
+    from test_router_replacement import tiny_moe
+
+    model = tiny_moe(model_type)
+    upcycle(model, _cfg("router=topk", "router.top_k=2"), seed=2)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * p.std() * torch.randn(p.shape, generator=gen))
+    model.eval()
+    save_moe_model(model, tmp_path / "m")
+    again = load_moe_model(tmp_path / "m")
+    assert torch.equal(_logits(again), _logits(model))
+    want, got = model.state_dict(), again.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def _trainer(model, out):
     from transformers import TrainingArguments
 

@@ -138,21 +138,29 @@ def _mismatches(info) -> list[str]:
     return problems + list(info.error_msgs)
 
 
-def _restore_tensor_objects(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    """Copy the loaded values into the tensors the model had before loading and put those back.
+def _restore_tensor_objects(model: nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    """Copy the loaded values into the tensors the model had before loading and put those back;
+    returns the problems found (a tied tensor that came back as two different ones).
 
     transformers' loader installs new Parameter objects (on its load device, requires_grad=True);
     keeping the old objects keeps their device, dtype and `requires_grad` (a frozen shared expert
     stays frozen), their tying (several names, one object) and every other reference to them.
     """
+    loaded: dict[int, tuple[str, torch.Tensor]] = {}  # id(old tensor) -> (first name, its loaded value)
+    problems = []
     for name, old in before.items():
         module_path, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_path)
         new = getattr(module, leaf)
+        first = loaded.setdefault(id(old), (name, new))
+        if first[1] is not new:  # the file held different values for two names of one tied tensor
+            problems.append(f"tied {first[0]} and {name} differ in the file")
+            continue
         if new is not old:
             with torch.no_grad():
                 old.copy_(new)
             setattr(module, leaf, old)
+    return problems
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
@@ -175,10 +183,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     # purpose (rotary inv_freq / position_ids buffers of older checkpoints).
     model.tie_weights(missing_keys=info.missing_keys, recompute_mapping=False)
     model._adjust_missing_and_unexpected_keys(info)
-    problems = _mismatches(info)
+    # Always, also on failure: no half-swapped tensors are left behind.
+    problems = _restore_tensor_objects(model, before) + _mismatches(info)
     if problems:
         raise WeightsMismatchError(f"{path}: the saved weights do not match {type(model).__name__}: " + "; ".join(problems))
-    _restore_tensor_objects(model, before)
 
 
 def load_moe_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
