@@ -1,6 +1,7 @@
 """Router replacement in models that are already MoE (METHOD.md §4): experts kept bit-equal,
 gates replaced by our routers, training, an independent logits reference, save/load/generate,
-and the model / experiment configs that use it."""
+the model's train/eval mode kept, other MoE families refused as such, and the model / experiment
+configs that use it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from conftest import tiny_causal_lm
 from spectra.config import ConfigError, load_config, validate
-from spectra.moe import load_moe_model, moe_blocks, save_moe_model, upcycle
+from spectra.moe import UnsupportedMLPError, UnsupportedMoEError, load_moe_model, moe_blocks, save_moe_model, upcycle
 from spectra.moe.replace import is_moe_model, replace_routers
 from spectra.routing.base import ROUTERS
 from test_upcycle_models import assert_loss_decreases, one_thread, train_steps  # noqa: F401 (fixture)
@@ -165,3 +166,43 @@ def test_paper_default_experiment_composes_without_building_anything():
     assert cfg.model.name == "smollm2_135m" and cfg.model.source == "pretrained" and cfg.model.attn_implementation == "auto"
     assert cfg.data.name == "smoltalk" and cfg.data.tokenizer == "HuggingFaceTB/SmolVLM-256M-Instruct"
     assert cfg.trainer.bf16 and cfg.trainer.gradient_checkpointing
+
+
+# Already-MoE families router replacement does not support (tiny configs from transformers).
+_UNSUPPORTED_ARCH = {
+    "granitemoe": dict(num_local_experts=E, num_experts_per_tok=K),  # block_sparse_moe, no `mlp`
+    "jetmoe": dict(num_local_experts=E, num_experts_per_tok=K, kv_channels=8),  # mlp = JetMoeMoE
+}
+
+
+@pytest.mark.parametrize("model_type, family", [("granitemoe", "GraniteMoeForCausalLM"), ("jetmoe", "JetMoeForCausalLM")])
+@pytest.mark.parametrize("entry", ["upcycle", "replace_routers"])
+def test_unsupported_moe_family_is_refused_as_moe_naming_the_supported_ones(model_type, family, entry):
+    """Not a dense-MLP error ("no `mlp`", "unrecognised MLP"): the model is MoE, of a family
+    router replacement does not know; the message says so and lists what is supported."""
+    model = tiny_causal_lm(model_type, **_UNSUPPORTED_ARCH[model_type])
+    before = copy.deepcopy(model.state_dict())
+    fn = upcycle if entry == "upcycle" else replace_routers
+    with pytest.raises(UnsupportedMoEError) as info:
+        fn(model, _cfg("router=topk", f"router.top_k={K}"))
+    msg = str(info.value)
+    assert msg.startswith("MoE not supported: ") and family in msg and repr(model_type) in msg
+    for name in ("Qwen3-MoE", "OLMoE", "Mixtral", "Qwen2-MoE"):
+        assert name in msg
+    assert not isinstance(info.value, UnsupportedMLPError)
+    assert model.state_dict().keys() == before.keys()  # untouched
+
+
+def test_a_dense_model_given_to_replace_routers_is_not_called_an_unsupported_moe():
+    with pytest.raises(UnsupportedMLPError, match="no sparse MoE block"):
+        replace_routers(tiny_causal_lm("llama"), _cfg())
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("training", [False, True])
+def test_router_replacement_keeps_the_model_mode_in_every_submodule(model_type, training):
+    model = tiny_moe(model_type).train(training)
+    upcycle(model, _cfg("router=topk", f"router.top_k={K}"))
+    assert moe_blocks(model)
+    wrong = [name for name, m in model.named_modules() if m.training != training]
+    assert not wrong, f"not in {'training' if training else 'eval'} mode: {wrong}"

@@ -24,11 +24,17 @@ What the run config means here (and is recorded in `config.spectra_moe`, mode 'r
 - `moe.experts_implementation` selects the transformers kernel of the kept experts.
 - The removed gates' HF load-balancing loss is switched off (`output_router_logits=False`);
   baseline routers bring their own aux losses.
+
+Other MoE families (GraniteMoe, JetMoe, DeepSeek, GPT-OSS, Phi-MoE, ...) raise
+UnsupportedMoEError naming the family and the supported ones: their blocks route, combine or
+lay out experts differently, and neither replacing their gates nor upcycling them (they have
+no dense MLP) would be the model they are. `SUPPORTED_MOE` is the list, by `model_type`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
@@ -48,6 +54,16 @@ log = logging.getLogger(__name__)
 _PLAIN = frozenset({"gate", "experts"})
 _WITH_SHARED = frozenset({"gate", "experts", "shared_expert", "shared_expert_gate"})
 
+# The MoE families router replacement is written and tested for: model_type -> name.
+SUPPORTED_MOE = {"qwen3_moe": "Qwen3-MoE", "olmoe": "OLMoE", "mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}
+# transformers names the parts of its MoE models so: GraniteMoeMoE, JetMoeParallelExperts,
+# DbrxRouter, DeepseekV3MoE, Llama4TextMoe, MixtralSparseMoeBlock, GptOssExperts, ...
+_MOE_CLASS = re.compile(r"(MoE|Moe|MoeBlock|Experts|Router)$")
+
+
+class UnsupportedMoEError(TypeError):
+    """The model is already MoE, of a family router replacement does not support."""
+
 
 def is_sparse_moe_block(mlp: nn.Module) -> bool:
     """True for a transformers sparse MoE block: an `experts` child with stacked 3-D
@@ -61,13 +77,33 @@ def is_sparse_moe_block(mlp: nn.Module) -> bool:
     return all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in params)
 
 
+def moe_evidence(model: nn.Module) -> str | None:
+    """Why `model` is a Mixture-of-Experts model (its first MoE part, by path and class), or None
+    for a dense one. Looks at transformers' modules only (our MoEBlocks are not evidence)."""
+    for name, module in model.named_modules():
+        if not type(module).__module__.startswith("transformers."):
+            continue
+        if is_sparse_moe_block(module) or (name and _MOE_CLASS.search(type(module).__name__)):
+            return f"{name} ({type(module).__name__})"
+    return None
+
+
 def is_moe_model(model: nn.Module) -> bool:
-    """True when some decoder layer's `mlp` is a transformers sparse MoE block."""
-    try:
-        _, layers = find_decoder_layers(model)
-    except UnsupportedMLPError:
-        return False
-    return any(is_sparse_moe_block(layer.mlp) for layer in layers)
+    """True when the model has MoE parts (a sparse MoE block, experts, a router; `moe_evidence`)."""
+    return moe_evidence(model) is not None
+
+
+def check_supported_moe(model: nn.Module) -> None:
+    """Raise UnsupportedMoEError when `model` is MoE but not of a family in SUPPORTED_MOE."""
+    evidence = moe_evidence(model)
+    model_type = getattr(model.config, "model_type", None)
+    if evidence is None or model_type in SUPPORTED_MOE:
+        return
+    supported = ", ".join(f"{name} ({t})" for t, name in SUPPORTED_MOE.items())
+    raise UnsupportedMoEError(
+        f"MoE not supported: {type(model).__name__} (model_type {model_type!r}) is already a Mixture-of-Experts "
+        f"model ({evidence}); router replacement supports {supported}, and upcycling needs dense MLPs"
+    )
 
 
 def _num_experts(block: nn.Module, where: str) -> int:
@@ -114,6 +150,7 @@ def replace_routers(model: nn.Module, cfg, seed: int = 0) -> nn.Module:
     `cfg.moe` is updated in place (see the module docstring). Returns the same model, with
     `model.spectra_context` and `model.config.spectra_moe` set as `upcycle` sets them.
     """
+    check_supported_moe(model)
     path, layers = find_decoder_layers(model)
     found = [(i, layer.mlp) for i, layer in enumerate(layers) if is_sparse_moe_block(layer.mlp)]
     if not found:
@@ -146,7 +183,8 @@ def replace_routers(model: nn.Module, cfg, seed: int = 0) -> nn.Module:
             router = build_router(cfg, hidden_size=hidden_size, num_experts=num_experts)
             router.to(block.experts.down_proj.device)
             # shared_expert_weight 0: unused when the model's own shared_expert_gate mixes.
-            layers[i].mlp = MoEBlock(router, block.experts, shared_expert, 0.0, i, ctx, shared_expert_gate=shared_gate)
+            new = MoEBlock(router, block.experts, shared_expert, 0.0, i, ctx, shared_expert_gate=shared_gate)
+            layers[i].mlp = new.train(block.training)  # the new router starts in training mode: keep the block's
             ctx.moe_layers.append(i)
 
     # The HF aux loss reads the removed gates' logits (none are left to record).
