@@ -2,7 +2,8 @@
 
 References written here as plain Python loops: the token-proposal/expert-acceptance process
 (what quota_topk vectorises), an LP optimum (scipy; bipartite b-matching polytopes are integral,
-so the LP value is the best achievable total score), and hand-derived cases.
+so the LP value is the best achievable total score), an exact MILP (scipy.optimize.milp, also for
+the worst feasible assignment and for forbidden pairs), and hand-derived cases.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import linprog
+from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 
 from spectra.config import ConfigError, QuotaConfig
 from spectra.routing.selection import quota_capacity, quota_topk, topk_select
@@ -34,6 +35,7 @@ def slow_proposals(s: np.ndarray, k: int, cap: int):
     load = [0] * e
     while True:
         proposals: dict[int, list[int]] = {}
+        need = [k - len(h) for h in held]  # at the start of the round
         for t in range(n):
             if len(held[t]) < k:
                 options = [x for x in range(e) if x not in held[t] and load[x] < cap]
@@ -43,7 +45,7 @@ def slow_proposals(s: np.ndarray, k: int, cap: int):
         if not proposals:
             break
         for x, toks in proposals.items():
-            toks.sort(key=lambda t: (-s[t, x], t))
+            toks.sort(key=lambda t: (-s[t, x], -need[t], t))  # ties: the neediest token first
             for t in toks[: cap - load[x]]:
                 held[t].add(x)
                 load[x] += 1
@@ -207,3 +209,160 @@ def test_padding_uses_no_capacity():
     # Real tokens' selection equals the selection made without the padding rows at all.
     alone = quota_topk(s[valid], k, cap)
     assert torch.equal(res.index[valid], alone.index)
+
+
+# ------------------------------------------------------------------ score-aware repair (issue #16)
+
+
+def exact_assignment_value(s: np.ndarray, k: int, cap: int, forbidden: np.ndarray | None = None, best: bool = True):
+    """Exact best (or worst) total score over feasible assignments: an integer program (HiGHS).
+
+    x_{t,e} ∈ {0, 1}, Σ_e x = k per token, Σ_t x ≤ cap per expert, x = 0 on forbidden pairs.
+    Returns None when no assignment of allowed pairs exists.
+    """
+    n, e = s.shape
+    a_tok = np.kron(np.eye(n), np.ones((1, e)))  # [N, N·E] row t sums x_{t,·}
+    a_exp = np.kron(np.ones((1, n)), np.eye(e))  # [E, N·E] row x sums x_{·,x}
+    upper = np.ones(n * e) if forbidden is None else (~forbidden).reshape(-1).astype(float)
+    c = -s.reshape(-1) if best else s.reshape(-1)
+    res = milp(c, constraints=[LinearConstraint(a_tok, k, k), LinearConstraint(a_exp, 0, cap)],
+               integrality=np.ones(n * e), bounds=Bounds(0, upper))
+    if res.status != 0:
+        return None
+    return -res.fun if best else res.fun
+
+
+def total(s: np.ndarray, index: torch.Tensor) -> float:
+    return float(np.take_along_axis(s, index.numpy(), 1).sum())
+
+
+def test_identical_tokens_fill_the_best_experts():
+    # Issue #16 repro: N=24, E=8, k=5, alpha=1.25 -> cap = ceil(18.75) = 19. Every token scores
+    # the experts alike (b_0 > ... > b_7), so the total is sum_e load_e * b_e: best when the best
+    # experts are full, loads [19 x 6, 6, 0] (6*19 + 6 = 120 = N*k). The index-walking repair
+    # gave [19, 19, 19, 19, 19, 10, 10, 5].
+    n, e, k = 24, 8, 5
+    cap = quota_capacity(n, k, e, 1.25)
+    assert cap == 19
+    b = np.linspace(1.0, 0.3, e)
+    s = np.tile(b, (n, 1))
+    res = quota_topk(torch.tensor(s), k, cap)
+    check_constraints(res.index, k, e, cap)
+    assert res.load.tolist() == [19] * 6 + [6, 0]
+    assert total(s, res.index) == pytest.approx(exact_assignment_value(s, k, cap), abs=1e-9)
+
+
+def test_repair_and_polish_reach_the_optimum_when_the_same_tokens_lose_every_tie():
+    # s_{t,e} = b_e + c_t with c strictly decreasing: no ties, so tokens 19..23 lose every
+    # contest, are stranded by the greedy holding e5, e6, e7 and go through the repair. Each
+    # token takes exactly k experts, so sum c_t x_{t,e} = k * sum c_t whatever the assignment:
+    # the optimum is again loads [19 x 6, 6, 0]. The index-walking repair left one stranded
+    # token on its worst expert e7 while e5 still had room.
+    n, e, k = 24, 8, 5
+    s = np.linspace(1.0, 0.3, e)[None, :] + np.linspace(0.01, 0.0, n)[:, None]
+    res = quota_topk(torch.tensor(s), k, 19)
+    check_constraints(res.index, k, e, 19)
+    assert res.swaps > 0  # the repair ran
+    assert res.load.tolist() == [19] * 6 + [6, 0]
+    assert total(s, res.index) == pytest.approx(exact_assignment_value(s, k, 19), abs=1e-9)
+
+
+def test_forbidden_expert_only_when_nothing_else_is_feasible():
+    # A chain the greedy cannot see: t0 may only use e0, t1 e0 or e1, t2 e1 or e2 (k=1, cap=1).
+    # The greedy gives e0 to t1 (higher score) and e1 to t2, stranding t0; the only assignment of
+    # allowed pairs is t0 -> e0, t1 -> e1, t2 -> e2 (a three-hop chain). The old code sent t0 to
+    # the forbidden e2.
+    inf = float("-inf")
+    s = torch.tensor([[0.1, inf, inf], [0.9, 0.5, inf], [inf, 0.9, 0.2]])
+    res = quota_topk(s, 1, 1)
+    assert res.index.flatten().tolist() == [0, 1, 2]
+    # No allowed assignment at all (t0 and t1 may only use e0): forbidden pairs are then used,
+    # and every constraint still holds.
+    s = torch.tensor([[0.5, inf], [0.7, inf]])
+    res = quota_topk(s, 1, 1)
+    check_constraints(res.index, 1, 2, 1)
+
+
+def test_never_forbidden_when_a_finite_assignment_exists():
+    rng = np.random.default_rng(5)
+    feasible = infeasible = 0
+    for i in range(150):
+        n, e = int(rng.integers(3, 16)), int(rng.integers(2, 8))
+        k = int(rng.integers(1, min(e, 4) + 1))
+        cap = quota_capacity(n, k, e, [1.0, 1.25, 1.5][i % 3])
+        s = rng.random((n, e)) if i % 2 else rng.random((n, 1)) * rng.random((1, e))
+        forbidden = rng.random((n, e)) < [0.1, 0.3, 0.5][i % 3]
+        if i % 5 == 0:
+            forbidden[:, rng.integers(e)] = True  # an expert nobody may use
+        res = quota_topk(torch.tensor(np.where(forbidden, -np.inf, s)), k, cap)
+        check_constraints(res.index, k, e, cap)
+        picked = int(np.take_along_axis(forbidden, res.index.numpy(), 1).sum())
+        if exact_assignment_value(s, k, cap, forbidden) is None:
+            infeasible += 1
+        else:
+            feasible += 1
+            assert picked == 0, (i, n, e, k, cap)
+    assert feasible > 40 and infeasible > 20  # both regimes exercised
+
+
+def gap_families(seed: int, count: int):
+    """Random small problems for the gap measurement: (family, s, k, alpha)."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        n, e = int(rng.integers(3, 25)), int(rng.integers(2, 9))
+        k = int(rng.integers(1, min(e, 4) + 1))
+        alpha = [1.0, 1.25, 1.5, 2.0][i % 4]
+        fam = ["uniform", "one_preferred", "rank1", "rank1_noise", "identical", "additive"][i % 6]
+        if fam == "uniform":
+            s = rng.random((n, e))
+        elif fam == "one_preferred":
+            s = rng.random((n, e))
+            s[:, 0] += 1.0
+        elif fam == "rank1":
+            s = rng.random((n, 1)) * rng.random((1, e))
+        elif fam == "rank1_noise":
+            s = rng.random((n, 1)) * rng.random((1, e)) + 1e-3 * rng.random((n, e))
+        elif fam == "identical":
+            s = np.tile(rng.random(e), (n, 1))
+        else:
+            s = rng.random((1, e)) + rng.random((n, 1))
+        yield fam, s, k, alpha
+
+
+# Documented bound on the normalised gap (opt − ours) / (opt − worst feasible) on the families
+# above: 0 = optimal, 1 = as bad as any feasible assignment. The proposal greedy has no worst-case
+# bound below 1 (test_two_by_two_greedy_reaches_the_worst_assignment), so the bound is empirical.
+# Measured (new / pre-issue-#16 code): seed 7, 180 instances: max 0.251 / 0.304, mean 0.011 /
+# 0.018; seed 11, 600 instances: max 0.299 / 0.379, mean 0.008 / 0.013. The largest gaps come
+# from phase 1 on small uniform and rank-1 instances (no repair involved). The bounds leave room
+# for float differences only; identical tokens must be exact (the issue's repro family).
+GAP_BOUND, MEAN_GAP_BOUND = 0.35, 0.02
+
+
+def test_gap_to_exact_optimum(record_property):
+    gaps: dict[str, list[float]] = {}
+    for fam, s, k, alpha in gap_families(7, 180):
+        n, e = s.shape
+        cap = quota_capacity(n, k, e, alpha)
+        res = quota_topk(torch.tensor(s), k, cap)
+        check_constraints(res.index, k, e, cap)
+        ours = total(s, res.index)
+        best = exact_assignment_value(s, k, cap)
+        worst = exact_assignment_value(s, k, cap, best=False)
+        assert ours <= best + 1e-9
+        spread = best - worst
+        gaps.setdefault(fam, []).append(0.0 if spread <= 1e-9 * (1 + abs(best)) else (best - ours) / spread)
+    summary = {fam: (round(max(g), 4), round(float(np.mean(g)), 5)) for fam, g in gaps.items()}
+    every = [x for g in gaps.values() for x in g]
+    print(f"\nquota_topk normalised gap to the exact optimum (max, mean) per family: {summary}; "
+          f"overall max {max(every):.4f}, mean {np.mean(every):.5f}")
+    record_property("quota_gap_per_family", summary)
+    assert max(gaps["identical"]) < 1e-9
+    assert max(every) <= GAP_BOUND and np.mean(every) <= MEAN_GAP_BOUND
+
+
+def test_two_by_two_greedy_reaches_the_worst_assignment():
+    # Why GAP_BOUND is empirical: the documented worst case of the proposal greedy.
+    s = np.array([[10.0, 0.0], [10.1, 9.9]])
+    res = quota_topk(torch.tensor(s), 1, 1)
+    assert total(s, res.index) == pytest.approx(exact_assignment_value(s, 1, 1, best=False))
