@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
+import faults
 from conftest import run_cli
-from spectra.train.guards import NonFiniteError, NumericsGuard, poison_spec
+from spectra.train.guards import NonFiniteError, NumericsGuard
 from spectra.train.rundir import read_jsonl
 
 # ----------------------------------------------------------------------------- unit (fast)
@@ -20,35 +21,62 @@ from spectra.train.rundir import read_jsonl
 def test_guard_passes_finite_steps_and_names_bad_terms():
     g = NumericsGuard()
     w = torch.zeros(3)
-    g.term(5, "ce", torch.tensor(2.0))
-    g.term(5, "layer0/ortho", torch.tensor(0.1))
+    g.term("ce", torch.tensor(2.0))
+    g.term("layer0/ortho", torch.tensor(0.1))
     assert g.check(5, [("w", w)], "cpu") is None
-    g.term(5, "ce", torch.tensor(2.0))
-    g.term(5, "layer2/ortho", torch.tensor(float("inf")))
+    g.term("ce", torch.tensor(2.0))
+    g.term("layer2/ortho", torch.tensor(float("inf")))
     msg = g.check(5, [("w", w)], "cpu")
     assert "step 5" in msg and "router loss terms layer2/ortho=inf" in msg and "CE loss" not in msg
-    g.term(7, "ce", torch.tensor(float("nan")))
+    g.term("ce", torch.tensor(float("nan")))
     msg = g.check(7, [], "cpu")
     assert "step 7" in msg and "CE loss=nan" in msg and "router" not in msg
 
 
 def test_guard_names_parameters_with_non_finite_gradients():
     g = NumericsGuard()
-    g.term(3, "ce", torch.tensor(1.0))
+    g.term("ce", torch.tensor(1.0))
     grads = [("layers.0.mlp.w", torch.ones(4)), ("layers.1.router.gru.weight", torch.tensor([1.0, float("nan")]))]
     msg = g.check(3, grads, "cpu")
     assert "step 3" in msg and "layers.1.router.gru.weight" in msg and "layers.0.mlp.w" not in msg
 
 
-def test_poison_hook_is_inert_unless_set(monkeypatch):
-    monkeypatch.delenv("SPECTRA_TEST_POISON_STEP", raising=False)
-    assert poison_spec() is None
-    assert NumericsGuard().term(1, "ce", torch.tensor(1.0)).item() == 1.0
-    monkeypatch.setenv("SPECTRA_TEST_POISON_STEP", "4:layer1/ortho")
-    assert poison_spec() == (4, "layer1/ortho")
-    g = NumericsGuard()
-    assert g.term(4, "ce", torch.tensor(1.0)).item() == 1.0
-    assert math.isnan(g.term(4, "layer1/ortho", torch.tensor(1.0)).item())
+@pytest.mark.parametrize("term", ["ce", "layer1/ortho"])
+def test_poison_fault_hits_one_term_of_training_forwards_of_one_step(term):
+    """The test fault (tests/faults) the slow tests below rely on: only `term`, only while
+    training, only in optimizer step 4 (global_step 3 during its forwards), every micro-batch."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerState
+
+    class Model(torch.nn.Module):  # the two places the guard reads: the model's loss, the recorded aux losses
+        def __init__(self):
+            super().__init__()
+            self.spectra_context = SimpleNamespace(outputs={})
+
+        def forward(self, x):
+            self.spectra_context.outputs = {i: SimpleNamespace(aux_losses={"ortho": x * i, "aux": x}) for i in (0, 1)}
+            return {"loss": x}
+
+    def terms(model):
+        out = model(torch.tensor(2.0))
+        named = {"ce": out["loss"]} | {f"layer{i}/{n}": v for i, o in model.spectra_context.outputs.items() for n, v in o.aux_losses.items()}
+        return sorted(n for n, v in named.items() if math.isnan(float(v)))
+
+    model, state = Model(), TrainerState()
+    cb = faults.PoisonLoss(step=4, term=term)
+    cb.on_train_begin(None, state, None, model=model)
+    assert terms(model) == []  # step 1
+    state.global_step = 3
+    assert terms(model) == [term] and terms(model) == [term]  # step 4, two micro-batches
+    model.eval()
+    assert terms(model) == []  # evaluation forwards are left alone
+    model.train()
+    state.global_step = 4
+    assert terms(model) == []  # step 5
+    state.global_step = 3
+    cb.on_train_end(None, state, None)
+    assert terms(model) == []  # the hook is gone with the run
 
 
 # ----------------------------------------------------------------------------- training (slow)
@@ -84,8 +112,8 @@ def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path)
     from spectra.train.checkpoint import find_resumable_checkpoint
 
     run_dir = tmp_path / "nan"
-    proc = run_cli(["train.py", *TINY, "trainer.max_steps=8", "trainer.save_steps=4", f"hydra.run.dir={run_dir}"],
-                   env={"SPECTRA_TEST_POISON_STEP": "5", "OMP_NUM_THREADS": "1"}, timeout=600)
+    proc = run_cli(["train.py", *TINY, "trainer.max_steps=8", "trainer.save_steps=4", faults.poison(5),
+                    f"hydra.run.dir={run_dir}"], env={**faults.ENV, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]
@@ -105,10 +133,9 @@ def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path)
 
 
 @pytest.mark.slow
-def test_non_finite_router_term_is_named_separately(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPECTRA_TEST_POISON_STEP", "3:layer1/ortho")
+def test_non_finite_router_term_is_named_separately(tmp_path):
     with pytest.raises(NonFiniteError) as info:
-        _run_in_process(tmp_path / "r", ["trainer.max_steps=4", "trainer.save_steps=100"])
+        _run_in_process(tmp_path / "r", ["trainer.max_steps=4", "trainer.save_steps=100", faults.poison(3, "layer1/ortho")])
     msg = str(info.value)
     assert "step 3" in msg and "router loss terms layer1/ortho=nan" in msg and "CE loss" not in msg
     assert "no checkpoint was saved" in msg
@@ -116,13 +143,12 @@ def test_non_finite_router_term_is_named_separately(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_max_bad_steps_skips_the_step_without_touching_weights(tmp_path, monkeypatch):
+def test_max_bad_steps_skips_the_step_without_touching_weights(tmp_path):
     from safetensors.torch import load_file
 
-    monkeypatch.setenv("SPECTRA_TEST_POISON_STEP", "3")
     run_dir = tmp_path / "skip"
     _run_in_process(run_dir, ["trainer.max_steps=4", "trainer.save_steps=1", "trainer.save_total_limit=10",
-                              "trainer.max_bad_steps=1"])
+                              "trainer.max_bad_steps=1", faults.poison(3)])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 4
     train = {r["step"]: r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+import faults
 from conftest import ROOT, TINY_TRAIN, assert_ok, run_cli
 from spectra.train import study as hygiene
 
@@ -221,7 +222,7 @@ def test_nan_trial_fails_and_the_sweep_goes_on(tmp_path):
     tiny = [a for a in TINY if not a.startswith("trainer.max_steps=")]  # a fixed value would win
     proc = run_cli(["train.py", "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", *tiny,
                     "trainer.max_steps=choice(2,4)", "hydra.sweeper.n_trials=2", "trainer.eval_steps=1",
-                    f"hydra.sweep.dir={sweep}"], env={"SPECTRA_TEST_POISON_STEP": "3"})
+                    faults.poison(3), f"hydra.sweep.dir={sweep}"], env=faults.ENV)
     assert_ok(proc)
     by_steps = {t.params["trainer.max_steps"]: t for t in _trials(sweep)}
     assert by_steps[2].state == TrialState.COMPLETE
@@ -233,8 +234,8 @@ def test_nan_trial_fails_and_the_sweep_goes_on(tmp_path):
 @pytest.mark.slow
 def test_all_trials_failing_exits_non_zero_with_a_readable_message(tmp_path):
     sweep = tmp_path / "allnan"
-    proc = run_cli(["train.py", "-m", "+sweep=search_quota", "hydra.sweeper.n_trials=2", *TINY,
-                    f"hydra.sweep.dir={sweep}"], env={"SPECTRA_TEST_POISON_STEP": "1"})
+    proc = run_cli(["train.py", "-m", "+sweep=search_quota", "hydra.sweeper.n_trials=2", *TINY, faults.poison(1),
+                    f"hydra.sweep.dir={sweep}"], env=faults.ENV)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "no trial completed" in out and "NonFiniteError" in out and "Record does not exist" not in out

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+import faults
 from conftest import run_cli
 from spectra.train.checkpoint import (
     MARKER,
@@ -163,8 +164,8 @@ ENV = {"OMP_NUM_THREADS": "1"}  # same thread count for every process: same floa
 TIMING = ("tokens_per_s", "runtime", "per_second", "_ms", "router_share", "time_s", "started")
 
 
-def _train(run_dir, *extra, env=None):
-    return run_cli(["train.py", *TINY, *extra, f"hydra.run.dir={run_dir}"], env={**ENV, **(env or {})}, timeout=600)
+def _train(run_dir, *extra):
+    return run_cli(["train.py", *TINY, *extra, f"hydra.run.dir={run_dir}"], env={**ENV, **faults.ENV}, timeout=600)
 
 
 def _ok(proc):
@@ -185,11 +186,11 @@ def test_sigkilled_run_resumes_to_the_identical_curve(tmp_path):
     _ok(_train(a))  # uninterrupted reference
 
     # 1) killed while saving checkpoint-8 (files written, not committed): checkpoint-4 survives
-    p1 = _train(b, env={"SPECTRA_TEST_KILL_AT": "save:8"})
+    p1 = _train(b, faults.kill_at("save", 8))
     assert p1.returncode == -signal.SIGKILL, p1.stderr[-3000:]
     assert [p.name for p in (b / "checkpoints").glob("checkpoint-*")] == ["checkpoint-4"]
     # 2) restarted with the same command: resumes from 4, killed after logging step 9
-    p2 = _train(b, env={"SPECTRA_TEST_KILL_AT": "step:9"})
+    p2 = _train(b, faults.kill_at("step", 9))
     assert p2.returncode == -signal.SIGKILL, p2.stderr[-3000:]
     assert "resuming from" in p2.stdout + p2.stderr and "checkpoint-4" in p2.stdout + p2.stderr
     assert max(r["step"] for r in read_jsonl(b / "metrics.jsonl")) == 9
@@ -238,13 +239,13 @@ def test_deepspeed_zero2_resume_within_tolerance(tmp_path):
             "trainer.per_device_eval_batch_size=8", "trainer.logging_steps=1", "trainer.eval_steps=100",
             "trainer.save_steps=4", "trainer.resume=auto", "monitor.enabled=false", "deepspeed=zero2", "seed=3"]
 
-    def ds(run_dir, env=None):
+    def ds(run_dir, *extra):
         return run_cli([str(ROOT / ".venv/bin/torchrun"), "--nproc_per_node=2", f"--master_port={port()}", "train.py", *args,
-                        f"hydra.run.dir={run_dir}"], env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout=900)
+                        *extra, f"hydra.run.dir={run_dir}"], env={"OMP_NUM_THREADS": "1", **faults.ENV}, timeout=900)
 
     a, b = tmp_path / "a", tmp_path / "b"
     _ok(ds(a))
-    assert ds(b, {"SPECTRA_TEST_KILL_AT": "step:6"}).returncode != 0
+    assert ds(b, faults.kill_at("step", 6)).returncode != 0
     assert (b / "checkpoints" / "checkpoint-4" / "global_step4").is_dir()
     _ok(ds(b))
     la = [(r["step"], r["loss"]) for r in read_jsonl(a / "metrics.jsonl") if "loss" in r]

@@ -232,6 +232,9 @@ class TrainerConfig:
     report_every_step_metrics: bool = True
     max_bad_steps: int = 0  # non-finite steps skipped before training stops (0 = stop at the first)
     deterministic: bool = False  # deterministic kernels (exact resume on CPU holds without it too)
+    # Extra transformers TrainerCallbacks, added after the project's own: an import path
+    # "pkg.module.Class" (constructed without arguments) or {_target_: pkg.module.Class, <kwarg>: value}.
+    callbacks: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -249,6 +252,10 @@ class TrainerConfig:
         _check(self.dataloader_num_workers >= 0, "trainer.dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
         _check(self.max_bad_steps >= 0, "trainer.max_bad_steps", f"must be >= 0, got {self.max_bad_steps}")
         _check(bool(self.resume), "trainer.resume", "must be auto, never or a checkpoint path")
+        for i, cb in enumerate(self.callbacks):
+            target = cb.get("_target_") if isinstance(cb, dict) else cb
+            _check(isinstance(target, str) and "." in target and all(target.split(".")), f"trainer.callbacks[{i}]",
+                   f"needs an import path 'pkg.module.Class' or {{_target_: pkg.module.Class, ...}}, got {cb!r}")
 
 
 @dataclass

@@ -4,7 +4,8 @@
 (pure config rules, config.py) and before the tokenizer, data or weights are loaded: data and
 tokenizer paths exist, the model's config loads (only its config.json: no weights), the model
 type is known, `data.max_seq_length` fits the model's positions, DeepSpeed/bf16 vs the
-hardware, flash-attention availability, an explicit `trainer.resume` checkpoint is complete.
+hardware, flash-attention availability, an explicit `trainer.resume` checkpoint is complete,
+every `trainer.callbacks` entry imports and takes its arguments.
 Each failure is a `ConfigError` or `FileNotFoundError` whose one-line message names the key;
 `train.py` prints it as `error: <message>` and exits with code 2.
 
@@ -24,12 +25,6 @@ non-finite step either
 With DeepSpeed the engine steps inside backward, so a non-finite gradient norm is only seen
 after that step: training stops (the last checkpoint is intact), skipping is refused
 (`trainer.max_bad_steps > 0` needs `deepspeed.stage=0`), and parameter names are unavailable.
-
-Test hooks (environment variables, read only here and in checkpoint.py, inert when unset):
-- `SPECTRA_TEST_POISON_STEP=<step>[:<term>]` multiplies the term (default `ce`, or a router term
-  such as `layer1/ortho`) by NaN at optimizer step <step> (1-based, as logged).
-- `SPECTRA_TEST_KILL_AT=step:<N>` / `save:<N>` SIGKILLs the process after the training log of
-  step N / in the middle of saving checkpoint N (files written, not yet committed).
 """
 
 from __future__ import annotations
@@ -45,7 +40,6 @@ from spectra.config import ConfigError, SpectraConfig
 
 log = logging.getLogger("spectra")
 
-POISON_ENV = "SPECTRA_TEST_POISON_STEP"
 _MAX_NAMES = 5
 
 
@@ -150,6 +144,12 @@ def preflight(cfg: SpectraConfig) -> None:
                 raise ConfigError(f"trainer.resume: {r} is not a complete checkpoint: {problem}")
             log.warning(f"trainer.resume: {r} has no completion marker (saved before atomic checkpoints); using it as given")
 
+    if cfg.trainer.callbacks:
+        from spectra.train.trainer import callback_class
+
+        for i, spec in enumerate(cfg.trainer.callbacks):
+            callback_class(spec, f"trainer.callbacks[{i}]")  # imports, is a TrainerCallback, takes these arguments
+
 
 def enable_determinism() -> None:
     """Deterministic kernels (`trainer.deterministic=true`): torch deterministic algorithms
@@ -165,15 +165,6 @@ def enable_determinism() -> None:
 # ----------------------------------------------------------------------------- numerics
 
 
-def poison_spec() -> tuple[int, str] | None:
-    """The `SPECTRA_TEST_POISON_STEP` test hook as (step, term), or None."""
-    spec = os.environ.get(POISON_ENV)
-    if not spec:
-        return None
-    step, _, term = spec.partition(":")
-    return int(step), (term or "ce")
-
-
 class NumericsGuard:
     """Records a step's loss terms; checks them and the gradients once per optimizer step."""
 
@@ -182,15 +173,11 @@ class NumericsGuard:
         self.bad_steps = 0  # steps skipped so far in this run (restored on resume)
         self._names: list[str] = []
         self._values: list[torch.Tensor] = []
-        self._poison = poison_spec()
 
-    def term(self, step: int, name: str, value: torch.Tensor) -> torch.Tensor:
-        """Record one scalar term of this micro-batch (applying the poison test hook)."""
-        if self._poison is not None and self._poison == (step, name):
-            value = value * float("nan")
+    def term(self, name: str, value: torch.Tensor) -> None:
+        """Record one scalar term of this micro-batch for the next `check`."""
         self._names.append(name)
         self._values.append(value.detach().float().reshape(()))
-        return value
 
     def reset(self) -> None:
         self._names, self._values = [], []
@@ -262,16 +249,15 @@ class NumericsGuardMixin:
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not model.training:
             return out
-        loss = out[0] if return_outputs else out
-        loss = self.numerics.term(self._guard_step(), "ce", loss)
-        return (loss, *out[1:]) if return_outputs else loss
+        self.numerics.term("ce", out[0] if return_outputs else out)
+        return out
 
     def guarded_aux_loss(self, ctx) -> torch.Tensor | None:
         """`ctx.aux_loss()` (same terms, same summation order), each term recorded as `layer{i}/{name}`."""
-        step, total = self._guard_step(), None
+        total = None
         for layer, out in ctx.outputs.items():
             for name, v in out.aux_losses.items():
-                v = self.numerics.term(step, f"layer{layer}/{name}", v)
+                self.numerics.term(f"layer{layer}/{name}", v)
                 total = v if total is None else total + v
         return total
 

@@ -5,15 +5,21 @@
 - per-layer routing metrics recorded during training and evaluation and merged into the logs
   (plus the RoutingMonitor's held-out-slice metrics at each evaluation).
 - atomic checkpoints + exact resume state (train/checkpoint.py) and the non-finite loss /
-  gradient guard (train/guards.py), as mixins.
+  gradient guard (train/guards.py), as mixins;
+- `trainer.callbacks`: extra TrainerCallbacks named by import path in the config, added after
+  the project's callbacks (`preflight` checks that each imports, before anything loads).
 Everything else (loop, DeepSpeed, checkpoint contents, schedulers, NEFTune) is the stock Trainer.
 """
 
 from __future__ import annotations
 
-import torch
-from transformers import Trainer
+import importlib
+import inspect
 
+import torch
+from transformers import Trainer, TrainerCallback
+
+from spectra.config import ConfigError
 from spectra.metrics.recorder import RoutingRecorder
 from spectra.moe.block import MoEBlock
 from spectra.train.checkpoint import AtomicCheckpointMixin
@@ -45,12 +51,44 @@ def param_groups(model: torch.nn.Module, router_lr: float, expert_lr: float, bas
     ]
 
 
+def callback_class(spec, key: str = "trainer.callbacks") -> tuple[type, dict]:
+    """One `trainer.callbacks` entry ("pkg.module.Class" or {_target_: ..., **kwargs}) as
+    (TrainerCallback subclass, keyword arguments), checked without constructing it: a ConfigError
+    naming `key` if it does not import, is no TrainerCallback, or does not take these arguments."""
+    kwargs = dict(spec) if isinstance(spec, dict) else {}
+    path = str(kwargs.pop("_target_", spec))
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot import {path!r} ({type(e).__name__}: {e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, TrainerCallback)):
+        raise ConfigError(f"{key}: {path!r} is not a transformers TrainerCallback subclass")
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{key}: {path}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {e}") from None
+    return cls, kwargs
+
+
+def user_callbacks(specs) -> list[TrainerCallback]:
+    """The `trainer.callbacks` entries, constructed (a ConfigError names the entry that fails)."""
+    out = []
+    for i, spec in enumerate(specs or []):
+        cls, kwargs = callback_class(spec, f"trainer.callbacks[{i}]")
+        out.append(cls(**kwargs))
+    return out
+
+
 class MoETrainer(AtomicCheckpointMixin, NumericsGuardMixin, Trainer):
     """Trainer for an upcycled model; `routing_context` is `model.spectra_context` (None when dense)."""
 
     def __init__(self, *args, spectra_cfg=None, routing_context=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.spectra_cfg = spectra_cfg
+        if spectra_cfg is not None:
+            for cb in user_callbacks(spectra_cfg.trainer.callbacks):  # after the callbacks passed in
+                self.add_callback(cb)
         self.routing_context = routing_context
         self.train_recorder = RoutingRecorder()
         self.eval_recorder = RoutingRecorder()
