@@ -23,20 +23,42 @@ Two numerically different, mathematically identical implementations:
   zeros) when ε is tiny relative to the cost spread, which is what Sweep B's log/plain axis probes.
 
 Both compute in fp32 whatever the input dtype.
+
+Forbidden pairs: a cost of +inf forbids token t from expert e. Both variants then return
+Q_{t,e} = 0 (log Q = -inf) and finite values and gradients everywhere else (the gradient at a
+forbidden pair is exactly 0). The plan equals Sinkhorn on the allowed sub-matrix:
+- scattered +inf entries: kernel 0 there, the rest of the row and column renormalises around them;
+- a column forbidden to every token stays 0, and since the column targets are uniform (they cancel
+  in the next row normalisation) the other experts share the tokens as if it did not exist;
+- a real token with every expert forbidden has nowhere to send mass: its row is 0 (log Q = -inf),
+  like a padding row. It still counts in N, so `marginal_error` reports the imbalance it causes.
+A -inf or NaN cost is not a forbidden pair; it propagates as before (an upstream bug to surface).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 __all__ = ["sinkhorn", "sinkhorn_log", "sinkhorn_plain", "marginal_error"]
 
-_NEG = -1e30  # stands for log 0 at padding rows inside the log-domain iteration
+_NEG = -1e30  # stands for log 0 (padding rows, forbidden pairs) inside the log-domain iteration
 _TINY = 1e-30  # floor for log Q in the plain variant (fp32 min normal is ~1e-38)
 
 
-def _prepare(cost: torch.Tensor, epsilon: float, valid: torch.Tensor | None):
-    """fp32 logits -C/ε with padding rows masked; returns (logits [N, E], valid [N], log(N/E))."""
+class _Prepared(NamedTuple):
+    """What both variants start from (see `_prepare`)."""
+
+    logits: torch.Tensor  # [N, E] fp32, -C/ε shifted to row max 0; _NEG where not live
+    live: torch.Tensor  # [N, E] bool: real token and allowed pair (cost < +inf)
+    row_live: torch.Tensor  # [N, 1] bool: real token with at least one allowed expert
+    col_live: torch.Tensor  # [1, E] bool: expert allowed for at least one live token
+    log_target: torch.Tensor  # 0-dim: log(N/E), N = real tokens
+
+
+def _prepare(cost: torch.Tensor, epsilon: float, valid: torch.Tensor | None) -> _Prepared:
+    """fp32 logits -C/ε with padding rows and forbidden pairs (cost = +inf) masked."""
     if cost.dim() != 2:
         raise ValueError(f"cost must be [N, E], got shape {tuple(cost.shape)}")
     if epsilon <= 0:
@@ -45,12 +67,19 @@ def _prepare(cost: torch.Tensor, epsilon: float, valid: torch.Tensor | None):
     if valid is None:
         valid = torch.ones(n, dtype=torch.bool, device=cost.device)
     valid = valid.reshape(-1).to(torch.bool)  # [N]
-    logits = -cost.float() / epsilon  # [N, E]; ε applied here and nowhere else
+    c = cost.float()  # [N, E]
+    live = valid.unsqueeze(1) & ~torch.isposinf(c)  # [N, E]
+    # ε applied here and nowhere else. Not-live entries get a finite _NEG *before* the row max, so
+    # a fully forbidden row shifts by a finite amount (−inf − −inf would be NaN), and `where`
+    # (not arithmetic on inf) keeps their gradient an exact 0.
+    logits = torch.where(live, -c / epsilon, _NEG)  # [N, E]
     # Row-max shift: exact (the first step is a row normalisation) and keeps exp() in range.
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()  # [N, E], max 0 per row
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()  # [N, E], max 0 per live row
+    logits = logits.masked_fill(~live, _NEG)
+    row_live = live.any(dim=1, keepdim=True)  # [N, 1]
+    col_live = live.any(dim=0, keepdim=True)  # [1, E]
     n_valid = valid.sum().clamp_min(1).to(torch.float32)  # scalar tensor, no host sync
-    log_col_target = torch.log(n_valid / e)  # log(N/E)
-    return logits, valid, log_col_target
+    return _Prepared(logits, live, row_live, col_live, torch.log(n_valid / e))
 
 
 def _safe(den: torch.Tensor) -> torch.Tensor:
@@ -72,22 +101,24 @@ def sinkhorn_log(
 ):
     """Log-domain Sinkhorn plan for a cost matrix.
 
-    cost: [N, E] (any float dtype; computed in fp32); valid: [N] bool or None (all real).
-    Q ∝ exp(-cost/ε), rows sum to 1, columns to N_valid/E after `iterations` column+row sweeps.
-    Returns Q [N, E] (fp32, zero rows at padding), or (Q, log Q) when return_log (log Q is
-    -inf at padding rows). Differentiable w.r.t. cost.
+    cost: [N, E] (any float dtype; computed in fp32; +inf = forbidden pair); valid: [N] bool or
+    None (all real). Q ∝ exp(-cost/ε), rows sum to 1, columns to N_valid/E after `iterations`
+    column+row sweeps. Returns Q [N, E] (fp32, zero at padding rows and forbidden pairs), or
+    (Q, log Q) when return_log (log Q is -inf there). Differentiable w.r.t. cost; no NaN in the
+    forward or backward pass, forbidden pairs included (see the module docstring).
     """
-    logits, valid, log_target = _prepare(cost, epsilon, valid)
-    vmask = valid.unsqueeze(1)  # [N, 1]
-    # Padding rows hold a huge *finite* negative: they vanish from every column logsumexp, and
-    # unlike -inf they keep logsumexp's backward free of exp(-inf - -inf) = NaN.
-    log_q = logits.masked_fill(~vmask, _NEG)  # [N, E]
-    log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True).masked_fill(~vmask, 0.0)  # rows -> 1
+    p = _prepare(cost, epsilon, valid)
+    # Not-live entries hold a huge *finite* negative: they vanish from every logsumexp, and unlike
+    # -inf they keep logsumexp's backward free of exp(-inf - -inf) = NaN. A row or column with no
+    # live entry would be normalised back to finite values (its logsumexp is ≈ _NEG too), so its
+    # normaliser is replaced by 0: _NEG − 0 stays _NEG (fp32 absorbs any |log| ≪ 1e22).
+    log_q = p.logits  # [N, E]
+    log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True).masked_fill(~p.row_live, 0.0)  # rows -> 1
     for _ in range(iterations):
-        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) + log_target  # columns -> N/E
-        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True).masked_fill(~vmask, 0.0)  # rows -> 1
-    log_q = log_q.masked_fill(~vmask, float("-inf"))  # [N, E]
-    q = log_q.exp()  # [N, E]; 0 at padding
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True).masked_fill(~p.col_live, 0.0) + p.log_target  # cols
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True).masked_fill(~p.row_live, 0.0)  # rows -> 1
+    log_q = log_q.masked_fill(~p.live, float("-inf"))  # [N, E]
+    q = log_q.exp()  # [N, E]; 0 at padding and forbidden pairs
     return (q, log_q) if return_log else q
 
 
@@ -103,20 +134,20 @@ def sinkhorn_plain(
 
     Stable against overflow (row-max shift, see module docstring); a column that underflows to
     all zeros stays zero (visible in `marginal_error`) instead of producing 0/0. log Q, when
-    requested, is log(max(Q, 1e-30)).
+    requested, is log(max(Q, 1e-30)) on live entries and -inf at padding and forbidden pairs.
     """
-    logits, valid, log_target = _prepare(cost, epsilon, valid)
-    vmask = valid.unsqueeze(1).to(torch.float32)  # [N, 1]
-    target = log_target.exp()  # N/E
-    q = logits.exp() * vmask  # [N, E], each valid row has max entry 1
+    p = _prepare(cost, epsilon, valid)
+    live = p.live.to(torch.float32)  # [N, E]
+    target = p.log_target.exp()  # N/E
+    q = p.logits.exp() * live  # [N, E], each live row has max entry 1
     q = q / _safe(q.sum(dim=1, keepdim=True))  # rows -> 1
     for _ in range(iterations):
         q = q * (target / _safe(q.sum(dim=0, keepdim=True)))  # columns -> N/E
         q = q / _safe(q.sum(dim=1, keepdim=True))  # rows -> 1
-    q = q * vmask
+    q = q * live
     if not return_log:
         return q
-    log_q = torch.log(q.clamp_min(_TINY)).masked_fill(vmask == 0, float("-inf"))  # [N, E]
+    log_q = torch.log(q.clamp_min(_TINY)).masked_fill(~p.live, float("-inf"))  # [N, E]
     return q, log_q
 
 
