@@ -190,7 +190,7 @@ def test_missing_metrics_are_dashes_with_notes_and_failed_only_variants_kept(tmp
 
 def test_latex_booktabs_and_legacy_comparison_table(sweep):
     runs, _ = collect([sweep])
-    t = metric_table(runs, ["eval_loss", "dropped_rate"], name="t", title="Loss_and 50% drops")
+    t = metric_table(runs, ["eval_loss", "dropped_token_rate"], name="t", title="Loss_and 50% drops")
     tex = t.latex()
     assert tex.index(r"\toprule") < tex.index(r"\midrule") < tex.index(r"\bottomrule")
     assert r"\textbf{" in tex and r"$\pm$" in tex and r"Loss\_and 50\% drops" in tex

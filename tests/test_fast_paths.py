@@ -143,7 +143,8 @@ def test_recorder_sums_on_device_and_reports_hand_values_across_a_checkpoint():
         r.add(steps[1])
 
     load = [3.0, 1.0, 2.0, 0.0]  # mean 1.5, population std sqrt(1.25)
-    want = {"layer0/cv": math.sqrt(1.25) / 1.5, "layer0/maxvio": 3.0 / 1.5 - 1.0, "layer0/dropped_rate": 1 / 6,
+    want = {"layer0/cv": math.sqrt(1.25) / 1.5, "layer0/maxvio": 3.0 / 1.5 - 1.0, "layer0/dropped_token_rate": 1 / 6,
+            "layer0/dropped_slot_rate": 1 / 6,  # k = 1: a dropped slot is a dropped token
             "layer0/routing_entropy": 0.75, "layer0/aux_lb": 0.5}
     for r in (rec, resumed):
         got = r.report()

@@ -85,9 +85,25 @@ def test_balance_metrics_match_numpy_references(seed):
     assert M.collapse_rate(load, threshold=0.9) == pytest.approx(np.mean(ref < 0.9 * uniform), abs=TOL)
 
     n_drop = sum(dropped[t, j] for t in range(len(valid)) for j in range(3) if valid[t])
-    assert M.dropped_rate(torch.from_numpy(dropped), torch.from_numpy(valid)) == pytest.approx(
+    assert M.dropped_slot_rate(torch.from_numpy(dropped), torch.from_numpy(valid)) == pytest.approx(
         n_drop / (valid.sum() * 3), abs=TOL
     )
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dropped_token_and_slot_rates_match_loops(seed):
+    # many drops, so some real tokens lose every slot and the two rates differ
+    idx, valid, dropped, _, _ = random_routing(seed, drop=0.6)
+    dropped[~valid] = True  # a buggy router flagging padding "dropped": it must still not count
+    real = [t for t in range(len(valid)) if valid[t]]
+    whole = sum(all(dropped[t]) for t in real)
+    slots = sum(int(dropped[t, j]) for t in real for j in range(3))
+    assert 0 < whole < slots
+    token_rate = M.dropped_token_rate(torch.from_numpy(dropped), torch.from_numpy(valid))
+    slot_rate = M.dropped_slot_rate(dropped, valid)
+    assert token_rate == pytest.approx(whole / len(real), abs=TOL)
+    assert slot_rate == pytest.approx(slots / (3 * len(real)), abs=TOL)
+    assert token_rate != pytest.approx(slot_rate)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -147,10 +163,16 @@ def test_padding_and_drops_are_excluded_from_load():
     dropped = torch.tensor([[False, False], [False, True], [False, False], [False, False]])
     served = M.served_mask(valid, dropped)
     assert M.expert_load(idx, served, 4).tolist() == [2.0, 2.0, 0.0, 1.0]
-    assert M.dropped_rate(dropped, valid) == pytest.approx(1 / 6)
+    assert M.dropped_slot_rate(dropped, valid) == pytest.approx(1 / 6)
+    assert M.dropped_token_rate(dropped, valid) == 0.0  # t1 lost one of its two slots only
     # a padding row flagged "dropped" by a buggy router still does not count
-    assert M.dropped_rate(torch.ones(4, 2, dtype=torch.bool), valid) == pytest.approx(1.0)
-    assert math.isnan(M.dropped_rate(dropped, torch.zeros(4, dtype=torch.bool)))
+    assert M.dropped_slot_rate(torch.ones(4, 2, dtype=torch.bool), valid) == pytest.approx(1.0)
+    only_pad = torch.tensor([[False, False], [False, False], [False, False], [True, True]])
+    assert M.dropped_token_rate(only_pad, valid) == 0.0
+    assert M.dropped_token_rate(dropped | only_pad | torch.tensor([[True, True]] + [[False, False]] * 3), valid) == (
+        pytest.approx(1 / 3))  # t0 lost both slots: 1 of 3 real tokens
+    for fn in (M.dropped_slot_rate, M.dropped_token_rate):
+        assert math.isnan(fn(dropped, torch.zeros(4, dtype=torch.bool)))  # no real token
     with pytest.raises(ValueError):
         M.expert_load(torch.tensor([[4]]), torch.tensor([[True]]), 4)
 
@@ -218,6 +240,19 @@ def test_jaccard_edge_cases():
     idx = torch.tensor([[0, 1]] * 4)
     assert M.expert_overlap_jaccard(idx, torch.ones(4, 2, dtype=torch.bool), 2) == 1.0
     assert math.isnan(M.expert_overlap_jaccard(idx, torch.zeros(4, 2, dtype=torch.bool), 2))
+
+
+def test_jaccard_leaves_out_pairs_of_two_unused_experts():
+    # E = 4: experts 0 and 1 serve the same tokens {0, 1, 2}; experts 2 and 3 serve nothing.
+    # Pairs: (0,1) = 1; (0,2), (0,3), (1,2), (1,3) = 0/3 = 0; (2,3) = 0/0.
+    # Leaving (2,3) out gives 1/5; counting it as 0 would give 1/6, as 1 would give 2/6.
+    idx = torch.tensor([[0, 1]] * 3)
+    served = torch.ones(3, 2, dtype=torch.bool)
+    assert M.expert_overlap_jaccard(idx, served, 4) == pytest.approx(1 / 5)
+    # the same with a dropped slot that would have touched expert 2: still unused, still left out
+    idx2 = torch.tensor([[0, 1, 2]] * 3)
+    served2 = torch.tensor([[True, True, False]] * 3)
+    assert M.expert_overlap_jaccard(idx2, served2, 4) == pytest.approx(1 / 5)
     with pytest.raises(ValueError):
         M.expert_overlap_jaccard(idx[:, :1] * 0, torch.ones(4, 1, dtype=torch.bool), 1)
 
@@ -483,7 +518,8 @@ def test_routing_metrics_on_hand_built_output():
         "gini",
         "unused_rate",
         "usage_entropy",
-        "dropped_rate",
+        "dropped_token_rate",
+        "dropped_slot_rate",
         "collapse_rate",
         "routing_entropy",
         "confidence",
@@ -495,7 +531,8 @@ def test_routing_metrics_on_hand_built_output():
     assert m["unused_rate"] == pytest.approx(0.25)
     assert m["collapse_rate"] == pytest.approx(0.25)
     assert m["usage_entropy"] == pytest.approx(stats.entropy(load) / np.log(4), abs=TOL)
-    assert m["dropped_rate"] == pytest.approx(2 / 10)
+    assert m["dropped_slot_rate"] == pytest.approx(2 / 10)  # 2 dropped slots of 5 real tokens x 2
+    assert m["dropped_token_rate"] == 0.0  # t1 and t5 each kept one slot
     assert m["routing_entropy"] == pytest.approx(stats.entropy([0.5, 0.3, 0.1, 0.1]), abs=TOL)
     assert m["confidence"] == pytest.approx(np.mean([0.6, 1.0, 0.5, 0.9, 1.0]), abs=TOL)
     sets = [{0, 1, 2}, {0, 4}, {2, 4, 5}, set()]
@@ -509,23 +546,29 @@ def test_routing_metrics_optional_inputs():
     repr_ = torch.nn.functional.normalize(torch.randn(4, 3, generator=rng), dim=-1)
     gram = repr_ @ repr_.T
     scores = torch.rand(6, 4, generator=rng) * 2 - 1
-    out = hand_built_output(gram=gram, expert_repr=repr_, logits=scores)
+    cost = -scores + 0.5 * scores.abs() ** 2  # a cost that is not −s: the alignment must read s
+    out = hand_built_output(gram=gram, expert_repr=repr_, logits=-cost, scores=scores)
     m = M.routing_metrics(out, batch_shape=(2, 3))
     assert m["gram_orthogonality"] == pytest.approx(M.gram_orthogonality(gram))
     assert m["gram_diagonal_quality"] == pytest.approx(1.0, abs=TOL)
     assert m["off_diagonal_sparsity"] == pytest.approx(M.off_diagonal_sparsity(gram))
     assert m["expert_similarity_mean"] == pytest.approx(M.expert_similarity_mean(repr_))
-    served = out.valid[:, None] & ~out.dropped
-    assert m["routing_expression_alignment"] == pytest.approx(
-        M.routing_expression_alignment(scores, out.expert_index, served, out.valid)
-    )
+    # cos(onehot of the served experts, s_t) by hand over the real tokens with a served slot:
+    # t0 {0, 1}, t1 {0}, t2 {0, 2}, t4 {1, 2}, t5 {2} (t3 padding)
+    served_sets = {0: [0, 1], 1: [0], 2: [0, 2], 4: [1, 2], 5: [2]}
+    s = scores.double()
+    ref = np.mean([float(s[t, es].sum()) / (math.sqrt(len(es)) * float(s[t].norm())) for t, es in served_sets.items()])
+    assert m["routing_expression_alignment"] == pytest.approx(ref, abs=TOL)
+    on_cost = np.mean([float(-cost[t, es].sum()) / (math.sqrt(len(es)) * float(cost[t].norm()))
+                       for t, es in served_sets.items()])
+    assert abs(on_cost - ref) > 1e-3  # so reading the cost would fail the line above
     # adjacent real pairs: (t0,t1) {0,1}&{0,1}=2, (t1,t2) {0,1}&{0,2}=1, (t4,t5) {1,2}&{1,2}=2; k=2
     assert m["sequential_overlap"] == pytest.approx(np.mean([1.0, 0.5, 1.0]))
     doc_start = torch.tensor([[True, False, True], [False, True, False]])
     m = M.routing_metrics(out, doc_start=doc_start)
     assert m["sequential_overlap"] == pytest.approx(np.mean([1.0, 1.0]))
-    # logits without a gram (a softmax router): no expression alignment
-    assert "routing_expression_alignment" not in M.routing_metrics(hand_built_output(logits=scores))
+    # logits without scores (a softmax router): no expression alignment
+    assert "routing_expression_alignment" not in M.routing_metrics(hand_built_output(logits=scores, gram=gram))
 
 
 def test_routing_metrics_rejects_single_expert():
@@ -539,6 +582,61 @@ def test_routing_metrics_rejects_single_expert():
     )
     with pytest.raises(ValueError):
         M.routing_metrics(out)
+
+
+# ----------------------------------------------------------------------------- recorder keys
+
+
+def _recorded(valid, dropped, counts, before=None) -> RoutingOutput:
+    n, k = dropped.shape
+    return RoutingOutput(
+        expert_index=torch.zeros(n, k, dtype=torch.long), expert_weight=torch.zeros(n, k),
+        probs=torch.full((n, 4), 0.25), dropped=dropped, valid=valid,
+        dispatch_counts=torch.tensor(counts, dtype=torch.float32),
+        load_before_quota=None if before is None else torch.tensor(before, dtype=torch.float32),
+    )
+
+
+def test_recorder_dropped_token_and_slot_rates_and_pre_quota_load_by_hand():
+    from spectra.metrics.recorder import RoutingRecorder
+
+    t, f = True, False
+    rec = RoutingRecorder()
+    # step 1: t0 lost both slots, t1 one slot; t3 is padding that a buggy router flagged "dropped"
+    rec.add({0: _recorded(torch.tensor([t, t, t, f]), torch.tensor([[t, t], [f, t], [f, f], [t, t]]),
+                          [1, 1, 1, 0], before=[3, 1, 1, 1]),
+             1: _recorded(torch.tensor([t, t, t, f]), torch.zeros(4, 2, dtype=torch.bool), [2, 2, 1, 1])})
+    # step 2: three real tokens, nothing dropped
+    rec.add({0: _recorded(torch.ones(3, dtype=torch.bool), torch.zeros(3, 2, dtype=torch.bool),
+                          [2, 2, 1, 1], before=[2, 2, 1, 1]),
+             1: _recorded(torch.ones(3, dtype=torch.bool), torch.zeros(3, 2, dtype=torch.bool), [2, 2, 1, 1])})
+    logs = rec.report("train/")
+    assert logs["train/layer0/dropped_token_rate"] == pytest.approx(1 / 6)  # t0 of 6 real tokens
+    assert logs["train/layer0/dropped_slot_rate"] == pytest.approx(3 / 12)  # 2 + 1 of 6 · 2 real slots
+    # pre-quota load summed over both steps: [5, 3, 2, 2], mean 3, population variance (4 + 0 + 1 + 1) / 4
+    assert logs["train/layer0/cv_before_quota"] == pytest.approx(math.sqrt(1.5) / 3)
+    assert logs["train/layer0/maxvio_before_quota"] == pytest.approx(5 / 3 - 1)
+    # post-quota load [3, 3, 2, 1]: mean 2.25, variance (0.5625 · 2 + 0.0625 + 1.5625) / 4
+    assert logs["train/layer0/cv"] == pytest.approx(math.sqrt(2.75 / 4) / 2.25)
+    assert "train/layer1/cv_before_quota" not in logs  # layer 1's router applied no quota
+    assert logs["train/layer1/dropped_token_rate"] == 0.0 and logs["train/layer1/dropped_slot_rate"] == 0.0
+    assert logs["train/dropped_slot_rate_mean"] == pytest.approx((3 / 12 + 0) / 2)
+    assert "dropped_rate" not in " ".join(logs)
+
+
+def test_analysis_metric_names_never_mix_routings():
+    """`cv` in a table is the inference routing's; the training routing has its own names."""
+    import pandas as pd
+
+    from spectra.analysis.columns import missing_note, resolve
+
+    train_only = pd.DataFrame({"counted": [True], "last:train/cv_mean": [0.3], "last:train/cv_before_quota_mean": [0.9]})
+    assert resolve(train_only, "cv") is None  # no fallback to the post-quota training load
+    assert resolve(train_only, "train_cv") == "last:train/cv_mean"
+    assert resolve(train_only, "train_cv_before_quota") == "last:train/cv_before_quota_mean"
+    both = train_only.assign(**{"final:eval/cv_mean": [0.5]})
+    assert resolve(both, "cv") == "final:eval/cv_mean" and resolve(both, "train_cv") == "last:train/cv_mean"
+    assert "last:train/cv_mean" in missing_note("train_cv")  # a one-candidate metric's note
 
 
 def test_metrics_do_not_import_routers():

@@ -105,7 +105,8 @@ def test_layer_metrics_read_dispatched_assignment_not_probs_or_counts():
     assert m["cv"] == pytest.approx(float(load.std(correction=0) / mean))
     assert m["maxvio"] == pytest.approx(float(load.max() / mean - 1))
     assert m["unused_rate"] == pytest.approx(0.25)
-    assert m["dropped_rate"] == pytest.approx(1 / 6)  # 1 of 3 real tokens x 2 slots
+    assert m["dropped_slot_rate"] == pytest.approx(1 / 6)  # 1 of 3 real tokens x 2 slots
+    assert m["dropped_token_rate"] == 0.0  # no real token lost every slot
     # equal to routing_metrics on the same assignment with padding masked
     ref = routing_metrics(replace(out, valid=valid))
     assert {k: m[k] for k in ref} == pytest.approx(ref, nan_ok=True)

@@ -63,9 +63,9 @@ def test_run_directory_layout_and_summary(single_run):
     evals = [r for r in records if "eval_loss" in r]
     assert len(train) >= 5 and len(evals) >= 3  # logging every 2 steps; eval at 4, 8, 12 (+ final)
     for r in train[1:]:
-        assert {"learning_rate", "tokens_per_s", "train/layer0/cv", "train/cv_mean", "train/layer3/dropped_rate"} <= r.keys()
+        assert {"learning_rate", "tokens_per_s", "train/layer0/cv", "train/cv_mean", "train/layer3/dropped_token_rate"} <= r.keys()
     for r in evals:
-        assert {"eval/layer0/cv", "eval/cv_mean", "eval/dropped_rate_mean"} <= r.keys()
+        assert {"eval/layer0/cv", "eval/cv_mean", "eval/dropped_token_rate_mean"} <= r.keys()
         assert 0 <= r["eval/cv_mean"] < 10
     assert train[-1]["loss"] < train[0]["loss"]  # it learns
 

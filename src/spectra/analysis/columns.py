@@ -5,6 +5,12 @@ Runs written at different times log a metric under different keys: the routing r
 (per layer `monitor/layer{i}/<metric>`) and a `stability` block in summary.json. A `Metric`
 names the candidates in order of preference; `resolve` picks the first one that some run has.
 A metric no run has resolves to None: tables show "–" and a note naming the keys looked for.
+
+One metric, one routing. The candidates of a routing metric (`cv`, `dropped_token_rate`, ...) are
+all *inference* routing (eval mode, no quota: the recorder's `eval/` keys, the monitor's
+`monitor/` keys); a table never falls back to the training routing for them. The training
+routing has its own metrics: `train_cv` (after selection, i.e. post-quota) and
+`train_cv_before_quota` (the router's own top-k before the quota), from the last training log.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import pandas as pd
 
 
 def _candidates(name: str) -> tuple[str, ...]:
-    """Where a per-layer-averaged routing metric `name` may live, most specific first."""
+    """Where a per-layer-averaged metric `name` of the *inference* routing may live, most specific
+    first (never the `train/` keys: those describe another routing, see the module docstring)."""
     return (
         f"final:eval/{name}_mean",
         f"final:monitor/{name}_mean",
@@ -27,8 +34,12 @@ def _candidates(name: str) -> tuple[str, ...]:
         f"last:monitor/{name}_mean",
         f"last:eval/monitor/{name}_mean",
         f"last:eval/{name}_mean",
-        f"last:train/{name}_mean",
     )
+
+
+def _train(name: str) -> tuple[str, ...]:
+    """A training-routing metric: the recorder's `train/<name>_mean` in the last training log."""
+    return (f"last:train/{name}_mean",)
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,10 @@ METRICS: dict[str, Metric] = {
         Metric("eval_loss", "eval loss", True, digits=4, candidates=("final:eval_loss", "objective:eval_loss", "best:eval_loss")),
         Metric("cv", "load CV", True),
         Metric("maxvio", "MaxVio", True),
-        Metric("dropped_rate", "dropped (%)", True, scale=100, digits=2),
+        Metric("train_cv", "load CV (training, after quota)", True, candidates=_train("cv")),
+        Metric("train_cv_before_quota", "load CV (training, before quota)", True, candidates=_train("cv_before_quota")),
+        Metric("dropped_token_rate", "dropped tokens (%)", True, scale=100, digits=2),
+        Metric("dropped_slot_rate", "dropped slots (%)", True, scale=100, digits=2),
         Metric("gini", "Gini", True),
         Metric("unused_rate", "unused (%)", True, scale=100, digits=1),
         Metric("usage_entropy", "expert entropy", False),
@@ -106,4 +120,7 @@ def resolve(runs: pd.DataFrame, m: str | Metric) -> str | None:
 def missing_note(m: str | Metric) -> str:
     m = metric(m)
     cols = m.columns()
-    return f"{m.header}: – (not logged by these runs; looked for `{cols[0]}`, `{cols[1]}` and {len(cols) - 2} other keys)"
+    looked = " and ".join(f"`{c}`" for c in cols[:2])
+    if len(cols) > 2:
+        looked = f"`{cols[0]}`, `{cols[1]}` and {len(cols) - 2} other keys"
+    return f"{m.header}: – (not logged by these runs; looked for {looked})"

@@ -1,6 +1,7 @@
 """Routing metrics: pure functions on the tensors of a `RoutingOutput` (METHOD.md §5).
 
-    balance.py          load vector, CV, MaxVio, Gini, unused / collapse / dropped rates, usage entropy
+    balance.py          load vector, CV, MaxVio, Gini, unused / collapse / dropped-token / dropped-slot
+                        rates, usage entropy
     specialization.py   Gram orthogonality, expert similarity, Jaccard overlap, alignment, projector
     decision.py         per-token routing entropy, confidence
     stability.py        sequential / checkpoint overlap, usage variance, Kendall τ of expert ranks
@@ -16,7 +17,8 @@ from spectra.metrics.balance import (
     COLLAPSE_THRESHOLD,
     coefficient_of_variation,
     collapse_rate,
-    dropped_rate,
+    dropped_slot_rate,
+    dropped_token_rate,
     expert_load,
     gini,
     max_violation,
@@ -57,7 +59,8 @@ __all__ = [
     "collapse_rate",
     "domain_affinity",
     "domain_expert_counts",
-    "dropped_rate",
+    "dropped_slot_rate",
+    "dropped_token_rate",
     "expert_load",
     "expert_overlap_jaccard",
     "expert_purity",

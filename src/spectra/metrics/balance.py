@@ -136,21 +136,43 @@ def usage_entropy(load) -> float:
     return float(ent / math.log(c.numel()))
 
 
-def dropped_rate(dropped, valid) -> float:
-    """Dropped assignments of real tokens / assignments of real tokens.
+def _real_drops(dropped, valid) -> tuple[torch.Tensor, torch.Tensor]:
+    """dropped [N, k] and valid [N] as bool tensors, drops of padding cleared (they never count)."""
+    d = _tensor(dropped, torch.bool)
+    v = _tensor(valid, torch.bool)
+    if d.dim() != 2 or v.shape != d.shape[:1]:
+        raise ValueError(f"dropped must be [N, k] and valid [N]; got {tuple(d.shape)} and {tuple(v.shape)}")
+    return d & v.unsqueeze(-1), v
+
+
+def dropped_token_rate(dropped, valid) -> float:
+    """Real tokens with *every* slot dropped / real tokens (METHOD.md §5's dropped-token rate).
+
+        rate = #{t : valid_t and dropped[t, j] for all j} / Σ_t valid_t
+
+    Such a token reaches no routed expert (only the shared expert / residual). A token that lost
+    some but not all of its slots is not counted here (see `dropped_slot_rate`).
+    dropped: [N, k] bool; valid: [N] bool (padding never counts). No real token -> nan.
+    """
+    d, v = _real_drops(dropped, valid)
+    real = int(v.sum())
+    if real == 0:
+        return math.nan
+    return float((d.all(-1) & v).sum()) / real
+
+
+def dropped_slot_rate(dropped, valid) -> float:
+    """Dropped assignments (slots) of real tokens / assignments of real tokens.
 
         rate = Σ_t valid_t · #{j : dropped[t, j]} / (k · Σ_t valid_t)
 
     dropped: [N, k] bool; valid: [N] bool (padding never counts). No real token -> nan.
     """
-    d = _tensor(dropped, torch.bool)
-    v = _tensor(valid, torch.bool)
-    if d.dim() != 2 or v.shape != d.shape[:1]:
-        raise ValueError(f"dropped must be [N, k] and valid [N]; got {tuple(d.shape)} and {tuple(v.shape)}")
+    d, v = _real_drops(dropped, valid)
     real_slots = int(v.sum()) * d.shape[1]
     if real_slots == 0:
         return math.nan
-    return float((d & v.unsqueeze(-1)).sum()) / real_slots
+    return float(d.sum()) / real_slots
 
 
 def collapse_rate(load, threshold: float = COLLAPSE_THRESHOLD) -> float:

@@ -1,13 +1,37 @@
 """Accumulate per-layer routing statistics over steps and report them once per log step.
 
 Megatron-style: `add()` is called after every recorded forward with the layers' RoutingOutputs;
-`report(prefix)` turns the accumulated *dispatched* loads into metrics (keys
-`{prefix}layer{i}/cv`, ..., plus `{prefix}cv_mean` over layers) and resets. Loads are summed
-across data-parallel ranks before CV is computed (METHOD.md §2b).
+`report(prefix)` turns the accumulated *dispatched* loads into metrics and resets. Loads and
+counts are summed across data-parallel ranks before any ratio is computed (METHOD.md §2b).
+Everything counts real tokens only (`RoutingOutput.valid`): padding, including the pad block of
+packed rows, is in no load, no denominator and no diagnostic.
+
+Which routing a key describes is said by its prefix (the Trainer's phase) and its name:
+
+    train/layer{i}/cv, maxvio      training routing *after selection*: the load dispatched by the
+                                   forward that trained (SPECTRA: Sinkhorn + quota, i.e. post-quota;
+                                   Switch: after capacity drops; Expert Choice: the experts' picks)
+    train/layer{i}/cv_before_quota, maxvio_before_quota
+                                   the same forward's *pre-selection* load: the router's own plain
+                                   top-k of the plan the quota then corrected (`load_before_quota`;
+                                   routers that applied a quota only, i.e. SPECTRA with quota)
+    eval/layer{i}/cv, maxvio       *inference* routing (eval mode: SPECTRA's per-token top-k of −C
+                                   without quota unless osr.sinkhorn_inference; Expert Choice's
+                                   token-choice fallback) over the whole eval set
+    {prefix}layer{i}/dropped_token_rate   real tokens with every slot dropped / real tokens
+    {prefix}layer{i}/dropped_slot_rate    dropped slots / real slots (k slots per real token)
+    {prefix}layer{i}/<diagnostic>  the router's diagnostics (e.g. sinkhorn_marginal_error), mean per forward
+    {prefix}layer{i}/aux_<loss>    its aux losses as added to the training loss (times their
+                                   coefficient), mean per forward
+    {prefix}<name>_mean            each of the above averaged over MoE layers
+
+The routing monitor's `monitor/...` keys (metrics/monitor.py) are inference routing of a fixed
+held-out slice.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -32,9 +56,12 @@ class RoutingRecorder:
 
     def reset(self) -> None:
         # Sums are tensors on the routers' device between reports, Python floats after `_to_host`.
-        self.load: dict[int, torch.Tensor] = {}  # layer -> [E] dispatched tokens
+        self.load: dict[int, torch.Tensor] = {}  # layer -> [E] dispatched real tokens (after selection)
+        self.load_before_quota: dict[int, torch.Tensor] = {}  # layer -> [E] plain top-k before the quota
         self.dropped: dict[int, float | torch.Tensor] = defaultdict(float)  # layer -> real tokens with every slot dropped
+        self.dropped_slots: dict[int, float | torch.Tensor] = defaultdict(float)  # layer -> dropped slots of real tokens
         self.assignments: dict[int, float | torch.Tensor] = defaultdict(float)  # layer -> real tokens
+        self.slots: dict[int, float | torch.Tensor] = defaultdict(float)  # layer -> slots of real tokens (k each)
         self.diag_sum: dict[int, dict[str, float | torch.Tensor]] = defaultdict(lambda: defaultdict(float))
         self.aux_sum: dict[int, dict[str, float | torch.Tensor]] = defaultdict(lambda: defaultdict(float))
         self.calls: dict[int, int] = defaultdict(int)
@@ -49,21 +76,30 @@ class RoutingRecorder:
         they replace, so the reported values are unchanged.
         """
         for layer, out in outputs.items():
+            valid = out.valid.reshape(-1).bool()  # [N] real tokens
+            real_drops = out.dropped & valid.unsqueeze(-1)  # [N, k]; padding is never "dropped"
             _accumulate(self.load, layer, out.dispatch_counts.detach().float())  # [E]
+            if out.load_before_quota is not None:
+                _accumulate(self.load_before_quota, layer, out.load_before_quota.detach().float())  # [E]
             # A token is dropped when no routed expert served it (it passes through the shared
-            # expert / residual only). Per-slot drop rates, which differ by router (Expert Choice
-            # pads unpicked slots), stay in each router's diagnostics.
-            _accumulate(self.dropped, layer, (out.dropped.all(-1) & out.valid).sum())
-            _accumulate(self.assignments, layer, out.valid.sum())
+            # expert / residual only); a slot is dropped when that one assignment was.
+            _accumulate(self.dropped, layer, (real_drops.all(-1) & valid).sum())
+            _accumulate(self.dropped_slots, layer, real_drops.sum())
+            _accumulate(self.assignments, layer, valid.sum())
+            _accumulate(self.slots, layer, valid.sum() * out.dropped.shape[-1])
             for k, v in out.diagnostics.items():
                 _accumulate(self.diag_sum[layer], k, v.detach().float().mean().double())
             for k, v in out.aux_losses.items():
                 _accumulate(self.aux_sum[layer], k, v.detach().float().double())
             self.calls[layer] += 1
 
+    def _counts(self) -> list[dict]:
+        """The per-layer scalar count sums, in a fixed order (host transfer, all-reduce)."""
+        return [self.dropped, self.dropped_slots, self.assignments, self.slots]
+
     def _to_host(self) -> None:
         """Turn every accumulated scalar tensor into a float and the loads into CPU tensors (one sync)."""
-        slots = [(self.dropped, layer) for layer in self.dropped] + [(self.assignments, layer) for layer in self.assignments]
+        slots = [(store, layer) for store in self._counts() for layer in store]
         slots += [(d, k) for per_layer in (self.diag_sum, self.aux_sum) for d in per_layer.values() for k in d]
         slots = [(store, key) for store, key in slots if torch.is_tensor(store[key])]
         if slots:
@@ -72,19 +108,30 @@ class RoutingRecorder:
             for (store, key), value in zip(slots, values):
                 store[key] = value
         self.load = {layer: counts.float().cpu() for layer, counts in self.load.items()}
+        self.load_before_quota = {layer: counts.float().cpu() for layer, counts in self.load_before_quota.items()}
 
     def _all_reduce_loads(self) -> None:
+        """Sum loads and counts over data-parallel ranks (every rank runs the same routers)."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
+        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        counts = self._counts()
         for layer in sorted(self.load):
-            t = torch.cat([self.load[layer], torch.tensor([self.dropped[layer], self.assignments[layer]])])
-            backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            t = t.to(backend_device)
+            e = self.load[layer].numel()
+            before = self.load_before_quota.get(layer)
+            parts = [self.load[layer], torch.tensor([float(store[layer]) for store in counts])]
+            if before is not None:
+                parts.append(before)
+            t = torch.cat(parts).to(backend_device)
             dist.all_reduce(t)
             t = t.cpu()
-            self.load[layer], self.dropped[layer], self.assignments[layer] = t[:-2], float(t[-2]), float(t[-1])
+            self.load[layer] = t[:e]
+            for i, store in enumerate(counts):
+                store[layer] = float(t[e + i])
+            if before is not None:
+                self.load_before_quota[layer] = t[e + len(counts):]
 
     def report(self, prefix: str = "") -> dict[str, float]:
         """Metrics since the last report, per layer and averaged over layers; then reset."""
@@ -95,11 +142,16 @@ class RoutingRecorder:
         logs: dict[str, float] = {}
         per_metric: dict[str, list[float]] = defaultdict(list)
         for layer in sorted(self.load):
+            real, slots = self.assignments[layer], self.slots[layer]
             vals = {
                 "cv": coefficient_of_variation(self.load[layer]),
                 "maxvio": max_violation(self.load[layer]),
-                "dropped_rate": self.dropped[layer] / max(self.assignments[layer], 1.0),
+                "dropped_token_rate": self.dropped[layer] / real if real > 0 else math.nan,
+                "dropped_slot_rate": self.dropped_slots[layer] / slots if slots > 0 else math.nan,
             }
+            if layer in self.load_before_quota:
+                vals["cv_before_quota"] = coefficient_of_variation(self.load_before_quota[layer])
+                vals["maxvio_before_quota"] = max_violation(self.load_before_quota[layer])
             n = max(self.calls[layer], 1)
             vals.update({k: v / n for k, v in self.diag_sum[layer].items()})
             vals.update({f"aux_{k}": v / n for k, v in self.aux_sum[layer].items()})

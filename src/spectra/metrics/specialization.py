@@ -95,7 +95,14 @@ def expert_overlap_jaccard(expert_index, served, num_experts: int) -> float:
         overlap = mean_{i<j, T_i ∪ T_j ≠ ∅} |T_i ∩ T_j| / |T_i ∪ T_j|
 
     Vectorised with the one-hot A [N, E]: |T_i ∩ T_j| = (AᵀA)_ij, |T_i ∪ T_j| = |T_i| + |T_j| −
-    |T_i ∩ T_j|. Pairs of two unused experts are skipped; nan if every pair is skipped.
+    |T_i ∩ T_j|.
+
+    0/0: a pair of two experts that both served nothing has an empty union, and its Jaccard
+    index is undefined. Such a pair is left out of the mean -- neither 0 nor 1 -- so it neither
+    lowers nor raises the overlap: the mean runs over the pairs with at least one used expert,
+    and one used expert against an unused one counts 0. If *every* pair is left out (no served
+    slot at all) the result is nan. Example, E = 4, experts 0 and 1 serving the same tokens, 2
+    and 3 unused: pairs (0,1) = 1, (0,2) = (0,3) = (1,2) = (1,3) = 0, (2,3) left out -> 1/5.
     expert_index: [N, k]; served: [N, k] bool; E >= 2.
     """
     if num_experts < 2:
@@ -118,8 +125,9 @@ def routing_expression_alignment(scores, expert_index, served, valid) -> float:
         a_t = Σ_{j : served[t, j]} onehot(expert_index[t, j])   ∈ {0, 1}^E
         alignment = mean_t cos(a_t, s_t) = mean_t Σ_{e ∈ S_t} s_{t,e} / (√|S_t| · ‖s_t‖)
 
-    over real tokens with at least one served slot and a non-zero score row. For SPECTRA the
-    scores are s_{t,e} = cos(r_{t,e}, p_{t,e}) (routing vector vs expression vector), so this is
+    over real tokens with at least one served slot and a non-zero score row. The scores are the
+    router's own similarity scores (`RoutingOutput.scores`), never its cost or logits: for SPECTRA
+    s_{t,e} = cos(r_{t,e}, p_{t,e}) (routing vector vs expression vector), so this is
     1 when the experts a token was sent to hold all of its expression similarity and ≤ 0 when
     they score no better than the rest; under a uniform score row it is √(|S_t| / E).
     scores: [N, E]; expert_index: [N, k]; served: [N, k] bool; valid: [N] bool.

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from spectra.metrics.balance import (
     coefficient_of_variation,
     collapse_rate,
-    dropped_rate,
+    dropped_slot_rate,
+    dropped_token_rate,
     expert_load,
     gini,
     max_violation,
@@ -45,12 +46,13 @@ def routing_metrics(
 ) -> dict[str, float]:
     """Per-layer metrics of one forward pass. E < 2 raises ValueError (balance is undefined).
 
-    Always:  cv, maxvio, gini, unused_rate, usage_entropy, dropped_rate, collapse_rate
-             (threshold 10 % of uniform load), routing_entropy (on `probs`), confidence,
-             expert_overlap (mean pairwise Jaccard of served token sets).
+    Always:  cv, maxvio, gini, unused_rate, usage_entropy, collapse_rate (threshold 10 % of
+             uniform load), dropped_token_rate (real tokens with every slot dropped / real
+             tokens), dropped_slot_rate (dropped slots / real slots), routing_entropy (on
+             `probs`), confidence, expert_overlap (mean pairwise Jaccard of served token sets).
     gram:    gram_orthogonality, gram_diagonal_quality, off_diagonal_sparsity.
     expert_repr: expert_similarity_mean.
-    gram and logits (SPECTRA family, whose logits are the expression scores s = cos(r, p)):
+    scores (SPECTRA family: s = cos(r, p), not the cost −C in `logits`):
              routing_expression_alignment.
     batch_shape = (B, S) or doc_start [B, S]: sequential_overlap (adjacent real positions of
              a row, not crossing a document start when doc_start is given).
@@ -65,7 +67,8 @@ def routing_metrics(
         "gini": gini(load),
         "unused_rate": unused_expert_rate(load),
         "usage_entropy": usage_entropy(load),
-        "dropped_rate": dropped_rate(out.dropped, out.valid),
+        "dropped_token_rate": dropped_token_rate(out.dropped, out.valid),
+        "dropped_slot_rate": dropped_slot_rate(out.dropped, out.valid),
         "collapse_rate": collapse_rate(load),
         "routing_entropy": token_routing_entropy(out.probs, out.valid),
         "confidence": routing_confidence(out.expert_weight, out.valid),
@@ -75,10 +78,10 @@ def routing_metrics(
         metrics["gram_orthogonality"] = gram_orthogonality(out.gram)
         metrics["gram_diagonal_quality"] = gram_diagonal_quality(out.gram)
         metrics["off_diagonal_sparsity"] = off_diagonal_sparsity(out.gram)
-        if out.logits is not None:
-            metrics["routing_expression_alignment"] = routing_expression_alignment(
-                out.logits, out.expert_index, served, out.valid
-            )
+    if out.scores is not None:
+        metrics["routing_expression_alignment"] = routing_expression_alignment(
+            out.scores, out.expert_index, served, out.valid
+        )
     if out.expert_repr is not None:
         metrics["expert_similarity_mean"] = expert_similarity_mean(out.expert_repr)
     if doc_start is not None and batch_shape is None:
