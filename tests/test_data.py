@@ -325,7 +325,8 @@ def test_pack_against_concatenation(tok, corpus, max_len):
     docs = _docs(tok, corpus, 25)
     docs.append({"input_ids": list(range(10, 10 + 3 * max_len)), "labels": list(range(3 * max_len)), "domain_id": 2})
     rows = pack(docs, max_len, pad_token_id=0)
-    assert rows and all(len(r[k]) == max_len for r in rows for k in ("input_ids", "labels", "position_ids", "domain_ids"))
+    columns = ("input_ids", "labels", "position_ids", "domain_ids", "routing_mask")
+    assert rows and all(set(r) == set(columns) and len(r[k]) == max_len for r in rows for k in columns)
 
     # Reference built by hand: truncate each document, concatenate, pad once at the very end.
     trunc = [{k: d[k][:max_len] for k in ("input_ids", "labels")} | {"dom": d["domain_id"]} for d in docs]
@@ -345,6 +346,7 @@ def test_pack_against_concatenation(tok, corpus, max_len):
     assert flat["position_ids"][:n] == pos
     assert flat["input_ids"][n:] == [0] * n_pad and flat["labels"][n:] == [IGNORE_INDEX] * n_pad
     assert flat["domain_ids"][n:] == [-1] * n_pad and flat["position_ids"][n:] == list(range(n_pad))
+    assert flat["routing_mask"] == [1] * n + [0] * n_pad  # the routers' only marker of the pad block
     # position 0 exactly at document starts (and at the start of the pad block)
     zeros = [i for i, p in enumerate(flat["position_ids"]) if p == 0]
     assert zeros == starts + ([n] if n_pad else [])
@@ -381,10 +383,13 @@ def _cfg(**kw):
 
 def test_build_datasets_packed(tok, corpus):
     train, evals = build_datasets(_cfg(), tok, seed=0)
-    assert set(train.column_names) == {"input_ids", "labels", "position_ids", "domain_ids"}
+    columns = {"input_ids", "labels", "position_ids", "domain_ids", "routing_mask"}
+    assert set(train.column_names) == columns
     assert get_domain_names(train) == DOMAINS
     for ds in (train, evals):
-        assert all(len(r[k]) == 128 for r in ds for k in ("input_ids", "labels", "position_ids", "domain_ids"))
+        assert all(len(r[k]) == 128 for r in ds for k in columns)
+    # routing_mask is 0 exactly on the pad block: the tail of the last row
+    flat_mask = [t for r in evals for t in r["routing_mask"]]
 
     # The eval rows hold the first 20 validation conversations, in corpus order, nothing lost.
     expected, doms = [], []
@@ -396,6 +401,7 @@ def test_build_datasets_packed(tok, corpus):
     flat_dom = [t for r in evals for t in r["domain_ids"]]
     assert flat_ids[: len(expected)] == expected and flat_dom[: len(doms)] == doms
     assert set(flat_dom[len(doms):]) <= {-1} and len(flat_ids) - len(expected) < 128
+    assert flat_mask == [1] * len(expected) + [0] * (len(flat_ids) - len(expected))
 
     # Deterministic per seed; another seed draws other training conversations.
     again, _ = build_datasets(_cfg(), tok, seed=0)
@@ -412,20 +418,23 @@ def test_build_datasets_unpacked(tok):
         assert len(r["input_ids"]) == 128 and r["attention_mask"] == [1] * n + [0] * (128 - n)
         assert r["labels"][n:] == [IGNORE_INDEX] * (128 - n) and r["domain_ids"][n:] == [-1] * (128 - n)
         assert r["position_ids"] == list(range(128))
+        assert r["routing_mask"] == r["attention_mask"]
 
 
 def test_collator_drops_domain_ids(tok):
     train, _ = build_datasets(_cfg(), tok, seed=0)
     rows = [train[i] for i in range(3)]
     batch = PackedCollator()(rows)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "routing_mask"}
     for k, v in batch.items():
         assert v.dtype == torch.long and v.shape == (3, 128)
         assert v.tolist() == [r[k] for r in rows]
     unpacked, _ = build_datasets(_cfg(packing=False), tok, seed=0)
     batch = PackedCollator()([unpacked[0], unpacked[1]])
-    assert set(batch) == {"input_ids", "labels", "position_ids", "attention_mask"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "attention_mask", "routing_mask"}
     assert "domain_ids" in PackedCollator(include_domain_ids=True)(rows)
+    # a model without the routing pre-hook (dense) must not receive routing_mask
+    assert set(PackedCollator(include_routing_mask=False)(rows)) == {"input_ids", "labels", "position_ids"}
 
 
 def test_bundled_files_are_listed_with_hashes_in_stats():

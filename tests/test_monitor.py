@@ -3,18 +3,20 @@ assignments, Table-9 timing, Table-12 snapshots and stability, and the run direc
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from conftest import run_cli, tiny_causal_lm
 from spectra.config import ConfigError, MonitorConfig, load_config, validate
 from spectra.data.collate import PackedCollator
-from spectra.metrics import expert_load, expert_purity, routing_metrics, served_mask
+from spectra.metrics import expert_load
 from spectra.metrics.monitor import (
     RoutingMonitor,
     compare_routing,
@@ -34,17 +36,21 @@ S = 16  # sequence length of the fake eval rows
 
 def _rows(n: int = 3) -> list[dict]:
     """Packed-style eval rows: documents of 6 tokens (position_ids restart), domains 0..2, and a
-    pad block (domain −1) at the tail of the last row, as `iter_packed` makes it."""
+    pad block (domain −1, routing_mask 0) at the tail of the last row, as `iter_packed` makes it."""
     g = torch.Generator().manual_seed(0)
     rows = []
     for r in range(n):
         ids = torch.randint(1, 97, (S,), generator=g).tolist()
         pos = [i % 6 for i in range(S)]
         dom = [(r + i // 6) % 3 for i in range(S)]
+        mask = [1] * S
         if r == n - 1:  # the pad block: 5 positions
-            ids[-5:], pos[-5:], dom[-5:] = [0] * 5, list(range(5)), [-1] * 5
-        rows.append({"input_ids": ids, "labels": ids, "position_ids": pos, "domain_ids": dom})
+            ids[-5:], pos[-5:], dom[-5:], mask[-5:] = [0] * 5, list(range(5)), [-1] * 5, [0] * 5
+        rows.append({"input_ids": ids, "labels": ids, "position_ids": pos, "domain_ids": dom, "routing_mask": mask})
     return rows
+
+
+N_REAL = 3 * S - 5  # real tokens of `_rows()`
 
 
 def _model(*overrides):
@@ -100,46 +106,124 @@ def test_layer_metrics_read_dispatched_assignment_not_probs_or_counts():
     )
     valid = torch.tensor([True, True, True, False])
     m = layer_metrics(out, valid, domain_ids=torch.tensor([0, 1, 1, -1]), num_domains=2)
-    load = torch.tensor([2.0, 2.0, 0.0, 1.0])  # by hand: token 1 slot 1 dropped, token 3 padding
+    # By hand. Served: t0 -> {0, 1}, t1 -> {0} (slot 1 dropped), t2 -> {3, 1}; t3 is padding.
+    # load [2, 2, 0, 1], mean 1.25, population variance (0.75² + 0.75² + 1.25² + 0.25²) / 4 = 0.6875.
+    p = [0.4, 0.4, 0.2]  # load shares of the used experts
+    want = {
+        "cv": math.sqrt(0.6875) / 1.25,
+        "maxvio": 2 / 1.25 - 1,
+        "gini": 14 / (2 * 16 * 1.25),  # Σ_ij |c_i − c_j| = 2 · (1 + 2 + 2 + 1 + 1 + 0) = 14
+        "unused_rate": 1 / 4,
+        "usage_entropy": -sum(q * math.log(q) for q in p) / math.log(4),
+        "collapse_rate": 1 / 4,  # only expert 2 is below 10 % of the uniform load 1.25
+        "dropped_token_rate": 0.0,  # no real token lost every slot
+        "dropped_slot_rate": 1 / 6,  # 1 of 3 real tokens x 2 slots
+        "routing_entropy": math.log(4),  # flat probs
+        "confidence": (0.6 + 1.0 + 0.7) / 3,  # max weight of t0, t1, t2
+        # token sets {t0, t1}, {t0, t2}, {}, {t2}: pairs (0,1) 1/3, (1,3) 1/2, the other four 0
+        "expert_overlap": (1 / 3 + 1 / 2) / 6,
+        # expert 0 <- {d0, d1}, expert 1 <- {d0, d1}, expert 3 <- {d1}: (1 + 1 + 1) / 5
+        "domain_purity": 3 / 5,
+        # P(e | d0) = [1/2, 1/2, 0, 0], P(e | d1) = [1/3, 1/3, 0, 1/3]: peaks 1/2 and 1/3
+        "domain_affinity_peak": (1 / 2 + 1 / 3) / 2,
+    }
+    assert set(m) == set(want)
+    for k, v in want.items():
+        assert m[k] == pytest.approx(v, abs=1e-7), k  # weights are float32
+
+
+def _reference_metrics(out, valid, doc_start, dom, num_domains: int) -> dict[str, float]:
+    """Every metric the monitor logs for one layer, by loops, numpy and scipy over the captured
+    RoutingOutput (METHOD.md §5's definitions), independent of spectra.metrics."""
+    idx, drop, v = out.expert_index.tolist(), out.dropped.tolist(), valid.tolist()
+    n, k, e = out.expert_index.shape[0], out.expert_index.shape[1], out.num_experts
+    served = [[v[t] and not drop[t][j] for j in range(k)] for t in range(n)]
+    load, sets = np.zeros(e), [set() for _ in range(e)]
+    counts = np.zeros((num_domains, e))  # served assignments of domain d to expert e
+    for t in range(n):
+        for j in range(k):
+            if served[t][j]:
+                load[idx[t][j]] += 1
+                sets[idx[t][j]].add(t)
+                if dom[t] >= 0:
+                    counts[dom[t], idx[t][j]] += 1
+    real = [t for t in range(n) if v[t]]
     mean = load.mean()
-    assert m["cv"] == pytest.approx(float(load.std(correction=0) / mean))
-    assert m["maxvio"] == pytest.approx(float(load.max() / mean - 1))
-    assert m["unused_rate"] == pytest.approx(0.25)
-    assert m["dropped_slot_rate"] == pytest.approx(1 / 6)  # 1 of 3 real tokens x 2 slots
-    assert m["dropped_token_rate"] == 0.0  # no real token lost every slot
-    # equal to routing_metrics on the same assignment with padding masked
-    ref = routing_metrics(replace(out, valid=valid))
-    assert {k: m[k] for k in ref} == pytest.approx(ref, nan_ok=True)
-    # domain purity by hand: expert 0 <- {d0, d1}, expert 1 <- {d0, d1}, expert 3 <- {d1} => (1+1+1)/5
-    assert m["domain_purity"] == pytest.approx(3 / 5)
+    b, s_len = doc_start.shape
+    starts = doc_start.reshape(-1).tolist()
+    pairs = [(t, t + 1) for t in range(n - 1) if (t + 1) % s_len and v[t] and v[t + 1] and not starts[t + 1]]
+    present = counts.sum(1) > 0
+    m = {
+        "cv": load.std() / mean,
+        "maxvio": load.max() / mean - 1,
+        "gini": sum(abs(x - y) for x in load for y in load) / (2 * e * e * mean),
+        "unused_rate": float(np.mean(load == 0)),
+        "usage_entropy": stats.entropy(load) / np.log(e),
+        "collapse_rate": float(np.mean(load < 0.1 * mean)),
+        "dropped_token_rate": sum(all(drop[t]) for t in real) / len(real),
+        "dropped_slot_rate": sum(sum(drop[t]) for t in real) / (k * len(real)),
+        "routing_entropy": np.mean([stats.entropy(out.probs[t].double().numpy()) for t in real]),
+        "confidence": np.mean([max(out.expert_weight[t].tolist()) for t in real]),
+        "expert_overlap": np.mean([len(x & y) / len(x | y) for x, y in itertools.combinations(sets, 2) if x | y]),
+        "sequential_overlap": np.mean([len(set(idx[t]) & set(idx[u])) / k for t, u in pairs]),
+        "domain_purity": counts.max(0).sum() / counts.sum(),
+        "domain_affinity_peak": np.mean([row.max() / row.sum() for row in counts[present]]),
+    }
+    if out.gram is not None:
+        g = out.gram.double().numpy()
+        off = g[~np.eye(e, dtype=bool)]
+        m["gram_orthogonality"] = 1 - np.abs(off).mean()
+        m["gram_diagonal_quality"] = 1 - np.abs(np.diag(g) - 1).mean()
+        m["off_diagonal_sparsity"] = float(np.mean(np.abs(off) < 0.1))
+        r = out.expert_repr.double().numpy()
+        r = r / np.linalg.norm(r, axis=1, keepdims=True)
+        m["expert_similarity_mean"] = (r @ r.T)[~np.eye(e, dtype=bool)].mean()
+    if out.scores is not None:
+        cos = []
+        for t in real:
+            a = np.zeros(e)
+            a[[idx[t][j] for j in range(k) if served[t][j]]] = 1.0
+            sc = out.scores[t].double().numpy()
+            cos.append(a @ sc / (np.linalg.norm(a) * np.linalg.norm(sc)))
+        m["routing_expression_alignment"] = np.mean(cos)
+    return m
 
 
-@pytest.mark.parametrize("router", [["router=switch_top2", "router.capacity_factor=0.5"], ["router=spectra"]])
-def test_monitor_metrics_equal_independent_routing_metrics(tmp_path, router):
+TIMING = {"router_ms", "experts_ms", "shared_ms", "router_share"}
+
+
+# SPECTRA with τ = 0: the hinge term makes the cost −C differ from the scores s even before any
+# Gram exists, so an alignment computed on the cost instead of s would not match.
+@pytest.mark.parametrize("router", [["router=switch_top2", "router.capacity_factor=0.5"],
+                                    ["router=spectra", "osr.hinge_threshold=0.0"]])
+def test_monitor_metrics_equal_independent_reference(tmp_path, router):
     model = _model(*router)
     seen = _capture(model)
     mon = _monitor(model, tmp_path)
     logs = mon.evaluation_metrics(model, ARGS, _state(5))
     batch = PackedCollator(include_domain_ids=True)(_rows())
-    valid = (batch["domain_ids"] >= 0).reshape(-1)  # the pad block is not a real token
+    valid = batch["routing_mask"].bool().reshape(-1)  # the pad block is not a real token
     doc_start = batch["position_ids"] == 0
-    dom = batch["domain_ids"].reshape(-1)
+    dom = batch["domain_ids"].reshape(-1).tolist()
     assert set(seen) == {0, 1}
     for layer, out in seen.items():
-        out = replace(out, valid=valid)  # captured under the monitor's no_grad: plain tensors
-        ref = routing_metrics(out, doc_start=doc_start)
-        got = {k: logs[f"monitor/layer{layer}/{k}"] for k in ref}
-        assert got == pytest.approx(ref, nan_ok=True, rel=1e-6)
-        served = served_mask(valid, out.dropped)
-        assert logs[f"monitor/layer{layer}/domain_purity"] == pytest.approx(
-            expert_purity(out.expert_index, served, dom, 4, 3).weighted_mean)
+        assert torch.equal(out.valid, valid)  # the routers were given the pad block as padding
+        if out.scores is not None:
+            assert not torch.allclose(out.logits, out.scores, atol=1e-3)  # −C ≠ s here
+        want = _reference_metrics(out, valid, doc_start, dom, 3)
+        if "router=spectra" in router:  # ‖B̂B̂ᵀ − I‖_F / E over the projector's per-expert blocks
+            w = moe_blocks(model)[layer].router.projector.weight.detach().double().reshape(4, -1).numpy()
+            w = w / np.linalg.norm(w, axis=1, keepdims=True)
+            want["projector_orthogonality"] = np.linalg.norm(w @ w.T - np.eye(4)) / 4
+        got = {k.split("/", 2)[2]: v for k, v in logs.items() if k.startswith(f"monitor/layer{layer}/")}
+        assert set(got) - TIMING == set(want)
+        for k, v in want.items():
+            assert math.isfinite(v) and got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (layer, k)
     assert logs["monitor/cv_mean"] == pytest.approx((logs["monitor/layer0/cv"] + logs["monitor/layer1/cv"]) / 2)
-    assert logs["monitor/num_tokens"] == float(valid.sum())
-    if "router=spectra" in router:
-        assert "monitor/layer0/projector_orthogonality" in logs and "monitor/layer0/gram_orthogonality" in logs
-    else:
+    assert logs["monitor/num_tokens"] == N_REAL
+    if "router=spectra" not in router:
         assert any(float(seen[i].dropped[valid].sum()) > 0 for i in seen), "capacity 0.5 should drop slots"
-        assert "monitor/layer0/projector_orthogonality" not in logs
+        assert any(logs[f"monitor/layer{i}/dropped_token_rate"] > 0 for i in seen), "some token lost both slots"
 
 
 def test_snapshot_load_counts_only_served_slots(tmp_path):
@@ -150,8 +234,8 @@ def test_snapshot_load_counts_only_served_slots(tmp_path):
     mon.on_step_end(ARGS, _state(1), None, model=model)  # 1 = ceil(0.1 * 8): a snapshot step
     snap = load_snapshot(snapshot_path(tmp_path, 1))
     batch = PackedCollator(include_domain_ids=True)(_rows())
-    valid = (batch["domain_ids"] >= 0).reshape(-1)
-    assert torch.equal(snap["valid"], valid)
+    valid = batch["routing_mask"].bool().reshape(-1)
+    assert torch.equal(snap["valid"], valid) and int(valid.sum()) == N_REAL
     assert torch.equal(snap["input_ids"].long(), batch["input_ids"].reshape(-1))
     assert snap["domain_names"] == ["a", "b", "c"]
     for layer, out in seen.items():
@@ -196,8 +280,8 @@ def test_spectra_router_reports_pre_quota_load_only_when_the_quota_ran():
 
 
 def test_snapshot_stores_loads_before_and_after_quota(tmp_path):
-    # capacity factor 1: N·k / E = 48·2 / 4 = 24 is a hard cap on every expert, so the quota's
-    # load must be exactly flat, whatever plain top-k chose.
+    # capacity factor 1 over the 43 real tokens (the 5-position pad block is not counted):
+    # cap = ceil(43·2 / 4) = 22 is a hard cap on every expert, whatever plain top-k chose.
     model = _model("router=spectra", "quota.capacity_factor=1.0")
     seen = _capture(model)
     mon = _monitor(model, tmp_path)
@@ -205,15 +289,17 @@ def test_snapshot_stores_loads_before_and_after_quota(tmp_path):
     mon.on_step_end(ARGS, _state(1), None, model=model)
     snap = load_snapshot(snapshot_path(tmp_path, 1))
     assert all(not b.router.sinkhorn_inference for b in moe_blocks(model))  # switched back off
-    n_router = len(_rows()) * S  # packed rows carry no attention mask: the router counts all 48
+    real = snap["valid"]
+    assert int(real.sum()) == N_REAL == 43
     assert set(seen) == {0, 1}
     for layer, out in seen.items():  # the last forward hooked: the quota pass
         s = snap["layers"][layer]
-        assert s["load_after_quota"].tolist() == [24.0] * 4
-        ref_before = torch.bincount(out.probs.topk(2, dim=-1).indices.reshape(-1), minlength=4).double()
+        assert float(s["load_after_quota"].sum()) == 2 * N_REAL and float(s["load_after_quota"].max()) <= 22
+        # plain top-k of the plan over the real tokens only (pad rows of the plan are not counted)
+        ref_before = torch.bincount(out.probs[real].topk(2, dim=-1).indices.reshape(-1), minlength=4).double()
         assert torch.equal(s["load_before_quota"], ref_before)
-        assert float(s["load_before_quota"].sum()) == 2 * n_router
-    assert any(s["load_before_quota"].max() > 24 for s in snap["layers"].values())  # the quota did bind
+        assert float(s["load_before_quota"].sum()) == 2 * N_REAL
+    assert any(s["load_before_quota"].max() > 22 for s in snap["layers"].values())  # the quota did bind
     # the eval routing (no quota) is what `load` and the monitor metrics still describe
     for layer, out in _monitor(model, tmp_path / "eval").collect(model, 1).outputs.items():
         assert torch.equal(snap["layers"][layer]["expert_index"].long(), out.expert_index)

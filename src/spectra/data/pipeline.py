@@ -6,8 +6,9 @@ with the chat template (`datasets.map`, `num_proc` workers, cached) -> pack (or 
 
 Row columns (every list exactly max_seq_length long):
     input_ids, labels, position_ids: int32 lists; domain_ids: list of ClassLabel indices
-    (-1 = padding) whose names are `get_domain_names(ds)`; plus attention_mask when
-    data_cfg.packing is False. See `spectra.data.sft` for the exact conventions.
+    (-1 = padding or no domain) whose names are `get_domain_names(ds)`; routing_mask: int8
+    (1 = real token, 0 = padding: the routers' only marker of the packed pad block); plus
+    attention_mask when data_cfg.packing is False. See `spectra.data.sft` for the exact conventions.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 import datasets
 
 from .corpus import DOMAINS, load_bundled_corpus, load_smoltalk
-from .sft import iter_packed, iter_padded, tokenize_conversation
+from .sft import ROUTING_MASK, iter_packed, iter_padded, tokenize_conversation
 
 _CHUNK_ROWS = 1024  # rows materialised as Python lists at a time while building the Arrow table
 
@@ -30,6 +31,7 @@ def _row_features(domain_names: tuple[str, ...], packing: bool) -> datasets.Feat
         "labels": ints,
         "position_ids": ints,
         "domain_ids": datasets.List(datasets.ClassLabel(names=list(domain_names))),
+        ROUTING_MASK: datasets.List(datasets.Value("int8")),
     }
     if not packing:
         feats["attention_mask"] = datasets.List(datasets.Value("int8"))

@@ -24,6 +24,16 @@ Packed rows (what `pack` yields), each list exactly `max_seq_length` long:
                   with use_cache=False (config or call). With the default config.use_cache=True a
                   DynamicCache is created even in training and documents attend across boundaries.
     domain_ids    the document's domain index for each token (see pipeline.get_domain_names), -1 on padding
+                  (and on real tokens of documents without a domain: -1 does not mean "padding")
+    routing_mask  1 on real tokens, 0 on the pad block (ROUTING_MASK). Packed rows carry no
+                  attention_mask (see position_ids), so this is the only marker of padding the
+                  routers get: the model's routing pre-hook (spectra.moe.context) pops it from the
+                  forward's kwargs -- the model itself never receives it -- and routes the pad block
+                  as padding: no Sinkhorn mass, no quota capacity, not in the Gram means, aux losses
+                  or routing metrics (METHOD.md §2b).
+
+Padded rows (`iter_padded`, data.packing=false) have the same columns plus attention_mask; their
+routing_mask equals the attention_mask.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from collections.abc import Iterable, Iterator
 
 IGNORE_INDEX = -100
 PAD_DOMAIN = -1
+ROUTING_MASK = "routing_mask"  # row column: 1 = real token, 0 = padding (module docstring)
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], assistant_only_loss: bool = True) -> dict[str, list[int]]:
@@ -68,12 +79,12 @@ def iter_packed(examples: Iterable[dict], max_seq_length: int, pad_token_id: int
     default PAD_DOMAIN). A document longer than max_seq_length is truncated to its first
     max_seq_length tokens (the only way tokens are dropped); a document may start in one row
     and continue in the next. Only the last row is padded (input_ids=pad_token_id,
-    labels=IGNORE_INDEX, domain_ids=-1, position_ids 0.. for the pad block).
-    Yields dicts of four lists, each exactly max_seq_length long (format: module docstring).
+    labels=IGNORE_INDEX, domain_ids=-1, position_ids 0.. and routing_mask 0 for the pad block).
+    Yields dicts of five lists, each exactly max_seq_length long (format: module docstring).
     """
     if max_seq_length < 1:
         raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
-    keys = ("input_ids", "labels", "position_ids", "domain_ids")
+    keys = ("input_ids", "labels", "position_ids", "domain_ids", ROUTING_MASK)
     buf: dict[str, list[int]] = {k: [] for k in keys}
     for ex in examples:
         ids = list(ex["input_ids"][:max_seq_length])
@@ -87,6 +98,7 @@ def iter_packed(examples: Iterable[dict], max_seq_length: int, pad_token_id: int
         buf["labels"] += labels
         buf["position_ids"] += range(len(ids))
         buf["domain_ids"] += [dom] * len(ids)
+        buf[ROUTING_MASK] += [1] * len(ids)
         while len(buf["input_ids"]) >= max_seq_length:
             yield {k: buf[k][:max_seq_length] for k in keys}
             buf = {k: buf[k][max_seq_length:] for k in keys}
@@ -97,6 +109,7 @@ def iter_packed(examples: Iterable[dict], max_seq_length: int, pad_token_id: int
             "labels": buf["labels"] + [IGNORE_INDEX] * n_pad,
             "position_ids": buf["position_ids"] + list(range(n_pad)),
             "domain_ids": buf["domain_ids"] + [PAD_DOMAIN] * n_pad,
+            ROUTING_MASK: buf[ROUTING_MASK] + [0] * n_pad,
         }
 
 
@@ -110,7 +123,7 @@ def iter_padded(examples: Iterable[dict], max_seq_length: int, pad_token_id: int
 
     Rows have the packed columns plus attention_mask (1 on tokens, 0 on padding); the model
     needs it here because position_ids run 0..max_seq_length-1 straight through the padding,
-    so they cannot mark where the document ends.
+    so they cannot mark where the document ends. routing_mask equals attention_mask.
     """
     for ex in examples:
         ids = list(ex["input_ids"][:max_seq_length])
@@ -124,5 +137,6 @@ def iter_padded(examples: Iterable[dict], max_seq_length: int, pad_token_id: int
             "labels": labels + [IGNORE_INDEX] * n_pad,
             "position_ids": list(range(max_seq_length)),
             "domain_ids": [dom] * len(ids) + [PAD_DOMAIN] * n_pad,
+            ROUTING_MASK: [1] * len(ids) + [0] * n_pad,
             "attention_mask": [1] * len(ids) + [0] * n_pad,
         }

@@ -11,19 +11,23 @@ What it does during training (`RoutingMonitor`, a TrainerCallback wired in `trai
       monitor/<metric>_mean       mean over MoE layers (nan-aware)
       monitor/forward_ms, monitor/router_ms_total, monitor/experts_ms_total, monitor/num_tokens
 
-  <metric> = everything of `summary.routing_metrics` (balance, decision, specialization, sequential
-  overlap), plus domain_purity / domain_affinity_peak, projector_orthogonality (routers with an
-  expression projector), router_ms / experts_ms / shared_ms / router_share (paper Table 9), and,
-  once two routing snapshots exist, the stability so far: consistency_prev, consistency_first,
-  kendall_tau_prev, usage_variance (paper Table 12).
+  <metric> = everything of `summary.routing_metrics` (balance incl. dropped_token_rate and
+  dropped_slot_rate, decision, specialization, sequential overlap), plus domain_purity /
+  domain_affinity_peak, projector_orthogonality (routers with an expression projector), router_ms /
+  experts_ms / shared_ms / router_share (paper Table 9), and, once two routing snapshots exist, the
+  stability so far: consistency_prev, consistency_first, kendall_tau_prev, usage_variance (paper
+  Table 12). Every `monitor/` key describes *inference* routing (eval mode: SPECTRA routes each
+  token by top-k of −C, no Sinkhorn and no quota unless osr.sinkhorn_inference; Expert Choice
+  falls back to token-choice top-k), like the recorder's `eval/` keys; the training routing's
+  post-quota and pre-quota loads are the recorder's `train/layer{i}/cv` and `cv_before_quota`.
   The prefix is `monitor/`, not `eval/`: the trainer's RoutingRecorder already writes
   `eval/layer{i}/cv` over the *whole* eval set, and the two must not overwrite each other.
 
 * **At 10/25/50/75/100 % of max_steps** (`snapshot_steps`) it saves the slice's dispatched routing
   to `<run_dir>/routing/step{step:06d}.pt` (temp file + rename, so a file is complete or absent):
   per layer the selected `expert_index` [N, k], the `served` mask [N, k] and the dispatched load
-  [E]; top level: step, fingerprint of the slice tokens, shape [B, S], valid [N], domain_ids [N],
-  input_ids [N], domain_names. `stability(snapshots)` turns them into Table 12;
+  [E] of the inference routing; top level: step, fingerprint of the slice tokens, shape [B, S],
+  valid [N], domain_ids [N], input_ids [N], domain_names. `stability(snapshots)` turns them into Table 12;
   `compare_routing(run_a, run_b)` compares two runs on the same slice.
   For routers with a quota (SPECTRA, quota.enabled) each layer also gets `load_before_quota` [E]
   and `load_after_quota` [E]: the slice routed as in training (Sinkhorn over the slice + quota,
@@ -32,7 +36,9 @@ What it does during training (`RoutingMonitor`, a TrainerCallback wired in `trai
 
 Every number is read from the dispatched assignment: a slot counts only if its token is real and
 the slot was not dropped (after selection, capacity and drops). Padding — the pad block at the tail
-of a packed eval row (domain id −1) or attention-masked positions — is excluded.
+of a packed eval row (routing_mask 0) or attention-masked positions — is excluded, and it is
+excluded from the routing itself too: the slice batch goes to the model with its routing_mask, so
+the routers give the pad block no Sinkhorn mass, no quota capacity and no place in the Gram.
 The monitor's forward never changes training: eval mode, no grad, RNG state restored afterwards.
 """
 
@@ -50,6 +56,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import TrainerCallback
 
+from spectra.data.sft import ROUTING_MASK
 from spectra.metrics.balance import expert_load, served_mask
 from spectra.metrics.domain import domain_affinity, expert_purity
 from spectra.metrics.specialization import projector_orthogonality
@@ -97,6 +104,12 @@ def _nanmean(values) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def domain_served(valid: torch.Tensor, dropped: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tensor:
+    """[N, k] served slots of real tokens that have a domain (id >= 0): what domain metrics count.
+    A real token of a document without a domain (id −1) is routed and counted everywhere else."""
+    return served_mask(valid, dropped) & (domain_ids >= 0).unsqueeze(-1)
+
+
 def layer_metrics(
     out: RoutingOutput,
     valid: torch.Tensor,
@@ -106,9 +119,11 @@ def layer_metrics(
 ) -> dict[str, float]:
     """All metrics of one MoE layer on the slice, from its dispatched assignment.
 
-    out: the layer's RoutingOutput for N = B·S slice positions (CPU); valid: [N] bool real tokens
-    (replaces `out.valid`, so the packed pad block is excluded too); doc_start: [B, S] bool;
-    domain_ids: [N] long (−1 on padding) with num_domains classes.
+    out: the layer's RoutingOutput for N = B·S slice positions (CPU); valid: [N] bool real tokens,
+    replacing `out.valid` (in a monitor forward both are routing_mask & attention_mask, the mask
+    the routers were given); doc_start: [B, S] bool;
+    domain_ids: [N] long (−1: padding, or a document without a domain; left out of the domain
+    metrics only) with num_domains classes.
     Adds to `routing_metrics`:
         domain_purity          load-weighted share of an expert's assignments from its top domain
         domain_affinity_peak   mean over domains present of max_e P(e | d)
@@ -117,7 +132,7 @@ def layer_metrics(
     out = replace(out, valid=valid)
     m = routing_metrics(out, doc_start=doc_start)
     if domain_ids is not None and num_domains:
-        served = served_mask(valid, out.dropped)  # [N, k]
+        served = domain_served(valid, out.dropped, domain_ids)  # [N, k]
         e = out.num_experts
         m["domain_purity"] = expert_purity(out.expert_index, served, domain_ids, e, num_domains).weighted_mean
         aff = domain_affinity(out.expert_index, served, domain_ids, e, num_domains)  # [D, E], nan rows absent
@@ -293,6 +308,16 @@ def compare_routing(run_dir_a, run_dir_b, step: int | None = None) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def real_token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, S] bool real tokens of a collated batch, by the rule the routing context applies:
+    attention_mask AND routing_mask, each where present (all True when neither is)."""
+    valid = torch.ones(tuple(batch["input_ids"].shape), dtype=torch.bool)
+    for key in ("attention_mask", ROUTING_MASK):
+        if key in batch:
+            valid &= batch[key].bool()
+    return valid
+
+
 @dataclass
 class SliceRouting:
     """The routing of the held-out slice at one step (CPU tensors)."""
@@ -309,7 +334,8 @@ def _cpu_output(out: RoutingOutput) -> RoutingOutput:
         return None if t is None else t.detach().cpu()
 
     return replace(out, expert_index=cpu(out.expert_index), expert_weight=cpu(out.expert_weight).float(),
-                   probs=cpu(out.probs).float(), dropped=cpu(out.dropped), valid=cpu(out.valid),
+                   probs=cpu(out.probs).float(), scores=None if out.scores is None else cpu(out.scores).float(),
+                   dropped=cpu(out.dropped), valid=cpu(out.valid),
                    dispatch_counts=cpu(out.dispatch_counts), aux_losses={}, diagnostics={},
                    logits=None if out.logits is None else cpu(out.logits).float(),
                    gram=None if out.gram is None else cpu(out.gram).float(),
@@ -341,11 +367,7 @@ class RoutingMonitor(TrainerCallback):
         batch.pop("labels", None)  # no loss needed: the monitor reads routing only
         self.batch = batch
         self.shape = tuple(batch["input_ids"].shape)  # (B, S)
-        # Real tokens: attention-masked positions and the packed pad block (domain −1) excluded.
-        valid = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones(self.shape, dtype=torch.bool)
-        if domain is not None:
-            valid &= domain >= 0
-        self.valid = valid.reshape(-1)  # [N]
+        self.valid = real_token_mask(batch).reshape(-1)  # [N], what the routers will count
         self.domain_ids = None if domain is None else domain.reshape(-1)  # [N]
         self.num_domains = num_domains if domain is not None else None
         self.domain_names = domain_names
@@ -482,8 +504,8 @@ class RoutingMonitor(TrainerCallback):
         if self.domain_ids is not None and self.num_domains:
             self.last["domain_names"] = list(self.domain_names or [])
             self.last["domain_affinity"] = {  # [D, E] per layer: P(expert | domain) on the slice
-                str(layer): domain_affinity(out.expert_index, served_mask(self.valid, out.dropped), self.domain_ids,
-                                            out.num_experts, self.num_domains).tolist()
+                str(layer): domain_affinity(out.expert_index, domain_served(self.valid, out.dropped, self.domain_ids),
+                                            self.domain_ids, out.num_experts, self.num_domains).tolist()
                 for layer, out in sorted(routing.outputs.items())
             }
         self.time_s += time.perf_counter() - t0

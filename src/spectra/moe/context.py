@@ -7,6 +7,12 @@ state. A forward pre-hook on the causal LM (`install_context_hook`) captures the
 inputs once per forward; each MoE block reads what it needs from here and records its
 `RoutingOutput` so the trainer can add aux losses and log per-layer metrics.
 
+Padding. Routers see `valid` = attention_mask (when given) AND the batch's `routing_mask` (when
+given). Packed rows have no attention_mask on purpose (transformers builds the per-document mask
+from position_ids only without one), so their pad block is marked by `routing_mask` alone: a
+[B, S] 0/1 tensor the collator adds under a key the model never receives -- the pre-hook pops it
+from the forward's kwargs before the model runs (spectra.data.sft.ROUTING_MASK, same name).
+
 Why keyed by layer index and not "the last state": with gradient checkpointing a block is
 re-run during backward; reading `states[previous_moe_layer]` gives the same tensor the first
 forward used, whereas a "last written" slot would hold the final layer's state by then.
@@ -21,6 +27,10 @@ import torch
 
 from spectra.routing.base import RoutingInputs, RoutingOutput
 
+# The batch key of the real-token mask (spectra.data.sft.ROUTING_MASK; not imported from there:
+# spectra.data pulls in `datasets`, which the model side does not need).
+ROUTING_MASK = "routing_mask"
+
 
 @dataclass
 class RoutingContext:
@@ -30,6 +40,7 @@ class RoutingContext:
     input_ids: torch.Tensor | None = None  # [B, S]
     attention_mask: torch.Tensor | None = None  # [B, S_total] (past + current while decoding)
     position_ids: torch.Tensor | None = None  # [B, S]
+    routing_mask: torch.Tensor | None = None  # [B, S] 1 = real token (the batch's ROUTING_MASK), or None
     past_length: int = 0  # tokens already in the KV cache when this forward started
     step: int = 0  # optimizer steps taken (the trainer advances it)
     recording: bool = False  # the trainer turns this on around the forward it wants recorded
@@ -42,6 +53,7 @@ class RoutingContext:
         self.input_ids = input_ids
         self.attention_mask = attention_mask
         self.position_ids = position_ids
+        self.routing_mask = None  # the pre-hook sets it after this call when the batch has one
         self.past_length = past_length
         self.states = {}
         self.outputs = {}
@@ -52,10 +64,7 @@ class RoutingContext:
         """Build a router's inputs for MoE layer `layer_idx` from hidden [B, S, H]."""
         B, S, _ = hidden.shape
         device = hidden.device
-        if self.attention_mask is not None:
-            valid = self.attention_mask[:, -S:].to(device=device, dtype=torch.bool)  # [B, S]
-        else:
-            valid = torch.ones(B, S, dtype=torch.bool, device=device)
+        valid = self.real_tokens(B, S, device)  # [B, S]
         if self.position_ids is not None and self.position_ids.shape[-1] == S and self.past_length == 0:
             doc_start = self.position_ids.to(device) == 0  # [B, S], packed rows restart at 0
             doc_start = doc_start.expand(B, S)
@@ -81,6 +90,19 @@ class RoutingContext:
             step=self.step,
             past_length=self.past_length,
         )
+
+    def real_tokens(self, B: int, S: int, device) -> torch.Tensor:
+        """[B, S] bool: attention_mask (its last S columns while decoding) AND routing_mask, each
+        when present; all True when neither is."""
+        valid = torch.ones(B, S, dtype=torch.bool, device=device)
+        if self.attention_mask is not None:
+            valid = valid & self.attention_mask[:, -S:].to(device=device, dtype=torch.bool)
+        if self.routing_mask is not None:
+            if tuple(self.routing_mask.shape) != (B, S):
+                raise ValueError(f"{ROUTING_MASK} has shape {tuple(self.routing_mask.shape)}, but the forward routes "
+                                 f"[B, S] = [{B}, {S}] positions: it must mark every input position")
+            valid = valid & self.routing_mask.to(device=device, dtype=torch.bool)
+        return valid
 
     def record(self, layer_idx: int, out: RoutingOutput, training: bool) -> None:
         """Keep the layer's routing state for the next layer / next decoding call, and its output."""
@@ -124,7 +146,12 @@ def _model_input(signature: inspect.Signature, args: tuple, kwargs: dict, name: 
 
 
 def install_context_hook(model: torch.nn.Module, ctx: RoutingContext):
-    """Register the forward pre-hook that feeds `ctx` from the causal LM's inputs."""
+    """Register the forward pre-hook that feeds `ctx` from the causal LM's inputs.
+
+    It also removes `routing_mask` (ROUTING_MASK) from the forward's kwargs, so a batch from
+    spectra.data.PackedCollator can be passed as `model(**batch)`: the mask marks padding for the
+    routers only, and the model's forward never sees the key.
+    """
     signature = inspect.signature(model.forward)
 
     def hook(module, args, kwargs):
@@ -136,8 +163,10 @@ def install_context_hook(model: torch.nn.Module, ctx: RoutingContext):
         if cache is not None and hasattr(cache, "get_seq_length"):
             past = int(cache.get_seq_length())
             _follow_beam_reorder(cache, ctx)
+        routing_mask = kwargs.pop(ROUTING_MASK, None)
         ctx.begin_forward(get("input_ids"), get("attention_mask"), get("position_ids"), past)
-        return None
+        ctx.routing_mask = routing_mask
+        return args, kwargs
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 

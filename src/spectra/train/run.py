@@ -197,7 +197,9 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=PackedCollator(),
+        # routing_mask marks the packed pad block for the routers; only a model with the routing
+        # pre-hook (which pops it) may receive it, so a dense model's batches go without.
+        data_collator=PackedCollator(include_routing_mask=getattr(model, "spectra_context", None) is not None),
         processing_class=tokenizer,
         callbacks=[JsonlMetricsCallback(run_dir, tokens_per_step), RouterStepCallback(model)] + ([monitor] if monitor else []),
         spectra_cfg=cfg,
