@@ -461,3 +461,100 @@ def test_gradients_reach_gru_projector_and_head(packed):
     for name in ("gru.weight_ih_l0", "gru.weight_hh_l0", "head.weight", "projector.weight"):
         grad = dict(router.named_parameters())[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+# ------------------------------------------------------------------------- running Gram (EMA)
+
+
+def _train_tiny_moe(checkpointing: str, accum: int, steps: int = 3, decay: float = 0.5):
+    """Train an upcycled tiny Llama with SPECTRA routers for `steps` optimizer steps of `accum`
+    micro-batches, routers told of each step by the Trainer's RouterStepCallback.
+
+    Returns (per router: running Gram buffer [E, D], the M of every router call in order).
+    """
+    from types import SimpleNamespace
+
+    from conftest import tiny_causal_lm
+    from spectra.config import load_config, validate
+    from spectra.moe import upcycle
+    from spectra.moe.upcycle import routers
+    from spectra.train.callbacks import RouterStepCallback
+
+    cfg = validate(load_config(["router=spectra", "moe.num_experts=4", "moe.top_k=2", f"router.gram_ema_decay={decay}",
+                                "router.gru_hidden_size=8", "router.router_dim=4"]))
+    model = upcycle(tiny_causal_lm("llama"), cfg, seed=0)
+    if checkpointing != "off":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+    model.train()
+    calls: list[list[torch.Tensor]] = [[] for _ in routers(model)]
+    for i, r in enumerate(routers(model)):
+        r.register_forward_hook(lambda mod, args, out, i=i: calls[i].append(out.expert_repr.detach().clone()))
+    callback = RouterStepCallback(model)
+    model.spectra_context.recording = True  # as MoETrainer.compute_loss does: aux losses join the loss
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)  # large: M moves visibly from step to step
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, steps + 1):
+        for _ in range(accum):
+            ids = torch.randint(0, 97, (2, 10), generator=gen)
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+            (out.loss + model.spectra_context.aux_loss()).backward()
+        opt.step()
+        opt.zero_grad()
+        callback.on_step_end(None, SimpleNamespace(global_step=step), None)
+    return [r.expert_repr_ema.clone() for r in routers(model)], calls
+
+
+def _hand_ema(ms: list[torch.Tensor], accum: int, decay: float) -> torch.Tensor:
+    """The documented running Gram: per optimizer step, mean of its micro-batch M's; the first
+    step copies, later ones blend ema <- d * ema + (1 - d) * mean."""
+    ema = None
+    for lo in range(0, len(ms), accum):
+        mean = torch.stack(ms[lo : lo + accum]).mean(0)
+        ema = mean if ema is None else decay * ema + (1 - decay) * mean
+    return ema
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_running_gram_updates_once_per_optimizer_step(accum):
+    # With gradient checkpointing the decoder layer (router included) runs again inside backward;
+    # that recompute must not blend M a second time, and with gradient accumulation the update is
+    # once per optimizer step (the mean of its micro-batches), not once per micro-batch.
+    steps, decay = 3, 0.5
+    buffers = {}
+    for mode in ("off", "non_reentrant", "reentrant"):
+        ema, calls = _train_tiny_moe(mode, accum, steps, decay)
+        for i, ms in enumerate(calls):
+            if mode == "off":
+                assert len(ms) == steps * accum
+                batch_ms = ms
+            else:  # forward, then its recompute in backward: the same micro-batch, the same M
+                assert len(ms) == 2 * steps * accum
+                batch_ms = ms[0::2]
+                for a, b in zip(ms[0::2], ms[1::2]):
+                    torch.testing.assert_close(a, b, atol=0, rtol=0)
+            torch.testing.assert_close(ema[i], _hand_ema(batch_ms, accum, decay), atol=1e-6, rtol=0)
+        buffers[mode] = ema
+    # transformers' default (non-reentrant) checkpointing trains exactly like no checkpointing, so
+    # the buffers end identical. (Reentrant checkpointing drifts in the trajectory itself.)
+    for a, b in zip(buffers["off"], buffers["non_reentrant"]):
+        assert torch.equal(a, b)
+
+
+def test_running_gram_folds_at_eval_and_skips_non_finite_steps():
+    router = make(router={"gram_ema_decay": 0.5}).train()
+    torch.manual_seed(11)
+    with torch.no_grad():
+        m1 = router(inputs(torch.randn(2, 6, H))).expert_repr
+        m2 = router(inputs(torch.randn(2, 6, H))).expert_repr
+    assert not bool(router.expert_repr_ema_ready)  # forwards only collect
+    router.eval()  # no optimizer step followed: eval folds the collected mean (first: a copy)
+    torch.testing.assert_close(router.expert_repr_ema, (m1 + m2) / 2, atol=1e-7, rtol=0)
+    before = router.expert_repr_ema.clone()
+    router.train()
+    router.collect_expert_repr(torch.full_like(m1, float("nan")))  # a non-finite step
+    router.on_optimizer_step(1)
+    assert torch.equal(router.expert_repr_ema, before)
+    with torch.no_grad():
+        m3 = router(inputs(torch.randn(2, 6, H))).expert_repr
+    router.on_optimizer_step(2)
+    torch.testing.assert_close(router.expert_repr_ema, 0.5 * before + 0.5 * m3, atol=1e-7, rtol=0)

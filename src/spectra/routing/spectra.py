@@ -28,10 +28,18 @@ backward (nn.GRU's CPU autograd is per-step overhead at the router's sizes).
 
 Batch dependence: in training the Gram G in the cost is the current batch's (as in the paper),
 and Sinkhorn/quota couple the tokens of one rank's micro-batch. At inference the cost uses a
-running average of M (buffer `expert_repr_ema`, updated in training with decay
-`router.gram_ema_decay`, default 0.99) so routing at position t depends only on positions ≤ t
-and never on other rows; `osr.sinkhorn_inference=true` re-enables Sinkhorn (+ quota when
-enabled) over the tokens of the current call, which is batch-dependent by design.
+running average of M (buffer `expert_repr_ema`) so routing at position t depends only on
+positions ≤ t and never on other rows; `osr.sinkhorn_inference=true` re-enables Sinkhorn (+ quota
+when enabled) over the tokens of the current call, which is batch-dependent by design.
+
+Running average: one update per optimizer step, ema ← d · ema + (1 − d) · mean of the step's
+micro-batch M's (d = `router.gram_ema_decay`, default 0.99; the first update copies the mean).
+Training forwards only collect M; `on_optimizer_step` (the Trainer's RouterStepCallback, after
+each optimizer step) folds the collected mean in, as does switching to eval mode, so a loop that
+never calls `on_optimizer_step` still gets a running average. Hence d means the same per
+optimizer step whatever `trainer.gradient_accumulation_steps` is, and gradient checkpointing does
+not count a micro-batch twice: its recomputed forward runs inside autograd's backward pass and
+collects nothing. A step whose mean is not finite (a skipped non-finite step) is not folded in.
 """
 
 from __future__ import annotations
@@ -50,6 +58,13 @@ from spectra.routing.sinkhorn import marginal_error, sinkhorn
 from spectra.routing.topk import routing_entropy
 
 __all__ = ["SpectraRouter", "token_recurrence"]
+
+
+def _in_backward() -> bool:
+    """True while autograd's engine runs a backward pass: where gradient checkpointing (torch's
+    reentrant and non-reentrant variants, DeepSpeed's) recomputes a forward."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)  # what torch's own module trackers use
+    return task_id is not None and task_id() != -1
 
 
 def _xavier_gru_(weight: torch.Tensor, gates: int = 3) -> None:
@@ -123,11 +138,46 @@ class SpectraRouter(Router):
         # Running expert directions for batch-independent inference (see module docstring).
         self.register_buffer("expert_repr_ema", torch.zeros(e, d))
         self.register_buffer("expert_repr_ema_ready", torch.zeros((), dtype=torch.bool))
+        # This optimizer step's collected M's: sum [E, D] and count (0-dim), created on first use.
+        # Plain attributes, not buffers: transient within a step, so neither checkpoints nor
+        # DDP's buffer broadcast should carry them.
+        self._ema_sum: torch.Tensor | None = None
+        self._ema_count: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------- schedules
     def on_optimizer_step(self, step: int) -> None:
-        """Record the global optimizer step (drives the SRIP warm-up of λ_ortho)."""
+        """After an optimizer step: fold the step's M's into the running Gram, record the step
+        (it drives the SRIP warm-up of λ_ortho)."""
+        self.fold_expert_repr()
         self.srip_step.fill_(int(step))
+
+    def train(self, mode: bool = True):
+        """Switching to eval folds what training collected (no optimizer step may have followed)."""
+        if not mode:
+            self.fold_expert_repr()
+        return super().train(mode)
+
+    @torch.no_grad()
+    def collect_expert_repr(self, m: torch.Tensor) -> None:
+        """Add a training micro-batch's M [E, D] to this step's running-Gram update."""
+        md = m.detach().to(self.expert_repr_ema.dtype)
+        if self._ema_sum is None:
+            self._ema_sum, self._ema_count = torch.zeros_like(md), md.new_zeros(())
+        self._ema_sum += md
+        self._ema_count += 1
+
+    @torch.no_grad()
+    def fold_expert_repr(self) -> None:
+        """ema ← d · ema + (1 − d) · mean of the collected M's (copy on the first update); no host sync."""
+        if self._ema_sum is None:
+            return
+        mean = self._ema_sum / self._ema_count.clamp_min(1)  # [E, D]
+        ok = (self._ema_count > 0) & torch.isfinite(mean).all()  # 0-dim; a non-finite step is dropped
+        blended = torch.add(self.expert_repr_ema * self.gram_ema_decay, mean, alpha=1.0 - self.gram_ema_decay)
+        new = torch.where(self.expert_repr_ema_ready, blended, mean)  # `where`, not `if flag` (a host sync)
+        self.expert_repr_ema.copy_(torch.where(ok, new, self.expert_repr_ema))
+        self.expert_repr_ema_ready.logical_or_(ok)
+        self._ema_sum = self._ema_count = None
 
     def lambda_ortho(self) -> torch.Tensor:
         """Current λ_ortho: linear 0 → so_lambda_max over so_warmup_steps (if srip_enabled)."""
@@ -183,12 +233,8 @@ class SpectraRouter(Router):
         if self.projector is None:
             return gram_matrix(m)  # static keys: batch-independent already
         if self.training:
-            with torch.no_grad():
-                md = m.detach().to(self.expert_repr_ema.dtype)
-                blended = torch.add(self.expert_repr_ema * self.gram_ema_decay, md, alpha=1.0 - self.gram_ema_decay)
-                # The first update copies M; `where` on the flag instead of `if flag` (a host sync).
-                self.expert_repr_ema.copy_(torch.where(self.expert_repr_ema_ready, blended, md))
-                self.expert_repr_ema_ready.fill_(True)
+            if not _in_backward():  # a checkpointed forward's recompute is the same micro-batch again
+                self.collect_expert_repr(m)
             return gram_matrix(m)
         # Never trained: zero Gram = no repulsion, rather than a Gram borrowed from this batch.
         return gram_matrix(F.normalize(self.expert_repr_ema.float(), dim=-1)).detach()
