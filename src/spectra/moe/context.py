@@ -60,6 +60,13 @@ class RoutingContext:
         if past_length == 0:  # a new prompt: forget the previous sequence's recurrent states
             self.cached_states = {}
 
+    def __deepcopy__(self, memo) -> RoutingContext:
+        """A copied model gets its own context with the layout and step, none of the per-forward
+        tensors (they may be non-leaf autograd tensors, which cannot be deep-copied)."""
+        twin = RoutingContext(moe_layers=list(self.moe_layers), step=self.step, recording=self.recording)
+        memo[id(self)] = twin
+        return twin
+
     def routing_inputs(self, layer_idx: int, hidden: torch.Tensor) -> RoutingInputs:
         """Build a router's inputs for MoE layer `layer_idx` from hidden [B, S, H]."""
         B, S, _ = hidden.shape
@@ -151,10 +158,16 @@ def install_context_hook(model: torch.nn.Module, ctx: RoutingContext):
     It also removes `routing_mask` (ROUTING_MASK) from the forward's kwargs, so a batch from
     spectra.data.PackedCollator can be passed as `model(**batch)`: the mask marks padding for the
     routers only, and the model's forward never sees the key.
+
+    The hook finds the context on the model (`module.spectra_context`, falling back to `ctx`), not
+    in its closure: `copy.deepcopy(model)` copies the hook function as it is, and the copy must
+    feed its own context, the one its MoE blocks read.
     """
     signature = inspect.signature(model.forward)
 
     def hook(module, args, kwargs):
+        ctx_now = getattr(module, "spectra_context", ctx)
+
         def get(name):
             return _model_input(signature, args, kwargs, name)
 
@@ -162,10 +175,10 @@ def install_context_hook(model: torch.nn.Module, ctx: RoutingContext):
         past = 0
         if cache is not None and hasattr(cache, "get_seq_length"):
             past = int(cache.get_seq_length())
-            _follow_beam_reorder(cache, ctx)
+            _follow_beam_reorder(cache, ctx_now)
         routing_mask = kwargs.pop(ROUTING_MASK, None)
-        ctx.begin_forward(get("input_ids"), get("attention_mask"), get("position_ids"), past)
-        ctx.routing_mask = routing_mask
+        ctx_now.begin_forward(get("input_ids"), get("attention_mask"), get("position_ids"), past)
+        ctx_now.routing_mask = routing_mask
         return args, kwargs
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)
