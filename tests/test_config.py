@@ -84,3 +84,13 @@ def test_quota_below_one_allowed_when_quota_off():
 def test_model_configs_compose(model):
     cfg = validate(load_config([f"model={model}"]))
     assert cfg.model.name == model
+
+
+@pytest.mark.parametrize("overrides", [["router=spectra", "moe.top_k=1"], ["router=spectra", "router.top_k=1"]])
+def test_spectra_with_one_expert_per_token_is_refused(overrides):
+    # k = 1: SPECTRA's weight Q_sel / sum Q_sel is identically 1, so the router would get no
+    # gradient from the LM loss. The message names the key and the reason.
+    err, text = _error_of(overrides)
+    assert isinstance(err, ConfigError)
+    assert "router.top_k" in text and "moe.top_k" in text and "no gradient" in text
+    assert validate(load_config(["router=spectra", "moe.top_k=2"])).router.top_k == 2

@@ -344,6 +344,14 @@ def test_bf16_hidden_states():
         assert torch.isfinite(t.float()).all()
 
 
+def test_single_expert_per_token_is_refused():
+    # k = 1 would make the weight Q_sel / sum Q_sel identically 1: no LM-loss gradient for the
+    # router. Config validation refuses it (tests/test_config.py); so does the router itself, for
+    # configs built without `validate`.
+    with pytest.raises(ValueError, match="router.top_k"):
+        make(router={"top_k": 1})
+
+
 # ------------------------------------------------------------------------- ablations
 
 

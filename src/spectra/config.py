@@ -331,6 +331,12 @@ class SpectraConfig:
         if r.name != "dense":
             _check(m.num_experts >= 2, "moe.num_experts", f"an MoE router needs >= 2 experts, got {m.num_experts}")
             _check(r.top_k <= m.num_experts, "router.top_k", f"k={r.top_k} exceeds moe.num_experts={m.num_experts}")
+        if r.name == "spectra":
+            # w = Q_sel / Σ Q_sel over the k selected experts is identically 1 when k = 1, so the LM
+            # loss would send the router no gradient at all (it would learn from aux losses only).
+            _check(r.top_k >= 2, "router.top_k",
+                   f"router=spectra needs k >= 2 (set moe.top_k, which router.top_k reads): with k={r.top_k} "
+                   "the renormalised weight is always 1 and the router gets no gradient from the LM loss")
         if r.name == "switch_top1":
             _check(r.top_k == 1, "router.top_k", f"switch_top1 routes to exactly 1 expert, got {r.top_k}")
         if r.name == "switch_top2":

@@ -79,6 +79,9 @@ class SpectraRouter(Router):
 
     def __init__(self, cfg, hidden_size: int, num_experts: int):
         rc, oc, qc = cfg.router, cfg.osr, cfg.quota
+        if int(rc.top_k) < 2:  # config validation says so too; this guards unvalidated configs
+            raise ValueError(f"router.top_k: SPECTRA needs k >= 2 (moe.top_k), got {rc.top_k}: with k = 1 the "
+                             "renormalised weight is always 1 and the router gets no gradient from the LM loss")
         super().__init__(hidden_size, num_experts, int(rc.top_k))
         h, e = hidden_size, num_experts
         self.dim = d = int(rc.router_dim)
