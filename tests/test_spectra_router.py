@@ -7,6 +7,7 @@ YAML files — never from the router's own output for the same input.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -337,11 +338,50 @@ def test_inference_default_is_per_token_topk_of_negative_cost():
     assert "sinkhorn_marginal_error" in out2.diagnostics  # osr.sinkhorn_inference is read
 
 
-def test_bf16_hidden_states():
-    router = make().train()
-    out = router(inputs(torch.randn(2, 6, H, dtype=torch.bfloat16)))
-    for t in (out.expert_weight, out.probs, out.logits, out.state):
-        assert torch.isfinite(t.float()).all()
+def bf16_pair(seed: int):
+    """(fp32 router, bf16 copy) with identical, bf16-representable weights and buffers."""
+    r32 = trained_eval(make(seed=seed))
+    r16 = copy.deepcopy(r32).to(torch.bfloat16)
+    with torch.no_grad():
+        for a, b in zip(r32.state_dict().values(), r16.state_dict().values()):
+            a.copy_(b.to(a.dtype))
+    return r32, r16
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_router_matches_fp32_reference(seed):
+    # The module and its inputs in bf16: GRU, routing head and projector run in bf16 (the state
+    # comes out bf16); cosines, cost, Sinkhorn and quota run in fp32. Reference: the same router in
+    # fp32 with the same bf16-representable weights and inputs, so only bf16 rounding differs.
+    # Tolerance: bf16 keeps 8 significant bits (relative rounding <= 2^-9 ~ 0.002 per op). The
+    # scores are cosines (|s| <= 1) of vectors that went through ~10 rounded ops (GRU gates over
+    # 6 tokens, head, projector): |ds| <~ 10 * 0.002 = 0.02; allowed 0.03 (measured <= 0.017
+    # over 5 seeds). The cost -s + 0.5 |s| @ off(G)^2 + hinge moves with s and the batch Gram:
+    # allowed 0.05 (measured <= 0.017). The GRU state is in (-1, 1): allowed 0.02 (<= 0.007).
+    r32, r16 = bf16_pair(seed)
+    torch.manual_seed(100 + seed)
+    x = torch.randn(2, 6, H).to(torch.bfloat16)
+    for training in (True, False):
+        r32.train(training)
+        r16.train(training)
+        out16, out32 = r16(inputs(x)), r32(inputs(x.float()))
+        assert out16.state.dtype == torch.bfloat16  # bf16 arithmetic really ran
+        for t in (out16.expert_weight, out16.probs, out16.logits, out16.state):
+            assert torch.isfinite(t.float()).all()
+        torch.testing.assert_close(out16.scores.float(), out32.scores, atol=0.03, rtol=0)
+        torch.testing.assert_close(out16.logits.float(), out32.logits, atol=0.05, rtol=0)
+        torch.testing.assert_close(out16.state.float(), out32.state, atol=0.02, rtol=0)
+        k = r16.top_k
+        if training:  # the quota still holds on the bf16-computed cost
+            assert int(out16.dispatch_counts.max()) <= quota_capacity(12, k, E, 1.25)
+            assert all(len(set(r)) == k for r in out16.expert_index.tolist())
+        else:
+            # Per-token top-k of -C: a token whose fp32 k-th and (k+1)-th logits are further
+            # apart than twice the logit tolerance must select the same experts in bf16.
+            top = out32.logits.topk(k + 1, dim=1).values  # [N, k+1]
+            clear = (top[:, -2] - top[:, -1]) > 0.1  # [N]
+            assert int(clear.sum()) >= 6
+            assert torch.equal(out16.expert_index[clear].sort(1).values, out32.expert_index[clear].sort(1).values)
 
 
 def test_single_expert_per_token_is_refused():
