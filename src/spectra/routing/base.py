@@ -141,6 +141,10 @@ class Router(nn.Module):
     def on_optimizer_step(self, step: int) -> None:
         """Called after each optimizer step (routers with schedules override it)."""
 
+    def on_skipped_step(self) -> None:
+        """Called when the numerics guard skips an optimizer step (non-finite values): routers
+        that collect state over a step's forwards (SPECTRA's running Gram) drop what they collected."""
+
 
 # name -> factory(cfg, hidden_size, num_experts) -> Router; filled by @register_router.
 ROUTERS: dict[str, Callable[..., Router]] = {}

@@ -154,6 +154,10 @@ class SpectraRouter(Router):
         self.fold_expert_repr()
         self.srip_step.fill_(int(step))
 
+    def on_skipped_step(self) -> None:
+        """A skipped optimizer step contributes nothing to the running Gram."""
+        self._ema_sum = self._ema_count = None
+
     def train(self, mode: bool = True):
         """Switching to eval folds what training collected (no optimizer step may have followed)."""
         if not mode:

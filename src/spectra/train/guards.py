@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from spectra.config import ConfigError, SpectraConfig
+from spectra.routing.base import Router
 
 log = logging.getLogger("spectra")
 
@@ -282,6 +283,9 @@ class NumericsGuardMixin:
         log.warning(f"{problem}; skipping this optimizer step ({guard.bad_steps} of trainer.max_bad_steps={guard.max_bad_steps})")
         for p in model.parameters():
             p.grad = None  # AdamW skips parameters without gradients: no update, no moment change
+        for module in model.modules():
+            if isinstance(module, Router):
+                module.on_skipped_step()  # e.g. SPECTRA's running Gram ignores this step's batches
         saved = getattr(self, "_buffers_before", None) or {}
         with torch.no_grad():
             for n, buf in model.named_buffers():
