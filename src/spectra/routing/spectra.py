@@ -35,11 +35,24 @@ when enabled) over the tokens of the current call, which is batch-dependent by d
 Running average: one update per optimizer step, ema ← d · ema + (1 − d) · mean of the step's
 micro-batch M's (d = `router.gram_ema_decay`, default 0.99; the first update copies the mean).
 Training forwards only collect M; `on_optimizer_step` (the Trainer's RouterStepCallback, after
-each optimizer step) folds the collected mean in, as does switching to eval mode, so a loop that
-never calls `on_optimizer_step` still gets a running average. Hence d means the same per
-optimizer step whatever `trainer.gradient_accumulation_steps` is, and gradient checkpointing does
-not count a micro-batch twice: its recomputed forward runs inside autograd's backward pass and
-collects nothing. A step whose mean is not finite (a skipped non-finite step) is not folded in.
+each optimizer step) folds the collected mean in, as does switching to eval mode in a single
+process, so a loop that never calls `on_optimizer_step` still gets a running average. Hence d
+means the same per optimizer step whatever `trainer.gradient_accumulation_steps` is, and gradient
+checkpointing does not count a micro-batch twice: its recomputed forward runs inside autograd's
+backward pass and collects nothing. A step whose mean is not finite (a skipped non-finite step) is not folded in.
+
+Data parallel (torch.distributed initialised, world size > 1): each rank sees its own tokens;
+DeepSpeed never syncs buffers (DDP broadcasts rank 0's before each forward, dropping the other
+ranks' tokens). So the fold all-reduces the step's M sum and count, and every rank folds the
+same mean over all ranks' micro-batches: the buffers stay
+identical, and equal to what one process would fold had it run all those micro-batches as
+gradient-accumulation steps. A collective must be entered by every rank the same number of
+times, so when distributed:
+- the fold runs only from `on_optimizer_step`, which RouterStepCallback calls on every rank at
+  every step (and at train begin), and it all-reduces even when nothing was collected;
+- switching to eval mode does not fold: ranks need not switch together (rank-0-only evaluation or
+  generation), and a collective there could hang. The Trainer evaluates after on_step_end, so
+  nothing is pending then; anything still pending is folded at the next optimizer step.
 """
 
 from __future__ import annotations
@@ -65,6 +78,13 @@ def _in_backward() -> bool:
     reentrant and non-reentrant variants, DeepSpeed's) recomputes a forward."""
     task_id = getattr(torch._C, "_current_graph_task_id", None)  # what torch's own module trackers use
     return task_id is not None and task_id() != -1
+
+
+def _data_parallel_world() -> int:
+    """World size of an initialised torch.distributed default group (1 when not distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _xavier_gru_(weight: torch.Tensor, gates: int = 3) -> None:
@@ -159,8 +179,9 @@ class SpectraRouter(Router):
         self._ema_sum = self._ema_count = None
 
     def train(self, mode: bool = True):
-        """Switching to eval folds what training collected (no optimizer step may have followed)."""
-        if not mode:
+        """Switching to eval folds what training collected (no optimizer step may have followed);
+        not when distributed, where only `on_optimizer_step` folds (see the module docstring)."""
+        if not mode and _data_parallel_world() == 1:
             self.fold_expert_repr()
         return super().train(mode)
 
@@ -174,17 +195,43 @@ class SpectraRouter(Router):
         self._ema_count += 1
 
     @torch.no_grad()
+    def _step_sum_and_count(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This step's collected M sum [E, D] and count (0-dim), summed over all data-parallel
+        ranks when distributed (one all_reduce, entered on every rank even with nothing collected:
+        zeros then); None when a single process collected nothing."""
+        world = _data_parallel_world()
+        if world == 1:
+            return None if self._ema_sum is None else (self._ema_sum, self._ema_count)
+        import torch.distributed as dist
+
+        ema = self.expert_repr_ema
+        # [E·D + 1]: the sum, then the count; at least fp32 so a bf16 buffer's count stays exact
+        packed = torch.zeros(ema.numel() + 1, dtype=torch.promote_types(ema.dtype, torch.float32), device=ema.device)
+        if self._ema_sum is not None:
+            packed[:-1] = self._ema_sum.reshape(-1)
+            packed[-1] = self._ema_count
+        # gloo reduces CPU tensors, NCCL CUDA ones: communicate on the backend's device.
+        comm = packed.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(comm, op=dist.ReduceOp.SUM)
+        packed = comm.to(ema.device)
+        return packed[:-1].reshape_as(ema), packed[-1]
+
+    @torch.no_grad()
     def fold_expert_repr(self) -> None:
-        """ema ← d · ema + (1 − d) · mean of the collected M's (copy on the first update); no host sync."""
-        if self._ema_sum is None:
+        """ema ← d · ema + (1 − d) · mean of the collected M's (copy on the first update); no host
+        sync. Distributed: the mean over every rank's M's (a collective: see the module docstring)."""
+        summed = self._step_sum_and_count()
+        self._ema_sum = self._ema_count = None
+        if summed is None:
             return
-        mean = self._ema_sum / self._ema_count.clamp_min(1)  # [E, D]
-        ok = (self._ema_count > 0) & torch.isfinite(mean).all()  # 0-dim; a non-finite step is dropped
+        total, count = summed
+        mean = total / count.clamp_min(1)  # [E, D]
+        # 0-dim; a non-finite step is dropped (on every rank alike: a NaN on one rank is in the sum)
+        ok = (count > 0) & torch.isfinite(mean).all()
         blended = torch.add(self.expert_repr_ema * self.gram_ema_decay, mean, alpha=1.0 - self.gram_ema_decay)
         new = torch.where(self.expert_repr_ema_ready, blended, mean)  # `where`, not `if flag` (a host sync)
         self.expert_repr_ema.copy_(torch.where(ok, new, self.expert_repr_ema))
         self.expert_repr_ema_ready.logical_or_(ok)
-        self._ema_sum = self._ema_count = None
 
     def lambda_ortho(self) -> torch.Tensor:
         """Current λ_ortho: linear 0 → so_lambda_max over so_warmup_steps (if srip_enabled)."""

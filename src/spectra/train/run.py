@@ -87,11 +87,13 @@ def objective_values(cfg: SpectraConfig, final: dict) -> dict[str, float]:
     return out
 
 
-def _param_checksums_across_ranks(model) -> list[float]:
-    """sum(|p|) of the model on every rank: data-parallel replicas must agree after training."""
+def _checksums_across_ranks(tensors) -> list[float]:
+    """sum(|x|) over `tensors` (a model's parameters, or its buffers) on every rank: data-parallel
+    replicas must agree after training. Buffers count too: nothing syncs them but our own code
+    (e.g. SPECTRA's running Gram, all-reduced at each fold)."""
     import torch.distributed as dist
 
-    local = torch.tensor([float(sum(p.detach().double().abs().sum() for p in model.parameters()))], dtype=torch.float64)
+    local = torch.tensor([float(sum(t.detach().double().abs().sum() for t in tensors))], dtype=torch.float64)
     if not (dist.is_available() and dist.is_initialized()):
         return [float(local)]
     dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
@@ -232,7 +234,8 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
     final = trainer.evaluate()
     best_eval = min((r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r), default=None)
     objective = objective_values(cfg, final)
-    checksums = _param_checksums_across_ranks(model) if cfg.deepspeed.stage < 3 else None
+    checksums = _checksums_across_ranks(model.parameters()) if cfg.deepspeed.stage < 3 else None
+    buffer_checksums = _checksums_across_ranks(model.buffers())  # ZeRO-3 partitions parameters, not buffers
 
     if trainer.is_world_process_zero():
         model.config.use_cache = True  # the saved model is for inference: generate with the cache
@@ -255,6 +258,7 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
             "world_size": _world_size(),
             "resumed_from": resume,
             "param_checksum_per_rank": checksums,
+            "buffer_checksum_per_rank": buffer_checksums,
             **(monitor.summary() if monitor else {}),  # "monitor": final slice metrics, "stability": Table 12
         }
         write_json_atomic(run_dir / SUMMARY, summary)

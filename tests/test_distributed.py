@@ -1,0 +1,175 @@
+"""Several processes, one model: ZeRO-3 leaf marking, SPECTRA's running Gram synced across ranks,
+and routing snapshots on a multi-rank resume.
+
+Multi-rank pieces run on CPU with gloo: unit tests spawn 2 processes (torch.multiprocessing), the
+end-to-end tests launch train.py under torchrun with 2 ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conftest import ROOT, TINY_TRAIN, assert_ok, run_cli
+
+TESTS = Path(__file__).resolve().parent
+TORCHRUN = ROOT / ".venv/bin/torchrun"
+needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists() and shutil.which("torchrun") is None, reason="torchrun")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, args: list[str], run_dir: Path, timeout: int = 600):
+    """train.py under torchrun (gloo on CPU); tests/ on PYTHONPATH so callbacks below import."""
+    exe = str(TORCHRUN) if TORCHRUN.exists() else "torchrun"
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)}
+    return run_cli([exe, f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", "train.py", *args,
+                    f"hydra.run.dir={run_dir}"], env=env, timeout=timeout)
+
+
+class RecordRouterGram(TrainerCallback):
+    """Test instrument (a `trainer.callbacks` entry): per rank, each SPECTRA router's collected
+    M sum and count at every optimizer step (the Trainer's on_optimizer_step event comes before
+    on_step_end, where RouterStepCallback folds them in), and the `expert_repr_ema` buffers at
+    the end of training; saved to `<out>/rank<r>.pt`."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+        self.steps: list[dict] = []
+
+    @staticmethod
+    def _routers(model):
+        from spectra.moe.upcycle import routers
+
+        return [r for r in routers(model) if hasattr(r, "expert_repr_ema")]
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        rs = self._routers(model)
+        self.steps.append({"sum": [r._ema_sum.clone() for r in rs], "count": [float(r._ema_count) for r in rs]})
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        rs = self._routers(model)
+        self.out.mkdir(parents=True, exist_ok=True)
+        rank = int(os.environ.get("RANK", "0"))
+        torch.save({"steps": self.steps, "ema": [r.expert_repr_ema.clone() for r in rs],
+                    "decay": [r.gram_ema_decay for r in rs]}, self.out / f"rank{rank}.pt")
+
+
+# ------------------------------------------------------------------ helpers: 2 gloo processes
+
+
+def _spawn(fn, tmp_path: Path, world: int = 2, timeout: float = 120.0, *args) -> None:
+    """Run fn(rank, world, init_file, out_dir, *args) in `world` spawned processes joined in one
+    gloo group; fail (not hang) if they do not all finish within `timeout` seconds."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=(world, str(tmp_path / "init"), str(tmp_path), *args), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} processes did not finish within {timeout} s (a collective hung?)")
+
+
+def _init_group(rank: int, world: int, init_file: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+
+
+# ------------------------------------------------------- SPECTRA's running Gram across ranks
+
+
+def _gram_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """Each rank routes its own batches through the same router, as data-parallel training does."""
+    import torch.distributed as dist
+
+    from test_spectra_router import H, inputs, make
+
+    _init_group(rank, world, init_file)
+    router = make(router={"gram_ema_decay": 0.5}).train()  # same seed: identical weights on every rank
+    torch.manual_seed(100 + rank)  # different tokens per rank
+    ms = []
+    with torch.no_grad():
+        router.on_optimizer_step(0)  # RouterStepCallback.on_train_begin: nothing collected yet
+        for _ in range(2):  # step 1: two micro-batches (gradient accumulation)
+            ms.append(router(inputs(torch.randn(2, 6, H))).expert_repr)
+        router.on_optimizer_step(1)
+        ms.append(router(inputs(torch.randn(2, 6, H))).expert_repr)  # step 2, one micro-batch
+        if rank == 0:
+            # Only rank 0 switches to eval (e.g. rank-0-only generation) with M pending: it must
+            # neither fold alone nor enter a collective the other rank never joins.
+            router.eval()
+            router(inputs(torch.randn(1, 4, H)))
+            router.train()
+        router.on_optimizer_step(2)
+    torch.save({"m": ms, "ema": router.expert_repr_ema.clone(), "ready": bool(router.expert_repr_ema_ready)},
+               Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_running_gram_is_the_mean_over_ranks_and_identical_on_every_rank(tmp_path):
+    _spawn(_gram_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["ready"] and r1["ready"]
+    assert torch.equal(r0["ema"], r1["ema"])  # bitwise: both ranks folded the same all-reduced mean
+    # Hand computation, decay 0.5: step 1 copies the mean of all four micro-batch M's (2 per
+    # rank); step 2 blends in the mean of the two ranks' M's.
+    step1 = (r0["m"][0] + r0["m"][1] + r1["m"][0] + r1["m"][1]) / 4
+    expected = 0.5 * step1 + 0.5 * (r0["m"][2] + r1["m"][2]) / 2
+    torch.testing.assert_close(r0["ema"], expected, atol=1e-6, rtol=0)
+    # ... which is not what either rank alone would hold (its own tokens only)
+    for r in (r0, r1):
+        alone = 0.5 * (r["m"][0] + r["m"][1]) / 2 + 0.5 * r["m"][2]
+        assert (alone - expected).abs().max() > 1e-3
+
+
+def _running_gram(steps: list[tuple[torch.Tensor, float]], decay: float) -> torch.Tensor:
+    """Reference EMA over (M sum, count) per optimizer step: the first step copies its mean."""
+    ema = None
+    for total, count in steps:
+        mean = total / count
+        ema = mean if ema is None else decay * ema + (1 - decay) * mean
+    return ema
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_two_rank_zero2_spectra_run_ends_with_identical_running_gram(tmp_path):
+    """router=spectra under ZeRO-2 with 2 gloo ranks (4 steps, eval + monitor every 2): every
+    rank's `expert_repr_ema` is the same, and it is the EMA of the mean over both ranks' M's."""
+    rec = tmp_path / "rec"
+    proc = _torchrun(2, [*TINY_TRAIN, "router=spectra", "deepspeed=zero2",
+                         f"trainer.callbacks=[{{_target_:test_distributed.RecordRouterGram,out:{rec}}}]"], tmp_path / "run")
+    assert_ok(proc)
+    r0, r1 = (torch.load(rec / f"rank{r}.pt") for r in (0, 1))
+    assert len(r0["steps"]) == len(r1["steps"]) == 4 and len(r0["ema"]) == 2  # 4 steps, 2 MoE layers
+    for layer, decay in enumerate(r0["decay"]):
+        assert torch.equal(r0["ema"][layer], r1["ema"][layer]), f"layer {layer}: ranks disagree"
+        both = [(a["sum"][layer] + b["sum"][layer], a["count"][layer] + b["count"][layer])
+                for a, b in zip(r0["steps"], r1["steps"])]
+        torch.testing.assert_close(r0["ema"][layer], _running_gram(both, decay), atol=1e-6, rtol=0)
+        for r in (r0, r1):  # what a rank folding only its own tokens would hold: clearly different
+            alone = _running_gram([(s["sum"][layer], s["count"][layer]) for s in r["steps"]], decay)
+            assert (alone - r0["ema"][layer]).abs().max() > 1e-3
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    a, b = s["buffer_checksum_per_rank"]
+    assert a == b  # the per-rank consistency check covers buffers
