@@ -61,6 +61,54 @@ def test_plain_experts_with_bias_match_reference(impl):
     torch.testing.assert_close(ex(x, index, weight), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_eager_experts_skip_zero_weight_slots_with_identical_output_and_gradients(gated, monkeypatch):
+    """Expert Choice's layout: k_max slots per token, most of weight 0 (unpicked fillers, padding).
+    The eager kernel computes only the non-zero slots, and its output and its gradients (experts'
+    weights, hidden states, the served weights) equal a float64 per-slot loop that computes every slot."""
+    torch.manual_seed(2)
+    E, H, I, T, k = 6, 8, 12, 15, 4
+    cls, act = (GatedExperts, torch.nn.SiLU()) if gated else (PlainExperts, torch.nn.GELU())
+    ex = cls(ExpertsImplConfig("eager"), E, H, I, act)
+    for prm in ex.parameters():
+        torch.nn.init.normal_(prm, std=0.5)
+    x = torch.randn(T, H, requires_grad=True)
+    index = torch.stack([torch.randperm(E)[:k] for _ in range(T)])  # [T, k] distinct experts
+    keep = torch.rand(T, k) < 0.3  # ~30 % served, like EC's picks among k_max slots
+    keep[0] = False  # a token no expert served
+    w_raw = torch.rand(T, k, requires_grad=True)
+    weight = torch.where(keep, w_raw, 0.0)  # as the routers make them: zero slots are constants
+
+    rows = []  # rows each expert application computed
+    up = cls._up
+    monkeypatch.setattr(cls, "_up", staticmethod(lambda m, h, e: (rows.append(h.shape[0]), up(m, h, e))[1]))
+    got = ex(x, index, weight)
+    assert sum(rows) == int(keep.sum()) < T * k  # only the served slots were computed
+
+    # float64 reference: every slot, y_t = sum_j w_tj * Expert_e(x_t), by a per-token loop
+    params = {n: prm.detach().double().requires_grad_() for n, prm in ex.named_parameters()}
+    x64 = x.detach().double().requires_grad_()
+    w64 = w_raw.detach().double().requires_grad_()
+    weight64 = torch.where(keep, w64, 0.0)
+
+    def expert64(e, xt):
+        if gated:
+            g, u = (params["gate_up_proj"][e] @ xt).chunk(2)
+            return params["down_proj"][e] @ (torch.nn.functional.silu(g) * u)
+        h = torch.nn.functional.gelu(params["up_proj"][e] @ xt + params["up_proj_bias"][e])
+        return params["down_proj"][e] @ h + params["down_proj_bias"][e]
+
+    ref = torch.stack([sum(weight64[t, j] * expert64(int(index[t, j]), x64[t]) for j in range(k)) for t in range(T)])
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+    g_out = torch.randn(T, H)
+    got.backward(g_out)
+    ref.backward(g_out.double())
+    for n, prm in ex.named_parameters():
+        torch.testing.assert_close(prm.grad.double(), params[n].grad, rtol=1e-4, atol=1e-4, msg=n)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w_raw.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gpt2"])
 @pytest.mark.parametrize("shared", [0, 1])
 def test_upcycling_preserves_the_dense_function(model_type, shared):

@@ -41,13 +41,23 @@ def resolve_experts_implementation(name: str, device: torch.device | str | None 
 
 
 def _eager_experts_forward(module: nn.Module, hidden_states, top_k_index, top_k_weights, up_fn) -> torch.Tensor:
-    """Reference: loop over the experts that received tokens.
+    """Reference: loop over the experts that received tokens, computing served slots only.
 
     hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H].
+
+    A slot of weight exactly 0 (a dropped assignment, padding, an Expert Choice filler slot) is
+    skipped: it would add 0 * Expert_e(x) = 0 to the fp32 sum, so the output is bit-identical
+    without it, and so are the gradients of the experts' weights and of hidden_states (a skipped
+    slot sends them w * (...) = 0). The one gradient it changes is that of the zero weight itself
+    (0 instead of <grad, Expert_e(x)>); every router here makes such weights constants
+    (`torch.where(served, w, 0)`), so nothing upstream receives it. Expert Choice's [N, k_max]
+    layout is mostly such slots (k_max ~ E at E = 32 vs ~cf served per token).
     """
     out = torch.zeros_like(hidden_states, dtype=torch.float32)
-    for e in top_k_index.unique().tolist():
-        token_idx, slot = torch.where(top_k_index == e)  # [M], [M]
+    computed = top_k_weights != 0  # [T, k] slots worth computing
+    hit = top_k_index[computed]  # [S] experts of the computed slots
+    for e in hit.unique().tolist():
+        token_idx, slot = torch.where((top_k_index == e) & computed)  # [M], [M]
         y = up_fn(module, hidden_states[token_idx], e)  # [M, I]
         y = nn.functional.linear(y, module.down_proj[e])  # [M, H]
         if module.has_bias:
