@@ -66,6 +66,39 @@ class RecordRouterGram(TrainerCallback):
                     "decay": [r.gram_ema_decay for r in rs]}, self.out / f"rank{rank}.pt")
 
 
+# ------------------------------------------------------------------------ ZeRO-3 leaf modules
+
+
+def test_zero3_leaf_marking_flags_every_moe_block_and_nothing_in_a_dense_model():
+    from deepspeed.utils import get_z3_leaf_modules
+
+    from conftest import tiny_causal_lm
+    from spectra.config import load_config, validate
+    from spectra.moe.block import MoEBlock
+    from spectra.moe.upcycle import upcycle
+    from spectra.train.deepspeed import mark_moe_blocks_as_zero3_leaves
+
+    dense = tiny_causal_lm("llama")  # router=dense: no MoE block (DeepSpeed raised "No modules of type")
+    assert mark_moe_blocks_as_zero3_leaves(dense) is False
+    assert get_z3_leaf_modules(dense) == []
+    moe = upcycle(tiny_causal_lm("llama"), validate(load_config(["router=topk", "moe.num_experts=4"])), seed=0)
+    assert mark_moe_blocks_as_zero3_leaves(moe) is True
+    blocks = [m for m in moe.modules() if isinstance(m, MoEBlock)]
+    assert len(blocks) == 2 and get_z3_leaf_modules(moe) == blocks  # the blocks, nothing else
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_dense_zero3_run_trains_on_two_ranks(tmp_path):
+    """router=dense with deepspeed=zero3 (2 gloo ranks) trains to the end."""
+    proc = _torchrun(2, [*TINY_TRAIN, "router=dense", "deepspeed=zero3"], tmp_path / "run")
+    assert_ok(proc)
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["status"] == "completed" and s["steps"] == 4 and s["world_size"] == 2
+    assert s["final"]["eval_loss"] == s["final"]["eval_loss"]  # finite, not NaN
+    assert s["buffer_checksum_per_rank"][0] == s["buffer_checksum_per_rank"][1]
+
+
 # ------------------------------------------------------------------ helpers: 2 gloo processes
 
 

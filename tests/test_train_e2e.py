@@ -117,5 +117,7 @@ def test_deepspeed_zero2_two_cpu_processes_agree(tmp_path):
     assert s["status"] == "completed" and s["world_size"] == 2
     a, b = s["param_checksum_per_rank"]
     assert a == pytest.approx(b, rel=1e-9)  # replicas identical after 6 ZeRO-2 steps
+    a, b = s["buffer_checksum_per_rank"]
+    assert a == b  # buffers too (nothing but our own code syncs them)
     train = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     assert all(r["loss"] == r["loss"] for r in train)  # finite (not NaN)

@@ -32,11 +32,18 @@ def deepspeed_dict(ds: DeepSpeedConfig, bf16: bool) -> dict | None:
     }
 
 
-def mark_moe_blocks_as_zero3_leaves(model) -> None:
+def mark_moe_blocks_as_zero3_leaves(model) -> bool:
     """ZeRO-3 hooks fire only for experts that got tokens, so ranks would issue mismatched
-    all-gathers and hang (DeepSpeed #4808); treating the whole MoE block as one leaf fixes it."""
-    from deepspeed.utils import set_z3_leaf_modules
+    all-gathers and hang (DeepSpeed #4808); treating the whole MoE block as one leaf fixes it.
 
+    A model without MoE blocks (router=dense) has nothing to mark: DeepSpeed's
+    `set_z3_leaf_modules` raises when no module matches, so it is not called. Returns whether
+    any block was marked."""
     from spectra.moe.block import MoEBlock
 
+    if not any(isinstance(m, MoEBlock) for m in model.modules()):
+        return False
+    from deepspeed.utils import set_z3_leaf_modules
+
     set_z3_leaf_modules(model, [MoEBlock])
+    return True
