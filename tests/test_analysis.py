@@ -224,6 +224,173 @@ def test_labels_baseline_and_sweep_tables(tmp_path):
     assert tabs[0].best["eval loss"].tolist() == [True, False]
 
 
+def _drop_final(run, key):
+    """Delete one final metric from a run's summary.json (a run that did not log it)."""
+    s = json.loads((run / "summary.json").read_text())
+    del s["final"][key]
+    (run / "summary.json").write_text(json.dumps(s))
+
+
+def test_a_cell_over_fewer_runs_shows_its_n_and_every_table_names_the_sample_std(tmp_path):
+    """4 SPECTRA runs, one without `eval/cv_mean`; 3 Switch runs, one without a final eval loss."""
+    cv = {"spectra": [0.10, 0.12, 0.20, 0.5], "switch_top2": [0.30, 0.40, 0.35]}
+    loss = {"spectra": [2.1, 2.0, 2.2, 2.3], "switch_top2": [2.4, 2.5, 2.45]}
+    for router, values in cv.items():
+        for seed, c in enumerate(values):
+            make_run(tmp_path / f"{router}_s{seed}", router, seed, cv=c, loss=loss[router][seed])
+    _drop_final(tmp_path / "spectra_s3", "eval/cv_mean")
+    _drop_final(tmp_path / "switch_top2_s2", "eval_loss")
+    runs, _ = collect([tmp_path])
+    t = metric_table(runs, ["eval_loss", "cv"], name="t", title="t")
+    # by hand / pandas, from the values the runs do have
+    sp_cv = pd.Series(cv["spectra"][:3])
+    sw_loss = pd.Series(loss["switch_top2"][:2])
+    sp_cell = f"{sp_cv.mean():.3f} ± {sp_cv.std(ddof=1):.3f} (n=3)"
+    sw_cell = f"{sw_loss.mean():.4f} ± {sw_loss.std(ddof=1):.4f} (n=2)"
+    assert t.display.loc["SPECTRA", "load CV"] == sp_cell and t.display.loc["SPECTRA", "completed"] == "4"
+    assert t.display.loc["Switch Top-2", "eval loss"] == sw_cell and t.display.loc["Switch Top-2", "completed"] == "3"
+    full = pd.Series(loss["spectra"])  # all four runs: no n shown
+    assert t.display.loc["SPECTRA", "eval loss"] == f"{full.mean():.4f} ± {full.std(ddof=1):.4f}"
+    assert "(n=" not in t.display.loc["Switch Top-2", "load CV"]
+    md, tex = t.markdown(), t.latex()
+    assert sp_cell in md and sw_cell in md
+    assert sp_cell.replace("±", r"$\pm$") in tex and "(n=2)" in tex
+    paths = t.write(tmp_path / "out")
+    csv = pd.read_csv(paths["csv"], index_col=0).set_index("label")
+    assert csv.loc["SPECTRA", "cv_n"] == 3 and csv.loc["SPECTRA", "completed"] == 4
+    assert csv.loc["Switch Top-2", "eval_loss_n"] == 2 and csv.loc["Switch Top-2", "cv_n"] == 3
+    assert csv.loc["SPECTRA", "cv_std"] == pytest.approx(sp_cv.std(ddof=1))
+    # Tables 10/11: the per-router loss cell of a (router, size) over fewer runs says so too
+    t11 = scaling_table(runs, "cfg:moe.num_experts", name="t11", title="t11")
+    assert t11.display.iloc[0]["Switch Top-2 eval loss"] == sw_cell
+    assert "(n=" not in t11.display.iloc[0]["SPECTRA eval loss"]
+    # every table of mean ± std cells names its std in the notes under it (markdown and LaTeX)
+    for tab in (t, t11, ablation_table(runs), stability_table(runs), *sweep_tables(runs)):
+        assert "sample standard deviation (ddof = 1)" in tab.markdown(), tab.name
+        assert "sample standard deviation (ddof = 1)" in tab.latex(), tab.name
+
+
+def test_ties_are_all_bold_at_the_shown_precision(tmp_path):
+    # eval loss means: A (2.0 + 2.2) / 2, B 2.1, C 2.10001 -> all three shown as "2.1000", D 2.5;
+    # CV means: A 0.3, B (0.1 + 0.3) / 2, C 0.2, D 0.2 -> three tied at "0.200"
+    spec = {"A": ([2.0, 2.2], [0.3, 0.3]), "B": ([2.1, 2.1], [0.1, 0.3]), "C": ([2.10001], [0.2]), "D": ([2.5], [0.2])}
+    for name, (losses, cvs) in spec.items():
+        for seed, (l_, c) in enumerate(zip(losses, cvs)):
+            make_run(tmp_path / f"{name}{seed}", seed=seed, loss=l_, cv=c, overrides=[f"+cell={name}", f"seed={seed}"])
+    runs, _ = collect([tmp_path])
+    t = metric_table(runs, ["eval_loss", "cv", "maxvio"], name="t", title="t")
+    assert t.display.index.tolist() == ["cell=A", "cell=B", "cell=C", "cell=D"]
+    assert t.best["eval loss"].tolist() == [True, True, True, False]
+    assert t.best["load CV"].tolist() == [False, True, True, True]
+    md = t.markdown()
+    assert md.count("**2.1000") == 3 and md.count("**0.200") == 3 and "**0.300" not in md
+    assert t.latex().count(r"\textbf{2.1000") == 3
+    # a column where every row ties has no best
+    same = metric_table(runs[runs["variant"].isin(["cell=C", "cell=D"])], ["cv"], name="s", title="s")
+    assert same.display["load CV"].tolist() == ["0.200", "0.200"]
+    assert not same.best["load CV"].any()
+
+
+def test_duplicates_show_why_they_are_not_counted(sweep, tmp_path, capsys):
+    # a failed re-run of switch_top2 seed 1, after the completed one
+    make_run(sweep / "retry" / "switch_top2_s1", "switch_top2", 1, status="failed", started=5000.0)
+    runs, _ = collect([sweep])
+    bad = problems(runs).set_index("problem")
+    counted_s0 = str((sweep / "spectra_s0").resolve())
+    dup = bad.loc["duplicate"]
+    assert dup["run_dir"].endswith("old/spectra_s0") and dup["error"] == ""
+    assert dup["reason"] == (f"repeats variant and seed 0 of {counted_s0}, counted instead: that one started later")
+    fdup = bad.loc["failed, duplicate"]
+    assert fdup["reason"].startswith("RuntimeError: boom; repeats variant and seed 1 of ")
+    assert fdup["reason"].endswith("counted instead: this run is failed, that one completed")
+    assert str((sweep / "switch_top2_s1").resolve()) in fdup["reason"]
+    assert bad.loc["failed", "reason"] == "RuntimeError: boom"
+    assert "no summary.json" in bad.loc["incomplete", "reason"]
+    assert runs.set_index("run_dir").loc[dup["run_dir"], "duplicate_of"] == counted_s0
+    assert cli(["table", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "(nan)" not in out and f"old/spectra_s0 (repeats variant and seed 0 of {counted_s0}" in out
+    assert cli(["report", str(sweep), "--out", str(tmp_path / "rep"), "--no-figures"]) == 0
+    index = (tmp_path / "rep" / "index.md").read_text()
+    assert "| nan |" not in index and "counted instead: that one started later |" in index
+
+
+def _captured_figures(monkeypatch):
+    """Every figure a plot_* function saves, kept for reading back its artists."""
+    from spectra.analysis import figures
+
+    figs, real = [], figures.save_figure
+    monkeypatch.setattr(figures, "save_figure", lambda fig, stem: figs.append(fig) or real(fig, stem))
+    return figs
+
+
+def _rgba(c):
+    from matplotlib.colors import to_rgba
+
+    return tuple(np.round(to_rgba(c), 6))
+
+
+def test_curves_keep_one_colour_per_variant_in_every_panel_and_one_full_legend(tmp_path, monkeypatch):
+    figs = _captured_figures(monkeypatch)
+    rows = []
+    for v in ("a", "b", "c"):
+        for seed in (0, 1):
+            for step in (1, 2, 3):
+                rows.append({"step": step, "variant": v, "seed": seed,
+                             "loss": None if v == "c" else 3.0 - step + seed,  # c: not in the first panel
+                             "cv": None if v == "a" else 0.1 * step + seed})  # a: not in the second
+    steps = pd.DataFrame(rows).astype({"loss": float, "cv": float})
+    labels = {"a": "A", "b": "B", "c": "C"}
+    plot_metric_curves(steps, [("loss", "loss"), ("cv", "CV")], tmp_path / "curves", labels=labels)
+    fig = figs[-1]
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    seen: dict[str, set] = {}
+    for ax in panels:
+        for line in ax.get_lines():
+            seen.setdefault(line.get_label(), set()).add(_rgba(line.get_color()))
+    assert sorted(seen) == ["A", "B", "C"] and all(len(c) == 1 for c in seen.values()), seen  # one colour each
+    assert len({next(iter(c)) for c in seen.values()}) == 3  # three different colours
+    # the bands: drawn in their line's colour, min..max over seeds (seed 1 is seed 0 + 1)
+    for ax, col in zip(panels, ("loss", "cv")):
+        line_colours = {_rgba(line.get_color())[:3] for line in ax.get_lines()}
+        band_colours = {tuple(np.round(p.get_facecolor()[0][:3], 6)) for p in ax.collections}
+        assert band_colours == line_colours
+        b = ax.collections[0].get_paths()[0].vertices[:, 1]
+        sub = steps[steps["variant"] == ("a" if col == "loss" else "b")]
+        assert set(np.round(b, 9)) >= set(np.round(sub[col].to_numpy(), 9))
+    (legend,) = fig.legends
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts == ["A", "B", "C", "shaded: min–max over seeds (line: mean over seeds)"]
+    legend_colour = {t: _rgba(h.get_color()) for t, h in zip(texts, legend.legend_handles) if t in seen}
+    assert legend_colour == {k: next(iter(v)) for k, v in seen.items()}
+
+
+def test_bar_tsne_and_pareto_colours_and_labels(tmp_path, monkeypatch):
+    figs = _captured_figures(monkeypatch)
+    # "after" is missing from layer 0: "served" must not take its colour there
+    plot_usage_histograms({"before": {0: [5, 1, 1, 1], 1: [2, 2, 2, 2]}, "after": {1: [3, 1, 2, 2]},
+                           "served": {0: [2, 2, 2, 2], 1: [1, 1, 1, 5]}}, tmp_path / "hist")
+    fig = figs[-1]
+    colour: dict[str, set] = {}
+    for ax in fig.axes:
+        for bars in ax.containers:
+            colour.setdefault(bars.get_label(), set()).update(_rgba(p.get_facecolor()) for p in bars.patches)
+    assert sorted(colour) == ["after", "before", "served"] and all(len(c) == 1 for c in colour.values())
+    assert [t.get_text() for t in fig.legends[0].get_texts()][:3] == ["before", "after", "served"]
+    # t-SNE: expert e has one colour in a panel of 8 experts and in a panel of 3
+    rng = np.random.default_rng(0)
+    plot_expert_tsne({"a": rng.normal(size=(8, 5)), "b": rng.normal(size=(3, 5))}, tmp_path / "tsne")
+    a, b = [ax.collections[0].get_facecolors() for ax in figs[-1].axes if ax.get_visible()]
+    np.testing.assert_allclose(a[:3], b)
+    assert len({tuple(c) for c in a}) == 8
+    # Pareto: the error bars say what they are
+    cells = pd.DataFrame({"cv": [0.1, 0.2], "cv_std": [0.01, 0.02], "eval_loss": [3.0, 2.0], "eval_loss_std": [0.1, 0.2],
+                          "label": ["a", "b"]})
+    plot_pareto(cells, tmp_path / "pareto")
+    texts = [t.get_text() for t in figs[-1].axes[0].get_legend().get_texts()]
+    assert "cells: mean over seeds; bars: ± sample std over seeds (ddof = 1)" in texts
+
+
 def _check_image_files(paths):
     png, pdf = paths
     assert png.stat().st_size > 0 and mpimg.imread(png).ndim == 3

@@ -95,6 +95,10 @@ def test_report_shows_the_broken_run_and_the_duplicate(report):
     index = (out / "index.md").read_text()
     assert "**failed**" in index and "broken" in index and "max_seq_length" in index
     assert "**duplicate**" in index and "rerun" in index
+    # the duplicate says which run is counted instead and why; never "nan"
+    dup_line = next(line for line in index.splitlines() if "**duplicate**" in line)
+    assert "topk_s0, counted instead: that one started later" in dup_line and "nan" not in dup_line
+    assert "(nan)" not in proc.stdout
     assert "failed: " in proc.stdout
     comp = pd.read_csv(out / "tables" / "comparison.csv", index_col=0)
     broken = comp[comp.index.str.contains("data.max_seq_length=2048")]
@@ -109,6 +113,8 @@ def test_report_writes_every_table_and_figure(report):
         for ext in ("md", "tex", "csv"):
             assert (out / "tables" / f"{name}.{ext}").stat().st_size > 0
         assert r"\toprule" in (out / "tables" / f"{name}.tex").read_text()
+        if name not in ("table09_overhead", "table13_significance"):  # tables of mean ± std cells name their std
+            assert "sample standard deviation (ddof = 1)" in (out / "tables" / f"{name}.md").read_text(), name
     figures = sorted((out / "figures").iterdir())
     stems = {f.stem for f in figures}
     assert {"loss_curves_sweep", "routing_curves_sweep", "pareto_sweep"} <= stems

@@ -19,7 +19,7 @@ from spectra.analysis.tables import comparison, to_markdown
 
 def _print_problems(runs) -> None:
     for r in problems(runs).itertuples():
-        print(f"{r.problem}: {r.run_dir}" + (f" ({r.error})" if r.error else ""))
+        print(f"{r.problem}: {r.run_dir}" + (f" ({r.reason})" if r.reason else ""))
 
 
 def _table(args) -> int:

@@ -14,6 +14,8 @@ runs: one row per run directory
     <block>:<key>   any other mapping in summary.json, flattened (`stability:consistency`)
     last:<key>      the last logged value of every numeric metrics.jsonl key
     duplicate       True for a run that repeats another run's (variant, seed)
+    duplicate_of    the run directory kept instead of a duplicate ('' for the others)
+    duplicate_reason why that run is kept instead ('' for runs that are not duplicates)
     counted         completed and not a duplicate: the runs that enter means and tests
 steps: one row per metrics.jsonl record (run_dir, sweep, variant, seed, router, kind, step, ...)
 
@@ -177,14 +179,30 @@ def collect_run(run_dir: Path, records: list[dict] | None = None) -> dict:
     return row
 
 
-def _mark_duplicates(runs: pd.DataFrame) -> pd.Series:
-    """True for every run but the counted one of its (variant, seed) group."""
+def _mark_duplicates(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """(duplicate, duplicate_of, duplicate_reason): True for every run but the kept one of its
+    (variant, seed) group; the kept run's directory; why that one was kept and not this one."""
     rank = runs.assign(
         _ok=(runs["status"] == "completed").astype(int),
         _started=pd.to_numeric(runs["started"], errors="coerce").fillna(-math.inf),
+        _seed=runs["seed"].astype(str),  # None and NaN seeds group together, as drop_duplicates does
     ).sort_values(["_ok", "_started", "run_dir"], ascending=[False, False, True])
-    keep = rank.drop_duplicates(subset=["variant", "seed"], keep="first").index
-    return ~runs.index.isin(keep)
+    kept = rank.drop_duplicates(subset=["variant", "_seed"], keep="first").set_index(["variant", "_seed"])
+    dup = ~runs.index.isin(rank.drop_duplicates(subset=["variant", "_seed"], keep="first").index)
+    of, reason = pd.Series("", index=runs.index), pd.Series("", index=runs.index)
+    for i in runs.index[dup]:
+        r = rank.loc[i]
+        k = kept.loc[(r["variant"], r["_seed"])]
+        if k["_ok"] and not r["_ok"]:
+            why = f"this run is {r['status']}, that one completed"
+        elif k["_started"] > r["_started"]:
+            why = "that one has a start time, this one none" if r["_started"] == -math.inf else "that one started later"
+        else:
+            why = "both started at the same time, the first by path is kept"
+        of[i] = k["run_dir"]
+        reason[i] = (f"repeats variant and seed {r['seed']} of {k['run_dir']}, "
+                     f"{'counted instead' if k['_ok'] else 'kept instead (neither completed)'}: {why}")
+    return pd.Series(dup, index=runs.index), of, reason
 
 
 def collect(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -204,18 +222,30 @@ def collect(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
             steps.append({**meta, "kind": kind, **rec})
     runs = pd.DataFrame(rows)
     if not runs.empty:
-        runs["duplicate"] = _mark_duplicates(runs)
+        runs["duplicate"], runs["duplicate_of"], runs["duplicate_reason"] = _mark_duplicates(runs)
         runs["counted"] = (runs["status"] == "completed") & ~runs["duplicate"]
     return runs, pd.DataFrame(steps)
 
 
+def _text(v) -> str:
+    """A cell as text: '' for None / NaN (pandas turns a None next to strings into NaN)."""
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
 def problems(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs that are not counted, each with the reason (failed / incomplete / duplicate)."""
+    """The runs that are not counted, each with its problem (failed / incomplete / duplicate), its
+    error ('' when none) and the reason it is not counted: the error of a failed or incomplete
+    run, and for a duplicate which run it repeats and why that one is counted instead."""
+    cols = ["run_dir", "variant", "seed", "problem", "error", "reason"]
     if runs.empty:
-        return pd.DataFrame(columns=["run_dir", "variant", "seed", "problem", "error"])
+        return pd.DataFrame(columns=cols)
     bad = runs[~runs["counted"]].copy()
     bad["problem"] = [
         "duplicate" if dup and st == "completed" else (f"{st}, duplicate" if dup else st)
         for st, dup in zip(bad["status"], bad["duplicate"])
     ]
-    return bad[["run_dir", "variant", "seed", "problem", "error"]].reset_index(drop=True)
+    bad["error"] = [_text(e) for e in bad["error"]]
+    why = bad["duplicate_reason"] if "duplicate_reason" in bad else pd.Series("", index=bad.index)
+    bad["reason"] = ["; ".join(x for x in (e, _text(w) if dup else "") if x)
+                     for e, w, dup in zip(bad["error"], why, bad["duplicate"])]
+    return bad[cols].reset_index(drop=True)

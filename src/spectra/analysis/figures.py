@@ -6,6 +6,7 @@ reads a run directory (report.py does that), so each is testable with synthetic 
     plot_usage_histograms     expert load per layer, before vs after quota selection
     plot_usage_over_training  stacked expert shares across snapshots (paper Figure 4)
     plot_metric_curves        metrics vs steps per variant, mean over seeds with a min–max band
+                              (one colour per variant in every panel, one legend of all)
     plot_selection_heatmap    P(expert | position) per layer
     plot_expert_tsne          t-SNE of expert representations, one panel per router/layer
     plot_domain_heatmap       P(expert | domain), per-expert purity, TF-IDF keywords
@@ -23,6 +24,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def save_figure(fig, stem: str | Path) -> list[Path]:
@@ -35,6 +39,21 @@ def save_figure(fig, stem: str | Path) -> list[Path]:
     return paths
 
 
+def series_colors(names) -> dict:
+    """One colour per name, fixed once for a whole figure (every panel) from the full list of
+    names: a series missing from one panel does not shift the others' colours. tab10 for up to
+    10 names, tab20 for up to 20, evenly spaced turbo colours beyond."""
+    names = list(dict.fromkeys(names))
+    n = len(names)
+    if n <= 10:
+        cols = [plt.get_cmap("tab10")(i) for i in range(n)]
+    elif n <= 20:
+        cols = [plt.get_cmap("tab20")(i) for i in range(n)]
+    else:
+        cols = [plt.get_cmap("turbo")(x) for x in np.linspace(0.05, 0.95, n)]
+    return dict(zip(names, cols))
+
+
 def _grid(n: int, ncols: int = 4, size=(3.6, 2.8)):
     ncols = max(1, min(ncols, n))
     nrows = max(1, math.ceil(n / ncols))
@@ -44,10 +63,15 @@ def _grid(n: int, ncols: int = 4, size=(3.6, 2.8)):
     return fig, list(axes.flat)
 
 
-def plot_usage_histograms(loads: dict[str, dict[int, np.ndarray]], stem, title: str = "Expert usage") -> list[Path]:
+def plot_usage_histograms(loads: dict[str, dict[int, np.ndarray]], stem, title: str = "Expert usage",
+                          colors: dict | None = None) -> list[Path]:
     """loads: {series label ('before quota', 'after quota'): {layer: [E] counts}} -> one panel per
-    layer, bars of each expert's share of assignments per series, uniform share dashed."""
+    layer, bars of each expert's share of assignments per series, uniform share dashed.
+
+    A series keeps one colour (`colors`, default `series_colors(loads)`) and one bar slot in every
+    panel, also where another series is missing; the legend, below the panels, lists every series."""
     layers = sorted(set().union(*[d.keys() for d in loads.values()]))
+    colors = {**series_colors(loads), **(colors or {})}
     fig, axes = _grid(len(layers))
     width = 0.8 / max(len(loads), 1)
     for ax, layer in zip(axes, layers):
@@ -58,17 +82,31 @@ def plot_usage_histograms(loads: dict[str, dict[int, np.ndarray]], stem, title: 
             x = np.asarray(per_layer[layer], dtype=float)
             e = len(x)
             share = x / x.sum() if x.sum() > 0 else x
-            ax.bar(np.arange(e) + (j - (len(loads) - 1) / 2) * width, share, width=width, label=label)
+            ax.bar(np.arange(e) + (j - (len(loads) - 1) / 2) * width, share, width=width, label=label, color=colors[label])
         if e:
             ax.axhline(1 / e, color="k", ls="--", lw=0.8)
             ax.set_xticks(range(e))
         ax.set_title(f"layer {layer}")
         ax.set_xlabel("expert")
         ax.set_ylabel("share of assignments")
-    axes[0].legend(fontsize=7)
+    handles = [Patch(facecolor=colors[label], label=label) for label in loads]
+    handles.append(Line2D([], [], color="k", ls="--", lw=0.8, label="uniform share 1/E"))
     fig.suptitle(title)
-    fig.tight_layout()
+    _figure_legend(fig, handles)
     return save_figure(fig, stem)
+
+
+def _figure_legend(fig, handles) -> None:
+    """One legend for the whole figure, below the panels, with every handle."""
+    fig.tight_layout()
+    if not handles:
+        return
+    ncol = min(4, len(handles))
+    rows = math.ceil(len(handles) / ncol)
+    height = fig.get_size_inches()[1]
+    bottom = min(0.4, (0.3 * rows + 0.15) / height)  # inches of legend -> fraction of the figure
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, bbox_to_anchor=(0.5, 0.0), frameon=False)
 
 
 def plot_usage_over_training(steps, shares: np.ndarray, stem, title: str = "Expert usage over training") -> list[Path]:
@@ -86,11 +124,24 @@ def plot_usage_over_training(steps, shares: np.ndarray, stem, title: str = "Expe
     return save_figure(fig, stem)
 
 
+BAND_LABEL = "shaded: min–max over seeds (line: mean over seeds)"
+
+
 def plot_metric_curves(steps: pd.DataFrame, metrics: list[tuple[str, str]], stem, title: str = "",
-                       by: str = "variant", labels: dict | None = None) -> list[Path]:
+                       by: str = "variant", labels: dict | None = None, colors: dict | None = None) -> list[Path]:
     """steps: long frame with `step`, `by`, `seed` and the metric columns; metrics: [(column,
-    label)]. One panel per metric; per group the mean over seeds, shaded between min and max."""
+    label)]. One panel per metric; per group the mean over seeds, shaded between min and max
+    (groups with one seed: the line alone).
+
+    Every group keeps one colour in all panels (`colors`: {group: colour}, default
+    `series_colors` of every group in `steps`, sorted), also in a panel where another group has
+    no values; the legend below the panels lists every group (" (not logged)" for one with no
+    values in any panel) and says what the shaded band is (`BAND_LABEL`)."""
+    labels = labels or {}
+    groups = sorted(steps[by].dropna().unique(), key=str) if by in steps.columns else []
+    colors = {**series_colors(groups), **(colors or {})}
     fig, axes = _grid(len(metrics), ncols=min(3, len(metrics)), size=(4.2, 3.0))
+    drawn, band = set(), False
     for ax, (col, label) in zip(axes, metrics):
         if col not in steps.columns:
             ax.text(0.5, 0.5, f"{col}\nnot logged", ha="center", va="center", transform=ax.transAxes)
@@ -99,17 +150,22 @@ def plot_metric_curves(steps: pd.DataFrame, metrics: list[tuple[str, str]], stem
         d = steps[["step", by, "seed", col]].dropna(subset=[col])
         for g, sub in d.groupby(by, sort=True):
             per_step = sub.groupby("step")[col].agg(["mean", "min", "max"])
-            line = ax.plot(per_step.index, per_step["mean"], label=(labels or {}).get(g, g), lw=1.2)[0]
+            ax.plot(per_step.index, per_step["mean"], label=labels.get(g, g), lw=1.2, color=colors[g])
+            drawn.add(g)
             if sub["seed"].nunique() > 1:
-                ax.fill_between(per_step.index, per_step["min"], per_step["max"], alpha=0.2, color=line.get_color())
+                ax.fill_between(per_step.index, per_step["min"], per_step["max"], alpha=0.2, color=colors[g], lw=0)
+                band = True
         ax.set_title(label)
         ax.set_xlabel("step")
-    handles, names = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=7, bbox_to_anchor=(0.5, -0.02))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(f"{label} (mean over seeds)", fontsize=8)
+    handles = [Line2D([], [], color=colors[g], lw=1.2, label=str(labels.get(g, g)) + ("" if g in drawn else " (not logged)"))
+               for g in groups]
+    if band:
+        handles.append(Patch(facecolor="0.5", alpha=0.3, label=BAND_LABEL))
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
+    _figure_legend(fig, handles)
     return save_figure(fig, stem)
 
 
@@ -174,7 +230,8 @@ def plot_expert_tsne(reprs: dict[str, np.ndarray], stem, title: str = "t-SNE of 
     fig, axes = _grid(len(reprs), ncols=3, size=(3.4, 3.2))
     for ax, (label, x) in zip(axes, reprs.items()):
         y = embed_2d(np.asarray(x), seed=seed)
-        ax.scatter(y[:, 0], y[:, 1], c=np.arange(len(y)), cmap="tab20", s=40)
+        # expert e has one colour in every panel (tab20, cycling past 20 experts)
+        ax.scatter(y[:, 0], y[:, 1], color=[plt.get_cmap("tab20")(e % 20) for e in range(len(y))], s=40)
         for e, (a, b) in enumerate(y):
             ax.annotate(str(e), (a, b), fontsize=7, xytext=(2, 2), textcoords="offset points")
         ax.set_title(label, fontsize=9)
@@ -229,13 +286,17 @@ def pareto_front(x, y) -> np.ndarray:
 def plot_pareto(cells: pd.DataFrame, stem, x: str = "cv", y: str = "eval_loss", label: str = "label",
                 title: str = "Pareto front: eval loss vs load CV") -> list[Path]:
     """cells: one row per cell with columns x, y (means over seeds), label and optional
-    `{x}_std`/`{y}_std` error bars; the non-dominated cells are joined and highlighted."""
+    `{x}_std`/`{y}_std` error bars (sample std over seeds, as the legend says); the
+    non-dominated cells are joined and highlighted."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     xs, ys = cells[x].to_numpy(float), cells[y].to_numpy(float)
     xe = cells[f"{x}_std"].to_numpy(float) if f"{x}_std" in cells else None
     ye = cells[f"{y}_std"].to_numpy(float) if f"{y}_std" in cells else None
     front = pareto_front(xs, ys)
-    ax.errorbar(xs, ys, xerr=xe, yerr=ye, fmt="o", color="tab:gray", alpha=0.7, ms=5, capsize=2, label="cells")
+    has_bars = any(e is not None and np.isfinite(e).any() for e in (xe, ye))
+    bars = "; bars: ± sample std over seeds (ddof = 1)" if has_bars else ""
+    ax.errorbar(xs, ys, xerr=xe, yerr=ye, fmt="o", color="tab:gray", alpha=0.7, ms=5, capsize=2,
+                label=f"cells: mean over seeds{bars}")
     order = np.argsort(xs[front])
     ax.plot(xs[front][order], ys[front][order], "-o", color="tab:red", ms=7, label="Pareto front")
     for xi, yi, t, f in zip(xs, ys, cells[label].astype(str), front):

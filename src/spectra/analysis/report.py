@@ -302,17 +302,18 @@ def _sweep_figures(rep: Report, runs: pd.DataFrame, steps: pd.DataFrame, fig_dir
         tag = _slug(sub["sweep_name"].iloc[0])
         groups = sorted(sub["variant"].unique())
         labels = variant_labels(groups)
+        colors = F.series_colors(groups)  # one colour per variant in every figure of the sweep
         st = steps[(steps["sweep"] == sweep) & steps["run_dir"].isin(sub.loc[sub["counted"], "run_dir"])] if not steps.empty else steps
         if not st.empty:
             loss = [(c, lab) for c, lab in (("loss", "train loss"), ("eval_loss", "eval loss")) if c in st and st[c].notna().any()]
             if loss:
                 rep.figures[f"loss_curves_{tag}"] = F.plot_metric_curves(
-                    st, loss, fig_dir / f"loss_curves_{tag}", title=f"Training dynamics — sweep {tag}", labels=labels)
+                    st, loss, fig_dir / f"loss_curves_{tag}", title=f"Training dynamics — sweep {tag}", labels=labels, colors=colors)
             curves = [(col, lab) for name, lab in CURVE_METRICS if (col := _step_column(st, name))]
             missing = [lab for name, lab in CURVE_METRICS if not _step_column(st, name)]
             if curves:
                 rep.figures[f"routing_curves_{tag}"] = F.plot_metric_curves(
-                    st, curves, fig_dir / f"routing_curves_{tag}", title=f"Routing metrics vs steps — sweep {tag}", labels=labels)
+                    st, curves, fig_dir / f"routing_curves_{tag}", title=f"Routing metrics vs steps — sweep {tag}", labels=labels, colors=colors)
             if missing:
                 rep.notes.append(f"sweep {tag}: not logged per step, no curve: {', '.join(missing)}")
         cv, loss_col = resolve(sub, "cv"), resolve(sub, "eval_loss")
@@ -370,9 +371,9 @@ def _index(rep: Report, paths) -> str:
              f"{int(n.get('failed', 0))} failed, {int(n.get('incomplete', 0))} incomplete, "
              f"{int((runs['duplicate'] & (runs['status'] == 'completed')).sum())} duplicate.", ""]
     if rep.problems is not None and not rep.problems.empty:
-        lines += ["## Runs not counted", "", "| problem | run | variant | seed | error |", "|---|---|---|---|---|"]
+        lines += ["## Runs not counted", "", "| problem | run | variant | seed | reason |", "|---|---|---|---|---|"]
         for r in rep.problems.itertuples():
-            err = str(r.error or "").replace("|", "\\|").replace("\n", " ")[:200]
+            err = str(r.reason).replace("|", "\\|").replace("\n", " ")[:400]
             lines.append(f"| **{r.problem}** | `{r.run_dir}` | {r.variant} | {r.seed} | {err} |")
         lines.append("")
     lines += ["## Tables", ""]

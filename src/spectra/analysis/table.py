@@ -25,13 +25,26 @@ def fmt_value(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
-def fmt_mean_std(mean: float, std: float, n: int, digits: int = 3) -> str:
-    """'m ± s' over n > 1 values, 'm' for one value, '–' for none."""
-    if n is None or n == 0 or mean is None or not math.isfinite(mean):
+STD_NOTE = ("cells: mean ± sample standard deviation (ddof = 1) over the counted runs (one per seed); "
+            "a single run shows its value alone; (n=k): only k runs have a value for this metric, fewer than "
+            "the row's completed runs (the others did not log it)")
+
+
+def fmt_mean_std(mean: float, std: float, n: int, digits: int = 3, expected: int | None = None) -> str:
+    """'m ± s' over n > 1 values (s: sample std, ddof = 1), 'm' for one value, '–' for none.
+
+    `expected`: the number of runs the cell should hold (the row's completed runs); a cell over
+    fewer or more values says so, "m ± s (n=3)", so a metric some runs did not log cannot pass
+    for a mean over all of them."""
+    if n is None or (isinstance(n, float) and not math.isfinite(n)) or n == 0 or mean is None or not math.isfinite(mean):
         return MISSING
     if n > 1 and std is not None and math.isfinite(std):
-        return f"{fmt_value(mean, digits)} ± {fmt_value(std, digits)}"
-    return fmt_value(mean, digits)
+        text = f"{fmt_value(mean, digits)} ± {fmt_value(std, digits)}"
+    else:
+        text = fmt_value(mean, digits)
+    if expected is not None and int(n) != int(expected):
+        text += f" (n={int(n)})"
+    return text
 
 
 @dataclass

@@ -21,7 +21,7 @@ import pandas as pd
 
 from spectra.analysis.columns import Metric, metric, missing_note, resolve
 from spectra.analysis.stats import bootstrap_ci, bootstrap_diff_ci, format_p, stars, welch_ttest
-from spectra.analysis.table import MISSING, Table, fmt_mean_std, fmt_value
+from spectra.analysis.table import MISSING, STD_NOTE, Table, fmt_mean_std, fmt_value
 
 ROUTER_NAMES = {"spectra": "SPECTRA", "switch_top1": "Switch Top-1", "switch_top2": "Switch Top-2",
                 "expert_choice": "Expert Choice", "topk": "Top-k", "hash": "Hash", "dense": "Dense"}
@@ -97,6 +97,12 @@ def status_counts(runs: pd.DataFrame, by: str) -> pd.DataFrame:
     }).reindex(_order(runs[by].unique(), by)).fillna(0).astype(int)
 
 
+def _counted_per(runs: pd.DataFrame, by: str, values) -> list[int]:
+    """The number of counted runs per value of `by`, in the order of `values`."""
+    ok = runs[runs["counted"]] if "counted" in runs.columns else runs
+    return ok.groupby(by).size().reindex(values).fillna(0).astype(int).tolist()
+
+
 def aggregate(runs: pd.DataFrame, columns: list[str], by: str = "variant") -> pd.DataFrame:
     """Mean, std (ddof=1, as pandas) and count of counted runs per group, for raw columns."""
     ok = runs[runs["counted"]] if "counted" in runs.columns else runs[runs["status"] == "completed"]
@@ -107,14 +113,19 @@ def aggregate(runs: pd.DataFrame, columns: list[str], by: str = "variant") -> pd
     return pd.concat({"mean": g.mean(), "std": g.std(), "n": g.count()}, axis=1)
 
 
-def _best_mask(stats: pd.DataFrame, lower: bool | None, index) -> pd.Series:
+def _best_mask(stats: pd.DataFrame, lower: bool | None, index, scale: float = 1.0, digits: int | None = None) -> pd.Series:
+    """The best cells of a column: every row whose mean, as shown (× scale, rounded to `digits`),
+    equals the best shown mean, so tied rows are all marked. None when every row ties (no best)."""
     mask = pd.Series(False, index=index)
     if lower is None or stats.empty:
         return mask
-    m = stats["mean"].reindex(index)
-    m = m[np.isfinite(m.astype(float))]
+    m = stats["mean"].reindex(index).astype(float)
+    m = m[np.isfinite(m)] * scale
+    if digits is not None:
+        m = m.round(digits)
     if len(m) >= 2 and m.nunique() > 1:
-        mask[m.idxmin() if lower else m.idxmax()] = True
+        target = m.min() if lower else m.max()
+        mask[m.index[m == target]] = True
     return mask
 
 
@@ -128,7 +139,8 @@ def metric_table(runs: pd.DataFrame, metrics: list, by: str = "variant", *, name
     display = pd.DataFrame(index=groups)
     data = pd.DataFrame(index=groups)
     best = pd.DataFrame(index=groups)
-    notes = []
+    notes = [STD_NOTE]
+    sc = status_counts(runs, by).reindex(groups).fillna(0).astype(int)
     for spec in metrics:
         m = metric(spec)
         col = resolve(runs, m)
@@ -139,13 +151,14 @@ def metric_table(runs: pd.DataFrame, metrics: list, by: str = "variant", *, name
             notes.append(missing_note(m))
             continue
         st = cell_stats(runs, col, by).reindex(groups)
-        display[m.header] = [fmt_mean_std(r["mean"] * m.scale, r["std"] * m.scale, r["n"], m.digits) for _, r in st.iterrows()]
-        best[m.header] = _best_mask(st, m.lower_is_better, groups)
+        st["n"] = st["n"].fillna(0).astype(int)
+        display[m.header] = [fmt_mean_std(r["mean"] * m.scale, r["std"] * m.scale, r["n"], m.digits, expected=done)
+                             for (_, r), done in zip(st.iterrows(), sc["completed"])]
+        best[m.header] = _best_mask(st, m.lower_is_better, groups, m.scale, m.digits)
         for stat in ("mean", "std", "n"):
             data[f"{m.key}_{stat}"] = st[stat]
         data[f"{m.key}_source"] = col
     if counts:
-        sc = status_counts(runs, by).reindex(groups).fillna(0).astype(int)
         shown = ["completed", "failed", "incomplete"] + (["duplicate"] if sc["duplicate"].any() else [])
         for c in shown:
             display[c], best[c] = sc[c].astype(str), False
@@ -176,7 +189,7 @@ def comparison_table(runs: pd.DataFrame, by: str = "variant", columns=None) -> p
 
 def comparison(runs: pd.DataFrame, by: str = "variant") -> Table:
     """The comparison as a Table (with notes for metrics these runs did not log)."""
-    return metric_table(runs, COMPARISON_METRICS, by, name="comparison", title="Comparison: mean ± std over seeds")
+    return metric_table(runs, COMPARISON_METRICS, by, name="comparison", title="Comparison: mean ± sample std over seeds")
 
 
 def to_markdown(table) -> str:
@@ -193,7 +206,7 @@ def to_markdown(table) -> str:
 # ---------------------------------------------------------------- paper tables
 def ablation_table(runs: pd.DataFrame, by: str = "variant") -> Table:
     t = metric_table(runs, TABLE7_METRICS, by, name="table07_ablations",
-                     title="Table 7: Ablations — expert specialization (mean ± std over seeds)")
+                     title="Table 7: Ablations — expert specialization (mean ± sample std over seeds)")
     t.notes.append("collapse rate: share of experts below 10 % of the uniform load (METHOD.md §5)")
     return t
 
@@ -266,7 +279,7 @@ def scaling_table(runs: pd.DataFrame, by: str, *, name: str, title: str, primary
                   reference: str = "switch_top2") -> Table:
     """Tables 10/11: eval loss per router for each value of `by`, plus the primary router's
     expert entropy and Gram orthogonality. Downstream 'Avg Score' is not measured: eval loss."""
-    notes = ["eval loss stands in for the paper's downstream Avg Score (not measured by training runs)"]
+    notes = [STD_NOTE, "eval loss stands in for the paper's downstream Avg Score (not measured by training runs)"]
     if by not in runs.columns:
         display = pd.DataFrame({"eval loss": [MISSING]}, index=pd.Index([MISSING], name=by))
         return Table(name, title, display, pd.DataFrame(), None, [f"no `{by}` in these runs", *notes])
@@ -277,7 +290,8 @@ def scaling_table(runs: pd.DataFrame, by: str, *, name: str, title: str, primary
     for r in routers:
         st = cell_stats(runs[runs["router"] == r], loss, by).reindex(values) if loss else pd.DataFrame(index=values, columns=["mean", "std", "n"])
         header = f"{ROUTER_NAMES.get(r, r)} eval loss"
-        display[header] = [fmt_mean_std(x["mean"], x["std"], x["n"], 4) for _, x in st.iterrows()]
+        done = _counted_per(runs[runs["router"] == r], by, values)
+        display[header] = [fmt_mean_std(x["mean"], x["std"], x["n"], 4, expected=d) for (_, x), d in zip(st.iterrows(), done)]
         best[header] = False
         for s in ("mean", "std", "n"):
             data[f"{r}_eval_loss_{s}"] = st[s]
@@ -298,8 +312,11 @@ def scaling_table(runs: pd.DataFrame, by: str, *, name: str, title: str, primary
             notes.append(missing_note(m))
         else:
             st = cell_stats(sub, col, by).reindex(values)
-            display[header] = [fmt_mean_std(x["mean"] * m.scale, x["std"] * m.scale, x["n"], m.digits) for _, x in st.iterrows()]
-            data[f"{main}_{key}_mean"], data[f"{main}_{key}_std"] = st["mean"], st["std"]
+            done = _counted_per(sub, by, values)
+            display[header] = [fmt_mean_std(x["mean"] * m.scale, x["std"] * m.scale, x["n"], m.digits, expected=d)
+                               for (_, x), d in zip(st.iterrows(), done)]
+            for s_ in ("mean", "std", "n"):
+                data[f"{main}_{key}_{s_}"] = st[s_]
         best[header] = False
     if len(values) < 2:
         notes.append(f"only one value of `{by}` in these runs: no trend")
@@ -406,7 +423,7 @@ def sweep_tables(runs: pd.DataFrame) -> list[Table]:
         metrics = ["eval_loss", "cv", "maxvio"] + [m for m in SWEEP_EXTRA_METRICS if resolve(sub, m)]
         slug = re.sub(r"[^A-Za-z0-9]+", "_", sname).strip("_") or f"{i}"
         t = metric_table(sub, metrics, "variant", name=f"sweep_{i:02d}_{slug}",
-                         title=f"Sweep {sname}: mean ± std over seeds per cell (best per column in bold)")
+                         title=f"Sweep {sname}: mean ± sample std over seeds per cell (best per column in bold, ties all bold)")
         t.notes.append(f"directory: {sweep}")
         tables.append(t)
     return tables
