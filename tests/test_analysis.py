@@ -270,6 +270,17 @@ def test_a_cell_over_fewer_runs_shows_its_n_and_every_table_names_the_sample_std
         assert "sample standard deviation (ddof = 1)" in tab.latex(), tab.name
 
 
+def test_overhead_cells_over_fewer_runs_show_their_n(tmp_path):
+    """Two runs time the router, one also the experts: the experts' mean is over one run."""
+    make_run(tmp_path / "r0", seed=0, extra_final={"monitor/router_ms_mean": 1.0, "monitor/experts_ms_mean": 3.0})
+    make_run(tmp_path / "r1", seed=1, extra_final={"monitor/router_ms_mean": 2.0})
+    runs, _ = collect([tmp_path])
+    t9 = overhead_table(runs)
+    (col_ms,) = [c for c in t9.display.columns if c.endswith(" ms")]
+    assert t9.display[col_ms].tolist()[:3] == ["1.500", "3.000 (n=1)", "4.500"]  # router, experts, MoE total
+    d = t9.data.reset_index().set_index("component")
+    assert d.loc["router", "n"] == 2 and d.loc["experts", "n"] == 1 and d.loc["experts", "completed"] == 2
+
 def test_ties_are_all_bold_at_the_shown_precision(tmp_path):
     # eval loss means: A (2.0 + 2.2) / 2, B 2.1, C 2.10001 -> all three shown as "2.1000", D 2.5;
     # CV means: A 0.3, B (0.1 + 0.3) / 2, C 0.2, D 0.2 -> three tied at "0.200"

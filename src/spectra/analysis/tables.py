@@ -254,22 +254,34 @@ def overhead_table(runs: pd.DataFrame, by: str = "variant") -> Table:
     labels = variant_labels(groups) if by == "variant" else {g: str(g) for g in groups}
     display = pd.DataFrame(index=[*comps, "total", "model forward"])
     rows = []
+    done = dict(zip(groups, _counted_per(runs, by, groups)))
+
+    def ms(value, n, g, digits):  # "(n=k)": a mean over fewer runs than the variant's completed ones
+        text = fmt_value(value, digits)
+        return text + (f" (n={n})" if text != MISSING and n != done[g] else "")
+
     for g in groups:
-        means = {c: cell_stats(runs, source[c], by)["mean"].get(g, math.nan) for c in comps}
+        st = {c: cell_stats(runs, source[c], by) for c in comps}
+        means = {c: st[c]["mean"].get(g, math.nan) for c in comps}
+        ns = {c: int(st[c]["n"].get(g, 0)) for c in comps}
         vals = [means[c] for c in top]
         total = float(np.nansum(vals)) if any(math.isfinite(v) for v in vals) else math.nan
-        forward = cell_stats(runs, fwd, by)["mean"].get(g, math.nan) if fwd else math.nan
+        fst = cell_stats(runs, fwd, by) if fwd else None
+        forward = fst["mean"].get(g, math.nan) if fwd else math.nan
         pct = {c: 100 * means[c] / total if math.isfinite(total) and total > 0 else math.nan for c in comps}
-        display[f"{labels[g]} ms"] = [fmt_value(means[c], 3) for c in comps] + [fmt_value(total, 3), fmt_value(forward, 2)]
+        display[f"{labels[g]} ms"] = [ms(means[c], ns[c], g, 3) for c in comps] + [
+            fmt_value(total, 3), ms(forward, int(fst["n"].get(g, 0)) if fwd else 0, g, 2)]
         display[f"{labels[g]} %"] = [fmt_value(pct[c], 1) for c in comps] + ["100" if math.isfinite(total) else MISSING, MISSING]
         rows += [{"variant": g, "label": labels[g], "component": c, "ms": means[c], "pct_of_total": pct[c],
-                  "source": source[c]} for c in comps]
-        rows += [{"variant": g, "label": labels[g], "component": "total", "ms": total, "pct_of_total": 100.0},
-                 {"variant": g, "label": labels[g], "component": "model_forward", "ms": forward, "source": fwd}]
+                  "n": ns[c], "completed": done[g], "source": source[c]} for c in comps]
+        rows += [{"variant": g, "label": labels[g], "component": "total", "ms": total, "pct_of_total": 100.0,
+                  "completed": done[g]},
+                 {"variant": g, "label": labels[g], "component": "model_forward", "ms": forward,
+                  "n": int(fst["n"].get(g, 0)) if fwd else 0, "completed": done[g], "source": fwd}]
     display.index = [f"  {c}" if c not in top else c for c in comps] + ["total (MoE layer)", "model forward (all layers)"]
     display.index.name = "component"
-    notes = ["mean wall-clock ms per MoE layer on the monitor's held-out slice, final evaluation; FLOPs are not "
-             "reported (measured times only, paper 6.4)"]
+    notes = ["mean wall-clock ms per MoE layer on the monitor's held-out slice, final evaluation, over the variant's "
+             "completed runs ((n=k): only k of them logged it); FLOPs are not reported (measured times only, paper 6.4)"]
     if len(top) < len(comps):
         notes.append("indented rows are parts of the router time")
     return Table(name, title, display, pd.DataFrame(rows).set_index(["variant", "component"]), None, notes)
