@@ -206,3 +206,70 @@ def test_two_rank_zero2_spectra_run_ends_with_identical_running_gram(tmp_path):
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     a, b = s["buffer_checksum_per_rank"]
     assert a == b  # the per-rank consistency check covers buffers
+
+
+# ------------------------------------------------------------- routing snapshots on a resume
+
+
+def _snapshots_on_disk(run_dir: Path, steps) -> None:
+    from spectra.metrics.monitor import save_snapshot, snapshot_path
+
+    for step in steps:
+        save_snapshot(snapshot_path(run_dir, step), {"step": step, "fingerprint": "f"})
+
+
+def test_resume_loads_only_snapshots_named_up_to_the_resume_step(tmp_path):
+    """Rank 0 deletes snapshots past the resume step while other ranks load: a file past it must
+    never be opened. Here step 4's file is unreadable (as one half-deleted, or from an earlier
+    attempt on another schedule): loading up to step 3 does not touch it."""
+    import spectra.metrics.monitor as mon
+    from spectra.metrics.monitor import SNAPSHOT_DIR, load_snapshots
+
+    _snapshots_on_disk(tmp_path, [1, 3, 6])
+    (tmp_path / SNAPSHOT_DIR / "step000004.pt").write_bytes(b"not a torch file")
+    (tmp_path / SNAPSHOT_DIR / "step000003.pt.abc123.tmp").write_bytes(b"")  # an atomic write's temp file
+    assert [s["step"] for s in load_snapshots(tmp_path, max_step=3)] == [1, 3]
+    assert [step for step, _ in mon.snapshot_files(tmp_path)] == [1, 3, 4, 6]  # the listing, by name
+
+
+def test_a_snapshot_vanishing_between_listing_and_loading_is_skipped(tmp_path, monkeypatch):
+    import spectra.metrics.monitor as mon
+
+    _snapshots_on_disk(tmp_path, [1, 2, 3])
+    real = mon.load_snapshot
+
+    def racing_load(path):  # another process deletes step 2 after this one listed the directory
+        if Path(path).name == "step000002.pt":
+            Path(path).unlink()
+        return real(path)
+
+    monkeypatch.setattr(mon, "load_snapshot", racing_load)
+    with pytest.warns(UserWarning, match="step000002.pt vanished"):
+        assert [s["step"] for s in mon.load_snapshots(tmp_path, max_step=3)] == [1, 3]
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_two_rank_resume_with_the_monitor_reloads_snapshots_up_to_the_resume_step(tmp_path):
+    """2 ranks, ZeRO-2, monitor on (snapshots at steps 1-4), checkpoints at 2 and 4. With
+    checkpoint-4 gone (as if killed before committing it) the rerun resumes from step 2: rank 0
+    deletes the snapshots of steps 3 and 4 (step 4's made unreadable here) while rank 1 loads
+    those of steps 1 and 2; both ranks finish and stability spans steps 1-4 as before."""
+    from spectra.metrics.monitor import SNAPSHOT_DIR
+
+    run_dir = tmp_path / "run"
+    args = [*TINY_TRAIN, "router=spectra", "deepspeed=zero2", "trainer.save_steps=2", "trainer.eval_steps=4",
+            "trainer.resume=auto", "monitor.num_sequences=4"]
+    assert_ok(_torchrun(2, args, run_dir))
+    first = json.loads((run_dir / "summary.json").read_text())
+    on_disk = sorted(p.name for p in (run_dir / SNAPSHOT_DIR).glob("step*.pt"))
+    assert on_disk == [f"step00000{s}.pt" for s in first["stability"]["steps"]] and first["stability"]["steps"] == [1, 2, 3, 4]
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-4")
+    (run_dir / "summary.json").unlink()  # as if killed: a completed summary would skip the rerun
+    (run_dir / SNAPSHOT_DIR / "step000004.pt").write_bytes(b"stale, unreadable")
+    proc = _torchrun(2, args, run_dir)
+    assert_ok(proc)
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["resumed_from"].endswith("checkpoint-2") and s["steps"] == 4
+    assert s["stability"]["steps"] == [1, 2, 3, 4]  # steps 1-2 reloaded, 3-4 taken again
+    assert s["stability"]["mean"] == pytest.approx(first["stability"]["mean"], rel=1e-6, abs=1e-9)

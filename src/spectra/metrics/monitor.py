@@ -254,6 +254,14 @@ def _stability_logs(snapshots: list[dict]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
+def _barrier() -> None:
+    """Wait for every rank when torch.distributed is initialised with several ranks."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def save_snapshot(path, record: dict) -> None:
     """torch.save to a temp file in the same directory, then rename: the file is whole or absent."""
     from spectra.train.rundir import write_atomic
@@ -265,10 +273,30 @@ def load_snapshot(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def snapshot_files(run_dir, max_step: int | None = None) -> list[tuple[int, Path]]:
+    """(step, path) of a run's snapshot files in step order, read from the names (stepNNNNNN.pt)
+    without opening them; only steps <= max_step when given. Other names are ignored."""
+    out = []
+    for p in (Path(run_dir) / SNAPSHOT_DIR).glob("step*.pt"):
+        digits = p.stem[len("step"):]
+        if digits.isdigit() and (max_step is None or int(digits) <= max_step):
+            out.append((int(digits), p))
+    return sorted(out)
+
+
 def load_snapshots(run_dir, max_step: int | None = None) -> list[dict]:
-    """A run's snapshots in step order (those at steps <= max_step when given)."""
-    paths = sorted((Path(run_dir) / SNAPSHOT_DIR).glob("step*.pt"))
-    snaps = [load_snapshot(p) for p in paths]
+    """A run's snapshots in step order (those at steps <= max_step when given).
+
+    Files are chosen by the step in their name before any is opened: on a multi-rank resume rank 0
+    deletes the snapshots past the resume step while other ranks list the directory, so a file
+    past max_step must never be read. A listed file that is gone when opened is skipped with a
+    warning rather than failing the run."""
+    snaps = []
+    for _, path in snapshot_files(run_dir, max_step):
+        try:
+            snaps.append(load_snapshot(path))
+        except FileNotFoundError:
+            warnings.warn(f"routing snapshot {path} vanished while loading; skipped", stacklevel=2)
     return [s for s in snaps if max_step is None or s["step"] <= max_step]
 
 
@@ -282,7 +310,7 @@ def compare_routing(run_dir_a, run_dir_b, step: int | None = None) -> dict:
     A run compared with itself gives consistency 1.0.
     """
     def steps(run_dir):
-        return {int(p.stem[len("step"):]) for p in (Path(run_dir) / SNAPSHOT_DIR).glob("step*.pt")}
+        return {step for step, _ in snapshot_files(run_dir)}
 
     common = steps(run_dir_a) & steps(run_dir_b)
     if step is None:
@@ -531,9 +559,12 @@ class RoutingMonitor(TrainerCallback):
         if state.is_world_process_zero and (self.run_dir / SNAPSHOT_DIR).is_dir():
             # Files past the resume point (all of them on a fresh start) are from an earlier
             # attempt in this run dir, possibly on another schedule: they would be stale.
-            for p in (self.run_dir / SNAPSHOT_DIR).glob("step*.pt"):
-                if int(p.stem[len("step"):]) > state.global_step:
+            for step, p in snapshot_files(self.run_dir):
+                if step > state.global_step:
                     p.unlink(missing_ok=True)
+        # Other ranks list the directory only once rank 0 has deleted; loading also picks files by
+        # the step in their name, so even without the barrier no rank opens a doomed file.
+        _barrier()
         if state.global_step > 0 and (self.run_dir / SNAPSHOT_DIR).is_dir():
             old = load_snapshots(self.run_dir, max_step=state.global_step)
             if any(s["fingerprint"] != self.fingerprint for s in old):
