@@ -15,7 +15,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from spectra.config import ConfigError, MoEConfig, RouterConfig, SpectraConfig, validate
+from conftest import tiny_causal_lm
+from spectra.config import ConfigError, MoEConfig, RouterConfig, SpectraConfig, load_config, validate
+from spectra.moe import moe_blocks, upcycle
 from spectra.routing import build_router
 from spectra.routing.base import RoutingInputs
 from spectra.routing.losses import load_balancing_loss, router_z_loss
@@ -83,25 +85,44 @@ def test_load_balancing_loss_top1_by_hand():
     assert out.aux_losses["load_balancing"].item() == pytest.approx(0.01 * expected, abs=1e-8)
 
 
-def test_load_balancing_loss_top2_counts_all_k_choices():
-    # 4 tokens x 3 experts, top-2. Convention: f_e over all N*k = 8 assignments.
+@pytest.mark.parametrize("variant", ["all_slots", "first_choice", None])
+def test_load_balancing_loss_top2_variants_by_hand(variant):
+    # 4 tokens x 3 experts, top-2. all_slots: f_e over all N*k = 8 assignments (Megatron);
+    # first_choice: f_e over the N = 4 first choices (Switch's argmax, GShard); None = the default.
     p = [[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.6, 0.1, 0.3], [0.1, 0.2, 0.7]]
-    # top-2 sets: {0,1}, {1,2}, {0,2}, {2,1} -> counts e0=2, e1=3, e2=3
-    f = [2 / 8, 3 / 8, 3 / 8]
     pm = [(0.5 + 0.2 + 0.6 + 0.1) / 4, (0.3 + 0.5 + 0.1 + 0.2) / 4, (0.2 + 0.3 + 0.3 + 0.7) / 4]
-    expected = 3 * (f[0] * pm[0] + f[1] * pm[1] + f[2] * pm[2])  # 0.99375
-    assert expected == pytest.approx(0.99375)
-    # (Switch's argmax-only f = (2/4, 1/4, 1/4) would give 1.0125; HF's unnormalised sum 2 * 0.99375.)
+    # top-2 sets: {0,1}, {1,2}, {0,2}, {2,1} -> counts e0=2, e1=3, e2=3; first choices 0, 1, 0, 2
+    f = {"all_slots": [2 / 8, 3 / 8, 3 / 8], "first_choice": [2 / 4, 1 / 4, 1 / 4]}[variant or "first_choice"]
+    expected = 3 * (f[0] * pm[0] + f[1] * pm[1] + f[2] * pm[2])
+    assert expected == pytest.approx({"all_slots": 0.99375, "first_choice": 1.0125}[variant or "first_choice"])
 
     probs = torch.tensor(p)
-    index = torch.tensor([[0, 1], [1, 2], [0, 2], [2, 1]])
-    valid = torch.ones(4, dtype=torch.bool)
-    assert load_balancing_loss(probs, index, valid).item() == pytest.approx(expected, abs=1e-6)
+    if variant == "all_slots":  # the pure function counts whatever slots it is given
+        index = torch.tensor([[0, 1], [1, 2], [0, 2], [2, 1]])
+        valid = torch.ones(4, dtype=torch.bool)
+        assert load_balancing_loss(probs, index, valid).item() == pytest.approx(expected, abs=1e-6)
 
-    router = make_router("switch_top2", 3, top_k=2, aux_loss_coef=0.5)
+    kw = {} if variant is None else {"aux_loss_variant": variant}
+    router = make_router("switch_top2", 3, top_k=2, aux_loss_coef=0.5, **kw)
     out = router(inputs_of(probs.log()))
     assert out.diagnostics["load_balancing_loss"].item() == pytest.approx(expected, abs=1e-6)
     assert out.aux_losses["load_balancing"].item() == pytest.approx(0.5 * expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["all_slots", "first_choice"])
+def test_load_balancing_loss_top1_variants_agree(variant):
+    # top-1 has one slot: both variants are Switch's loss (1.125 by hand above).
+    p = [[0.6, 0.4], [0.75, 0.25], [0.25, 0.75], [0.9, 0.1]]
+    out = make_router("switch_top1", 2, top_k=1, aux_loss_variant=variant)(inputs_of(torch.tensor(p).log()))
+    assert out.diagnostics["load_balancing_loss"].item() == pytest.approx(1.125, abs=1e-6)
+
+
+def test_switch_top2_yaml_defaults_to_the_papers_first_choice_balance_loss():
+    router = OmegaConf.load(ROOT / "conf" / "router" / "switch_top2.yaml")
+    assert router.aux_loss_variant == "first_choice"
+    assert RouterConfig().aux_loss_variant == "first_choice"
+    with pytest.raises(ConfigError, match=r"router\.aux_loss_variant"):
+        RouterConfig(name="switch_top2", top_k=2, aux_loss_variant="both")
 
 
 def test_z_loss_by_hand():
@@ -431,5 +452,328 @@ def test_router_yaml_validates(name):
     if name.startswith("switch"):
         assert typed.router.aux_loss_coef == pytest.approx(1e-2)
         assert typed.router.top_k == (1 if name == "switch_top1" else 2)
-    if name == "expert_choice":
-        assert typed.router.ec_capacity_factor == pytest.approx(1.25)
+    if name == "expert_choice":  # compute-matched by default: cf = null -> k
+        assert typed.router.ec_capacity_factor is None and typed.router.ec_inference == "batch"
+    if name == "hash":
+        assert typed.router.hash_per_layer is True
+
+
+# ----------------------------------------------------------------------------- Expert Choice: eval path, compute
+
+
+def ec_inputs(hidden: torch.Tensor, teacher_forced: bool, past_length: int = 0) -> RoutingInputs:
+    inputs = inputs_of(hidden)
+    inputs.teacher_forced, inputs.past_length = teacher_forced, past_length
+    return inputs
+
+
+def brute_force_ec(logits: torch.Tensor, cap: int) -> dict[tuple[int, int], float]:
+    """{(token, expert): gate} of Expert Choice over all-real tokens: expert e takes the `cap`
+    tokens of highest softmax probability (Python loops, no torch routing code)."""
+    p = [py_softmax(row) for row in logits.tolist()]
+    n, e = len(p), len(p[0])
+    return {(t, ex): p[t][ex] for ex in range(e) for t in sorted(range(n), key=lambda t: -p[t][ex])[:cap]}
+
+
+def causal_topk(logits: torch.Tensor, k: int) -> dict[tuple[int, int], float]:
+    """{(token, expert): weight} of per-token top-k of the softmax, renormalised (the fallback)."""
+    out = {}
+    for t, row in enumerate(logits.tolist()):
+        p = py_softmax(row)
+        best = sorted(range(len(p)), key=lambda ex: -p[ex])[:k]
+        out.update({(t, ex): p[ex] / sum(p[b] for b in best) for ex in best})
+    return out
+
+
+def served_weights(out) -> dict[tuple[int, int], float]:
+    served = out.valid.unsqueeze(-1) & ~out.dropped
+    return {(t, int(out.expert_index[t, s])): out.expert_weight[t, s].item() for t, s in served.nonzero().tolist()}
+
+
+def assert_routes(out, want: dict[tuple[int, int], float]):
+    got = served_weights(out)
+    assert got.keys() == want.keys()
+    for key, w in want.items():
+        assert got[key] == pytest.approx(w, abs=1e-6), key
+
+
+def test_expert_choice_teacher_forced_eval_routes_as_training_and_generation_stays_causal():
+    torch.manual_seed(8)
+    n, e, k = 10, 4, 2
+    logits = torch.randn(n, e) * 2
+    router = make_router("expert_choice", e, top_k=k)  # cf = null -> k = 2: cap = ceil(10 * 2 / 4) = 5
+    batch, causal = brute_force_ec(logits, cap=5), causal_topk(logits, k)
+    assert batch.keys() != causal.keys()  # the two paths differ on this input
+
+    router.train()
+    assert_routes(router(ec_inputs(logits, teacher_forced=False)), batch)
+    router.eval()
+    tf = router(ec_inputs(logits, teacher_forced=True))  # trainer eval loss, routing monitor
+    assert_routes(tf, batch)
+    assert tf.diagnostics["causal_fallback"].item() == 0.0
+    for inputs in (ec_inputs(logits, teacher_forced=False),  # generation, a plain forward
+                   ec_inputs(logits, teacher_forced=True, past_length=3)):  # a cached decoding step
+        out = router(inputs)
+        assert_routes(out, causal)
+        assert out.diagnostics["causal_fallback"].item() == 1.0
+    # ec_inference=causal: every eval-mode forward takes the fallback (the old behaviour)
+    forced = make_router("expert_choice", e, top_k=k, ec_inference="causal").eval()
+    assert_routes(forced(ec_inputs(logits, teacher_forced=True)), causal)
+    with pytest.raises(ConfigError, match=r"router\.ec_inference"):
+        RouterConfig(name="expert_choice", ec_inference="sometimes")
+
+
+def _ec_model(*overrides):
+    """An upcycled tiny Llama (4 experts, k = 2) routed by Expert Choice."""
+    cfg = validate(load_config(["router=expert_choice", "moe.num_experts=4", "moe.top_k=2", *overrides]))
+    moe = upcycle(tiny_causal_lm("llama", seed=0), cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # routers and experts far apart, so the two paths give different losses
+        for name, prm in moe.named_parameters():
+            if ".experts." in name or ".router." in name:
+                prm.add_(torch.randn(prm.shape, generator=gen) * prm.std())
+    return moe
+
+
+@pytest.mark.parametrize("ec_inference", ["batch", "causal"])
+def test_expert_choice_eval_loss_is_the_trained_routing_on_a_model(ec_inference):
+    """The trainer's eval forward (routing context recording) gives the training forward's loss and
+    routing with ec_inference=batch, the causal fallback's with ec_inference=causal; a plain forward
+    (what generate runs) is always the causal fallback."""
+    moe = _ec_model(f"router.ec_inference={ec_inference}")
+    ctx = moe.spectra_context
+    x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(2))
+
+    def loss(train: bool, recording: bool):
+        """(LM loss, {layer: served (token, expert) -> weight}) of one forward."""
+        moe.train(train)
+        ctx.recording = recording
+        with torch.no_grad():
+            value = moe(x, labels=x, use_cache=False).loss.item()
+        routes = {layer: served_weights(out) for layer, out in ctx.outputs.items()}
+        ctx.recording, ctx.outputs = False, {}
+        return value, routes
+
+    train_loss, train_routes = loss(train=True, recording=True)  # tiny Llama: no dropout
+    eval_loss, eval_routes = loss(train=False, recording=True)  # the trainer's eval forward
+    plain_loss, _ = loss(train=False, recording=False)  # a plain forward, as generate runs it
+    for router in (b.router for b in moe_blocks(moe)):  # reference: the causal fallback, teacher-forced
+        router.inference = "causal"
+    causal_loss, causal_routes = loss(train=False, recording=True)
+
+    assert len(train_routes) == 2 and train_routes.keys() == causal_routes.keys()
+    assert all(train_routes[layer].keys() != causal_routes[layer].keys() for layer in train_routes)
+    assert abs(train_loss - causal_loss) > 1e-4  # the two paths give different losses here (> 10x tolerance)
+    if ec_inference == "batch":
+        assert eval_routes.keys() == train_routes.keys()
+        for layer in train_routes:
+            assert eval_routes[layer] == pytest.approx(train_routes[layer], abs=1e-5)
+        assert eval_loss == pytest.approx(train_loss, abs=1e-6)
+    else:
+        assert eval_loss == pytest.approx(causal_loss, abs=1e-6)
+    assert plain_loss == pytest.approx(causal_loss, abs=1e-6)
+
+
+@pytest.mark.parametrize("n,e,k", [(10, 4, 2), (12, 8, 4), (9, 4, 1)])
+def test_expert_choice_default_capacity_is_compute_matched(n, e, k):
+    # cf = null -> cf = k: cap = ceil(n * k / e), e * cap served assignments over n real tokens.
+    torch.manual_seed(9)
+    logits = torch.randn(n, e)
+    cap = math.ceil(n * k / e)
+    router = make_router("expert_choice", e, top_k=k).train()
+    out = router(inputs_of(logits))
+    assert out.diagnostics["capacity"].item() == cap
+    assert_routes(out, brute_force_ec(logits, cap))
+    assert out.diagnostics["expert_slots_per_token"].item() == pytest.approx(e * cap / n)
+    # a knob still: cf = 1.25 serves ceil(n * 1.25 / e) per expert
+    cap_125 = math.ceil(n * 1.25 / e)
+    out = make_router("expert_choice", e, top_k=k, ec_capacity_factor=1.25).train()(inputs_of(logits))
+    assert out.diagnostics["expert_slots_per_token"].item() == pytest.approx(e * cap_125 / n)
+    # the causal fallback spends k
+    assert router.eval()(inputs_of(logits)).diagnostics["expert_slots_per_token"].item() == pytest.approx(k)
+
+
+def test_every_baseline_reports_expert_slots_per_token():
+    torch.manual_seed(10)
+    x = torch.randn(1, 6, 3)
+    ids = torch.arange(6).view(1, 6)
+    valid = torch.tensor([[True, True, True, True, False, False]])  # 4 real tokens
+    for name, kw, want in [("topk", dict(top_k=3), 3.0), ("switch_top2", dict(top_k=2), 2.0),
+                           ("switch_top1", dict(top_k=1), 1.0), ("hash", dict(top_k=2), 2.0)]:
+        out = make_router(name, 3, **kw)(inputs_of(x, valid, ids))
+        assert out.diagnostics["expert_slots_per_token"].item() == pytest.approx(want), name
+    # Switch with drops: 6 tokens all on expert 0, cap 2 -> 2 applications over 6 tokens
+    logits = torch.tensor([[1.0 + t, 0.0, 0.0] for t in range(6)])
+    out = make_router("switch_top1", 3, top_k=1, capacity_factor=1.0)(inputs_of(logits))
+    assert out.diagnostics["expert_slots_per_token"].item() == pytest.approx(2 / 6)
+
+
+# ----------------------------------------------------------------------------- Hash: per layer, per process
+
+
+def splitmix64_ref(x: int) -> int:
+    """SplitMix64 (Vigna, splitmix64.c), written out again here as the test's own reference."""
+    mask = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def salted_constants(k: int, layer: int) -> tuple[list[int], list[int]]:
+    """The documented constants of layer `layer`: seed 20210330 + layer * 2**32, then per slot j
+    a_j = 1 + sm(seed + 2j) mod (P - 1), b_j = sm(seed + 2j + 1) mod P."""
+    prime, seed = 2**31 - 1, 20210330 + layer * 2**32
+    return ([1 + splitmix64_ref(seed + 2 * j) % (prime - 1) for j in range(k)],
+            [splitmix64_ref(seed + 2 * j + 1) % prime for j in range(k)])
+
+
+def test_hash_layers_split_the_vocabulary_differently():
+    e, k, vocab = 4, 2, 97
+    cfg = validate(load_config(["router=hash", f"moe.num_experts={e}", f"router.top_k={k}"]))
+    assert cfg.router.hash_per_layer
+    moe = upcycle(tiny_causal_lm("llama", num_hidden_layers=3), cfg).eval()
+    ids = torch.arange(vocab).view(1, vocab)
+    ctx = moe.spectra_context
+    ctx.recording = True
+    with torch.no_grad():
+        moe(ids)
+    routes = {layer: out.expert_index for layer, out in ctx.outputs.items()}  # layer -> [V, k]
+    ctx.recording = False
+    assert sorted(routes) == [0, 1, 2]
+    for layer, index in routes.items():
+        a, b = salted_constants(k, layer)
+        assert index.tolist() == [reference_hash(x, a, b, e) for x in range(vocab)]
+    # Independent hashes: two layers send a token to the same first expert ~1/E of the time, not always.
+    for l1, l2 in ((0, 1), (0, 2), (1, 2)):
+        same = (routes[l1][:, 0] == routes[l2][:, 0]).float().mean().item()
+        assert same < 0.5, (l1, l2, same)
+    # Layer 0 keeps the original hash; hash_per_layer=false (configs saved before the key) is unsalted.
+    unsalted = make_router("hash", e, hidden_size=3, top_k=k)
+    assert unsalted.hash_a.tolist() == salted_constants(k, 0)[0] == moe_blocks(moe)[0].router.hash_a.tolist()
+    plain = upcycle(tiny_causal_lm("llama", num_hidden_layers=3),
+                    validate(load_config(["router=hash", f"moe.num_experts={e}", f"router.top_k={k}", "router.hash_per_layer=false"])))
+    assert all(blk.router.hash_a.tolist() == unsalted.hash_a.tolist() for blk in moe_blocks(plain))
+
+
+def test_hash_is_the_same_in_another_process():
+    """Python's hash() is salted per process (PYTHONHASHSEED); the router's hash must not be."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    ids = [0, 1, 2, 96, 12345, 2**31 + 5, 4_000_000_000]
+    script = (
+        "import json, sys, torch\n"
+        "from types import SimpleNamespace\n"
+        "from spectra.config import RouterConfig\n"
+        "from spectra.routing import build_router\n"
+        "from spectra.routing.base import RoutingInputs\n"
+        "cfg = SimpleNamespace(router=RouterConfig(name='hash', top_k=3, hash_per_layer=True))\n"
+        "ids = torch.tensor([json.loads(sys.argv[1])])\n"
+        "out = {}\n"
+        "for layer in (0, 5):\n"
+        "    r = build_router(cfg, hidden_size=2, num_experts=8, layer_idx=layer)\n"
+        "    x = RoutingInputs(hidden=torch.zeros(1, ids.shape[1], 2), valid=torch.ones_like(ids, dtype=torch.bool),\n"
+        "                      doc_start=torch.zeros_like(ids, dtype=torch.bool), input_ids=ids)\n"
+        "    out[layer] = r(x).expert_index.tolist()\n"
+        "print(json.dumps(out))\n"
+    )
+    runs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run([sys.executable, "-c", script, json.dumps(ids)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        runs.append(json.loads(done.stdout))
+    want = {str(layer): [reference_hash(x, *salted_constants(3, layer), 8) for x in ids] for layer in (0, 5)}
+    assert runs[0] == runs[1] == want
+    assert want["0"] != want["5"]
+
+
+# ----------------------------------------------------------------------------- gradients vs float64 references
+
+
+def switch_reference64(x, w, k: int, variant: str, cost):
+    """Float64 Switch / top-2 by hand: (task, balance, z) with task = sum_t sum_j w_tj * cost[t, e_tj].
+
+    x [N, H], w [E, H] float64 leaves; the choices come from Python sorting, the weights are the
+    softmax at them (top-1: raw, top-2: renormalised), f_e counts the choices before any capacity.
+    """
+    logits = x @ w.t()  # [N, E]
+    probs = logits.softmax(-1)
+    n, e = probs.shape
+    choices = [sorted(range(e), key=lambda ex: -probs[t, ex].item())[:k] for t in range(n)]
+    task = 0.0
+    for t, chosen in enumerate(choices):
+        z = sum(probs[t, ex] for ex in chosen) if k > 1 else 1.0
+        task = task + sum(probs[t, ex] / z * cost[t, ex] for ex in chosen)
+    counted = [c if variant == "all_slots" else c[:1] for c in choices]
+    f = [sum(ex == j for c in counted for ex in c) / sum(len(c) for c in counted) for j in range(e)]
+    balance = e * sum(f[j] * probs[:, j].mean() for j in range(e))
+    zloss = torch.logsumexp(logits, -1).square().mean()
+    return task, balance, zloss
+
+
+@pytest.mark.parametrize("name,k,variant", [("switch_top1", 1, "first_choice"), ("switch_top2", 2, "first_choice"),
+                                            ("switch_top2", 2, "all_slots")])
+def test_switch_gradients_match_a_float64_reference(name, k, variant):
+    torch.manual_seed(11)
+    n, e, h = 9, 5, 6
+    x64, w64 = torch.randn(n, h, dtype=torch.float64), torch.randn(e, h, dtype=torch.float64) * 0.7
+    cost = torch.randn(n, e, dtype=torch.float64)  # stands in for the experts' contribution to the loss
+    router = make_router(name, e, hidden_size=h, identity=False, top_k=k, aux_loss_variant=variant,
+                         aux_loss_coef=1.0, z_loss_coef=1.0)
+    with torch.no_grad():
+        router.gate.weight.copy_(w64)
+    x = x64.float().requires_grad_()
+    out = router(inputs_of(x))
+    task = (out.expert_weight * cost.float().gather(1, out.expert_index)).sum()
+    x_ref, w_ref = x64.clone().requires_grad_(), w64.clone().requires_grad_()
+    refs = switch_reference64(x_ref, w_ref, k, variant, cost)
+    for got, want, label in zip((task, out.aux_losses["load_balancing"], out.aux_losses["z_loss"]), refs,
+                                ("task", "load_balancing", "z_loss")):
+        g_w, g_x = torch.autograd.grad(got, [router.gate.weight, x], retain_graph=True)
+        r_w, r_x = torch.autograd.grad(want, [w_ref, x_ref], retain_graph=True)
+        assert r_w.abs().max() > 1e-3, label  # the reference term has a gradient to match
+        torch.testing.assert_close(g_w.double(), r_w, rtol=1e-4, atol=1e-5, msg=label)
+        torch.testing.assert_close(g_x.double(), r_x, rtol=1e-4, atol=1e-5, msg=label)
+
+
+def test_expert_choice_gradients_match_a_float64_reference():
+    torch.manual_seed(12)
+    n, e, h, cf = 10, 4, 5, 2.0
+    x64, w64 = torch.randn(n, h, dtype=torch.float64), torch.randn(e, h, dtype=torch.float64)
+    cost = torch.randn(n, e, dtype=torch.float64)
+    router = make_router("expert_choice", e, hidden_size=h, identity=False, top_k=2, ec_capacity_factor=cf).train()
+    with torch.no_grad():
+        router.gate.weight.copy_(w64)
+    x = x64.float().requires_grad_()
+    out = router(inputs_of(x))
+    task = (out.expert_weight * cost.float().gather(1, out.expert_index)).sum()
+    # reference: expert e takes its cap tokens of highest probability, gate = that probability
+    x_ref, w_ref = x64.clone().requires_grad_(), w64.clone().requires_grad_()
+    probs = (x_ref @ w_ref.t()).softmax(-1)
+    picks = brute_force_ec(x64 @ w64.t(), cap=math.ceil(n * cf / e))
+    want = sum(probs[t, ex] * cost[t, ex] for t, ex in picks)
+    g_w, g_x = torch.autograd.grad(task, [router.gate.weight, x])
+    r_w, r_x = torch.autograd.grad(want, [w_ref, x_ref])
+    torch.testing.assert_close(g_w.double(), r_w, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_x.double(), r_x, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,k,variant,logits,f", [
+    # 6 tokens all choose expert 0, cap = 2 keeps 2: f counts the 6 choices, f = (1, 0, 0).
+    ("switch_top1", 1, "first_choice", [[1.0 + t, 0.0, 0.0] for t in range(6)], [1.0, 0.0, 0.0]),
+    # the capacity test's top-2 case: choices (1,0), (1,0), (0,2), (0,3); cap 2 drops two of the
+    # four assignments to e0, but f counts all 8: (4, 2, 1, 1) / 8.
+    ("switch_top2", 2, "all_slots", [[2.0, 3.0, 0.0, 0.0], [2.0, 3.0, 0.0, 0.0], [3.0, 0.0, 2.0, 0.0],
+                                     [3.0, 0.0, 0.0, 2.0]], [4 / 8, 2 / 8, 1 / 8, 1 / 8]),
+])
+def test_balance_loss_counts_choices_before_capacity(name, k, variant, logits, f):
+    out = make_router(name, len(f), top_k=k, capacity_factor=1.0, aux_loss_variant=variant)(inputs_of(torch.tensor(logits)))
+    assert out.dropped.any()  # capacity did drop assignments
+    p = [py_softmax(row) for row in logits]
+    mean_p = [sum(row[j] for row in p) / len(p) for j in range(len(f))]
+    expected = len(f) * sum(f[j] * mean_p[j] for j in range(len(f)))
+    assert out.diagnostics["load_balancing_loss"].item() == pytest.approx(expected, abs=1e-6)

@@ -20,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 ROUTER_NAMES = ("topk", "spectra", "switch_top1", "switch_top2", "expert_choice", "hash", "dense")
 RECURRENCES = ("token_and_depth", "depth", "none")
+EC_INFERENCE = ("batch", "causal")  # router.ec_inference
+AUX_LOSS_VARIANTS = ("first_choice", "all_slots")  # router.aux_loss_variant
 EXPERT_IMPLS = ("auto", "eager", "grouped_mm", "batched_mm")
 # transformers schedulers that need no extra arguments
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
@@ -99,9 +101,25 @@ class RouterConfig:
     """Router choice and its knobs. Knobs a router does not use are ignored by it.
 
     Shared: name, top_k (k), entropy_coef (lambda_ent, positive sharpens routing), jitter.
-    Switch: aux_loss_coef, z_loss_coef, capacity_factor (null = no token dropping).
-    Expert Choice: ec_capacity_factor. SPECTRA: recurrence, gru_hidden_size, router_dim (D),
-    use_expression, newton_schulz_steps, ortho_loss, srip_enabled, so_warmup_steps, so_lambda_max.
+    Switch: aux_loss_coef, z_loss_coef, capacity_factor (null = no token dropping),
+    aux_loss_variant: which assignments f_e of the balance loss E * sum_e f_e P_e counts for
+    top-2 (identical for top-1):
+        first_choice  f_e = share of tokens whose *first* choice is e (default). The paper (5.3)
+                      gives Switch top-2 "the same load balancing as Top-1", and Switch's f_e
+                      (Fedus et al. 2021, eq. 5) counts each token's argmax; GShard (where top-2
+                      gating comes from), fairscale and DeepSpeed count first choices too.
+        all_slots     f_e = share of all N * k assignments that go to e (Megatron-Core).
+    Expert Choice: ec_capacity_factor (cf; null = top_k, i.e. compute-matched with token-choice
+    top-k: each expert takes ceil(N * cf / E) tokens, so cf expert applications per token, the
+    EC paper's c = k), ec_inference: how an eval-mode forward routes (batch = a teacher-forced
+    forward of the trainer / monitor routes as in training, over the whole batch; generation and
+    other calls use the causal token-choice top-k fallback. causal = every eval-mode forward
+    uses the fallback).
+    Hash: hash_per_layer (true = each layer hashes with its own constants, salted by its layer
+    index, as Roller et al. draw one random hash per layer; the yaml sets it. The dataclass
+    default false only keeps models saved before this key rebuilding the hash they trained with).
+    SPECTRA: recurrence, gru_hidden_size, router_dim (D), use_expression, newton_schulz_steps,
+    ortho_loss, srip_enabled, so_warmup_steps, so_lambda_max.
     """
 
     name: str = "topk"
@@ -111,7 +129,10 @@ class RouterConfig:
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     capacity_factor: float | None = None
-    ec_capacity_factor: float = 1.25
+    aux_loss_variant: str = "first_choice"  # first_choice | all_slots (Switch top-2's f_e; see above)
+    ec_capacity_factor: float | None = None  # null = top_k (compute-matched)
+    ec_inference: str = "batch"  # batch | causal (Expert Choice in eval mode; see above)
+    hash_per_layer: bool = False  # conf/router/hash.yaml sets true (see above)
     recurrence: str = "token_and_depth"
     gru_hidden_size: int = 128
     router_dim: int = 32
@@ -131,7 +152,11 @@ class RouterConfig:
         _check(self.z_loss_coef >= 0.0, "router.z_loss_coef", f"must be >= 0, got {self.z_loss_coef}")
         if self.capacity_factor is not None:
             _check(self.capacity_factor > 0.0, "router.capacity_factor", f"must be > 0 (or null for no dropping), got {self.capacity_factor}")
-        _check(self.ec_capacity_factor > 0.0, "router.ec_capacity_factor", f"must be > 0, got {self.ec_capacity_factor}")
+        if self.ec_capacity_factor is not None:
+            _check(self.ec_capacity_factor > 0.0, "router.ec_capacity_factor", f"must be > 0 (or null for top_k), got {self.ec_capacity_factor}")
+        _check(self.ec_inference in EC_INFERENCE, "router.ec_inference", f"unknown {self.ec_inference!r}; choose one of {list(EC_INFERENCE)}")
+        _check(self.aux_loss_variant in AUX_LOSS_VARIANTS, "router.aux_loss_variant",
+               f"unknown {self.aux_loss_variant!r}; choose one of {list(AUX_LOSS_VARIANTS)}")
         _check(self.recurrence in RECURRENCES, "router.recurrence", f"unknown {self.recurrence!r}; choose one of {list(RECURRENCES)}")
         _check(self.gru_hidden_size >= 1, "router.gru_hidden_size", f"must be >= 1, got {self.gru_hidden_size}")
         _check(self.router_dim >= 1, "router.router_dim", f"must be >= 1, got {self.router_dim}")

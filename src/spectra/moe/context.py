@@ -96,6 +96,7 @@ class RoutingContext:
             cached_state=cached,
             step=self.step,
             past_length=self.past_length,
+            teacher_forced=self.recording,  # the trainer's and the monitor's scored forwards
         )
 
     def real_tokens(self, B: int, S: int, device) -> torch.Tensor:

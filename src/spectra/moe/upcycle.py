@@ -286,7 +286,7 @@ def upcycle(model: nn.Module, cfg, *, seed: int = 0) -> nn.Module:
         if moe.num_shared_experts > 0:
             shared = copy.deepcopy(dense_mlp)
             shared.requires_grad_(moe.shared_expert_trainable)
-        router = build_router(cfg, hidden_size=hidden_size, num_experts=moe.num_experts)
+        router = build_router(cfg, hidden_size=hidden_size, num_experts=moe.num_experts, layer_idx=i)
         router.to(dense.down.device)
         block = MoEBlock(router, experts, shared, moe.shared_expert_weight, i, ctx)
         layers[i].mlp = block.train(dense_mlp.training)  # new modules start in training mode: keep the MLP's

@@ -14,6 +14,7 @@ Every router returns a `RoutingOutput`; the MoE block and the metrics consume no
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +39,11 @@ class RoutingInputs:
     step:          optimizer steps taken so far (schedules such as the SRIP warm-up read it).
     past_length:   tokens already in the KV cache when this forward started (> 0 while decoding
                    incrementally with a cache; 0 for a full forward).
+    teacher_forced: True for a forward the framework scores as a whole (the trainer's training and
+                   evaluation forwards, the routing monitor: `RoutingContext.recording`), False for
+                   any other call (generation, a plain forward of a saved model). Routers whose
+                   training selection looks at the whole batch (Expert Choice) may route an eval-mode
+                   teacher-forced forward the way they train; every other call must stay causal.
     """
 
     hidden: torch.Tensor
@@ -48,6 +54,7 @@ class RoutingInputs:
     cached_state: torch.Tensor | None = None
     step: int = 0
     past_length: int = 0
+    teacher_forced: bool = False
 
     @property
     def flat_hidden(self) -> torch.Tensor:
@@ -161,14 +168,20 @@ def register_router(*names: str):
     return wrap
 
 
-def build_router(cfg, hidden_size: int, num_experts: int) -> Router:
+def build_router(cfg, hidden_size: int, num_experts: int, layer_idx: int | None = None) -> Router:
     """Build the router named `cfg.router.name` for one MoE layer.
 
     `cfg` is the full run config (router, osr, quota groups); unknown names raise with the list.
+    `layer_idx` (the decoder layer the router serves) reaches only factories that take a
+    `layer_idx` argument (Hash salts its hash with it); the others never see it.
     """
     from spectra import routing  # noqa: F401  (importing the package registers every router)
 
     name = cfg.router.name
     if name not in ROUTERS:
         raise KeyError(f"router.name={name!r} is not a known router; choose one of {sorted(ROUTERS)}")
-    return ROUTERS[name](cfg, hidden_size=hidden_size, num_experts=num_experts)
+    factory = ROUTERS[name]
+    kwargs = {}
+    if layer_idx is not None and "layer_idx" in inspect.signature(factory).parameters:
+        kwargs["layer_idx"] = layer_idx
+    return factory(cfg, hidden_size=hidden_size, num_experts=num_experts, **kwargs)

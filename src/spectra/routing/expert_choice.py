@@ -1,9 +1,11 @@
 """Expert Choice routing (Zhou et al. 2022): experts pick tokens instead of tokens picking experts.
 
-Training (`self.training`):
+Batch routing (training, and teacher-forced evaluation by default):
     logits = W x                                 [N, E]
     probs  = softmax over experts, per token     [N, E]
-    cap    = min(ceil(N_valid * cf / E), N_valid)     cf = router.ec_capacity_factor (1.25)
+    cap    = min(ceil(N_valid * cf / E), N_valid)     cf = router.ec_capacity_factor
+                                                      (null = top_k: compute-matched, the EC
+                                                      paper's c = k; each token gets ~cf experts)
     expert e takes the `cap` real tokens with the highest probs[:, e]  (ties: earlier token first)
     gating weight of a picked (token, expert) pair = probs[token, expert]  (the EC paper's G;
     not renormalised, so a token's weights need not sum to 1)
@@ -20,10 +22,24 @@ Representation in the token-major `RoutingOutput` ([N, k] like every other route
     `dropped.mean()` is *not* a token drop rate for this router.
     Padding is never picked, never dropped, takes no capacity and is not counted in N_valid.
 
-Inference (`not self.training`): the selection above looks at every token of the batch, future
-ones included, so it is neither causal nor batch-independent. It falls back to per-token
-token-choice top-k over the same probs (k = router.top_k, weights renormalised to sum 1), which
-depends on token t alone — causal, and the same in incremental decoding as in a full forward.
+Which path an eval-mode forward takes (`router.ec_inference`):
+    batch (default)  a teacher-forced forward (`RoutingInputs.teacher_forced`: the trainer's eval
+                     loss, the routing monitor) over a whole sequence (`past_length == 0`) routes
+                     exactly as training does, so eval_loss and monitor metrics describe the
+                     routing EC trained with. Like training it sees the whole batch, future tokens
+                     of a row and other rows included: the evaluation is batch-dependent (it
+                     depends on the eval batch's composition, as EC's training does).
+    causal           every eval-mode forward uses the fallback below.
+Every other eval-mode call takes the causal fallback: generation (with a cache, where
+past_length > 0 for the decoding steps and the prefill is not teacher-forced, or recomputing
+with use_cache=False), and a plain forward of a saved model. So a cached decode equals
+recomputing the sequence, and greedy generation is causal. The fallback is per-token
+token-choice top-k over the same probs (k = router.top_k, weights renormalised to sum 1), a
+function of token t alone; EC never trained on it.
+
+Diagnostics: `causal_fallback` (1 when the causal fallback produced the output, 0 for batch
+routing) labels the path, `expert_slots_per_token` (served assignments / real tokens) the compute
+spent (~cf in batch routing, top_k in the fallback).
 
 No auxiliary loss (balance holds by construction); router.entropy_coef and router.jitter apply as
 for the other learned routers; aux_loss_coef, z_loss_coef and capacity_factor are ignored.
@@ -38,7 +54,7 @@ from torch import nn
 
 from spectra.routing.base import Router, RoutingInputs, RoutingOutput, dispatch_counts_of, register_router
 from spectra.routing.switch import expert_capacity
-from spectra.routing.topk import routing_entropy
+from spectra.routing.topk import expert_slots_per_token, routing_entropy
 
 
 def expert_choice_pick(probs: torch.Tensor, valid: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -69,11 +85,12 @@ def token_major(picked: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor
 
 @register_router("expert_choice")
 class ExpertChoiceRouter(Router):
-    """Expert Choice in training; causal token-choice top-k at inference (module docstring)."""
+    """Expert Choice batch routing (training, teacher-forced eval); causal token-choice top-k otherwise."""
 
     def __init__(self, cfg, hidden_size: int, num_experts: int):
         rc = cfg.router
-        if not rc.ec_capacity_factor > 0:
+        cf = rc.ec_capacity_factor if rc.ec_capacity_factor is not None else rc.top_k  # null = compute-matched
+        if not cf > 0:
             raise ValueError(f"router.ec_capacity_factor: must be > 0, got {rc.ec_capacity_factor}")
         if not 1 <= rc.top_k <= num_experts:
             raise ValueError(
@@ -82,13 +99,24 @@ class ExpertChoiceRouter(Router):
             )
         if rc.jitter < 0:
             raise ValueError(f"router.jitter: must be >= 0, got {rc.jitter}")
+        inference = getattr(rc, "ec_inference", "batch")  # configs saved before the key
+        if inference not in ("batch", "causal"):
+            raise ValueError(f"router.ec_inference: choose batch or causal, got {inference!r}")
         super().__init__(hidden_size, num_experts, rc.top_k)
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # W: [E, H]
         std = math.sqrt(0.1 / hidden_size)  # same init as the Switch router
         nn.init.trunc_normal_(self.gate.weight, std=std, a=-2 * std, b=2 * std)
-        self.capacity_factor = float(rc.ec_capacity_factor)
+        self.capacity_factor = float(cf)
+        self.inference = inference
         self.entropy_coef = float(rc.entropy_coef)
         self.jitter = float(rc.jitter)
+
+    def uses_batch_routing(self, inputs: RoutingInputs) -> bool:
+        """Batch (Expert Choice) routing in training and, with ec_inference=batch, for a
+        teacher-forced eval forward over whole sequences; the causal fallback otherwise."""
+        if self.training:
+            return True
+        return self.inference == "batch" and inputs.teacher_forced and inputs.past_length == 0
 
     def forward(self, inputs: RoutingInputs) -> RoutingOutput:
         x = inputs.flat_hidden  # [N, H]
@@ -97,31 +125,16 @@ class ExpertChoiceRouter(Router):
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = self.gate(x).float()  # [N, E]
         probs = logits.softmax(dim=-1)  # [N, E]
-        diag: dict[str, torch.Tensor] = {}
-
-        if self.training:
-            n_valid = int(valid.sum())  # host sync: capacity is a top-k size
-            capacity = min(expert_capacity(self.capacity_factor, n_valid, 1, self.num_experts), n_valid)
-            picked = expert_choice_pick(probs, valid, capacity)  # [N, E]
-            expert_index, served = token_major(picked, probs)  # [N, k_max] x2
-            weights = torch.where(served, probs.gather(1, expert_index), 0.0)  # not renormalised
-            unpicked = valid & ~picked.any(-1)  # [N]
-            n = valid.sum().clamp_min(1).float()
-            diag["capacity"] = torch.tensor(float(capacity), device=logits.device)
-            diag["unpicked_fraction"] = unpicked.sum() / n
-            diag["dropped_token_fraction"] = diag["unpicked_fraction"]
-            diag["experts_per_token"] = (picked.sum(-1) * valid).sum() / n  # mean picks per real token
+        if self.uses_batch_routing(inputs):
+            expert_index, weights, served, diag = self._batch_route(probs, valid)
         else:
-            # Causal fallback: token-choice top-k, a function of token t alone.
-            top_p, expert_index = probs.topk(self.top_k, dim=-1)  # [N, k]
-            weights = top_p / top_p.sum(-1, keepdim=True)
-            served = valid.unsqueeze(-1).expand_as(expert_index)
-            weights = torch.where(served, weights, 0.0)
+            expert_index, weights, served, diag = self._causal_route(probs, valid)
 
         dropped = valid.unsqueeze(-1) & ~served  # [N, k]
         aux: dict[str, torch.Tensor] = {}
         ent = routing_entropy(probs, valid)
         diag["routing_entropy"] = ent.detach()
+        diag["expert_slots_per_token"] = expert_slots_per_token(served, valid)
         if self.entropy_coef != 0:
             aux["entropy"] = self.entropy_coef * ent  # positive coefficient sharpens routing
         return RoutingOutput(
@@ -135,3 +148,30 @@ class ExpertChoiceRouter(Router):
             diagnostics=diag,
             logits=logits,
         )
+
+    def _batch_route(self, probs: torch.Tensor, valid: torch.Tensor):
+        """Experts pick tokens (module docstring). probs [N, E], valid [N] ->
+        (expert_index [N, k_max], weights [N, k_max], served [N, k_max], diagnostics)."""
+        n_valid = int(valid.sum())  # host sync: capacity is a top-k size
+        capacity = min(expert_capacity(self.capacity_factor, n_valid, 1, self.num_experts), n_valid)
+        picked = expert_choice_pick(probs, valid, capacity)  # [N, E]
+        expert_index, served = token_major(picked, probs)  # [N, k_max] x2
+        weights = torch.where(served, probs.gather(1, expert_index), 0.0)  # not renormalised
+        unpicked = valid & ~picked.any(-1)  # [N]
+        n = valid.sum().clamp_min(1).float()
+        diag = {
+            "causal_fallback": torch.zeros((), device=probs.device),
+            "capacity": torch.tensor(float(capacity), device=probs.device),
+            "unpicked_fraction": unpicked.sum() / n,
+        }
+        diag["dropped_token_fraction"] = diag["unpicked_fraction"]
+        diag["experts_per_token"] = (picked.sum(-1) * valid).sum() / n  # mean picks per real token
+        return expert_index, weights, served, diag
+
+    def _causal_route(self, probs: torch.Tensor, valid: torch.Tensor):
+        """The causal fallback: token-choice top-k, a function of token t alone. probs [N, E],
+        valid [N] -> (expert_index [N, k], weights [N, k], served [N, k], diagnostics)."""
+        top_p, expert_index = probs.topk(self.top_k, dim=-1)  # [N, k]
+        served = valid.unsqueeze(-1).expand_as(expert_index)
+        weights = torch.where(served, top_p / top_p.sum(-1, keepdim=True), 0.0)
+        return expert_index, weights, served, {"causal_fallback": torch.ones((), device=probs.device)}

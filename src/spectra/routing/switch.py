@@ -13,6 +13,9 @@ consequence: at upcycling time the routed part is p * MLP(x), not MLP(x) (see th
 
 Losses (each added only when its coefficient is > 0, logged unscaled in `diagnostics` always):
     aux_losses["load_balancing"] = router.aux_loss_coef * E * sum_e f_e P_e   (losses.py)
+        f_e from the choices *before* capacity dropping; router.aux_loss_variant says which:
+        first_choice (default): each token's first choice only (Switch's argmax, GShard,
+        fairscale, DeepSpeed); all_slots: all N * k assignments (Megatron-Core). Same for top-1.
     aux_losses["z_loss"]         = router.z_loss_coef * mean_t logsumexp(logits_t)^2
     aux_losses["entropy"]        = router.entropy_coef * mean_t H(probs_t)  (positive sharpens)
 
@@ -23,7 +26,8 @@ Capacity (router.capacity_factor = cf, null = no dropping):
     expert's capacity are dropped: weight 0, dropped=True; the other slot of that token keeps its
     (already renormalised) weight, as in GShard. A token with all slots dropped reaches only the
     residual / shared expert. Diagnostics: `dropped_fraction` (of the N_valid * k assignments),
-    `dropped_token_fraction` (real tokens with every slot dropped), `capacity`.
+    `dropped_token_fraction` (real tokens with every slot dropped), `capacity`,
+    `expert_slots_per_token` (served assignments / real tokens: the expert applications spent).
     GShard's random dispatch of the second expert is not used (Mixtral does not use it either).
 """
 
@@ -37,7 +41,7 @@ from torch import nn
 
 from spectra.routing.base import Router, RoutingInputs, RoutingOutput, dispatch_counts_of, register_router
 from spectra.routing.losses import load_balancing_loss, router_z_loss
-from spectra.routing.topk import routing_entropy
+from spectra.routing.topk import expert_slots_per_token, routing_entropy
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, k: int, num_experts: int) -> int:
@@ -91,7 +95,11 @@ class SwitchRouter(Router):
             raise ValueError(f"router.capacity_factor: must be > 0 (or null for no dropping), got {rc.capacity_factor}")
         if rc.jitter < 0:
             raise ValueError(f"router.jitter: must be >= 0, got {rc.jitter}")
+        variant = getattr(rc, "aux_loss_variant", "first_choice")  # configs saved before the key
+        if variant not in ("first_choice", "all_slots"):
+            raise ValueError(f"router.aux_loss_variant: choose first_choice or all_slots, got {variant!r}")
         super().__init__(hidden_size, num_experts, self.k)
+        self.aux_loss_variant = variant
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # W: [E, H]
         # Switch init: truncated normal, std = sqrt(0.1 / fan_in), cut at 2 std -> near-uniform probs.
         std = math.sqrt(0.1 / hidden_size)
@@ -126,9 +134,12 @@ class SwitchRouter(Router):
         n_valid_t = valid.sum().clamp_min(1).float()
         diag["dropped_fraction"] = dropped.sum() / (n_valid_t * self.k)
         diag["dropped_token_fraction"] = (valid & ~served.any(-1)).sum() / n_valid_t
+        diag["expert_slots_per_token"] = expert_slots_per_token(served, valid)
 
         aux: dict[str, torch.Tensor] = {}
-        lb = load_balancing_loss(probs, top_i, valid)  # on the choices before dropping
+        # f_e on the choices before dropping (all k slots, or slot 0 = the first choices)
+        counted = top_i if self.aux_loss_variant == "all_slots" else top_i[:, :1]  # [N, k] or [N, 1]
+        lb = load_balancing_loss(probs, counted, valid)
         z = router_z_loss(logits, valid)
         ent = routing_entropy(probs, valid)
         diag["load_balancing_loss"] = lb.detach()

@@ -27,6 +27,16 @@ def routing_entropy(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (ent * w).sum() / w.sum().clamp_min(1.0)
 
 
+def expert_slots_per_token(served: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Expert applications spent per real token: served assignments / real tokens.
+
+    served: [N, k] bool (real token, not dropped); valid: [N] bool. Returns a scalar float. The
+    compute a router spends (top-k: k; Switch with drops: less; Expert Choice: ~cf), logged as
+    the diagnostic `expert_slots_per_token` so tables can set routers side by side at equal compute.
+    """
+    return served.sum().float() / valid.sum().clamp_min(1).float()
+
+
 @register_router("topk")
 class TopKRouter(Router):
     """Linear gate + softmax + top-k with renormalised weights."""
@@ -54,6 +64,7 @@ class TopKRouter(Router):
         diag: dict[str, torch.Tensor] = {}
         ent = routing_entropy(probs, valid)
         diag["routing_entropy"] = ent.detach()
+        diag["expert_slots_per_token"] = expert_slots_per_token(served, valid)
         if self.entropy_coef != 0.0:
             # A positive coefficient *sharpens* routing: minimising +coef * H lowers the entropy.
             aux["entropy"] = self.entropy_coef * ent
