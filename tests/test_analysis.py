@@ -303,8 +303,10 @@ def test_ties_are_all_bold_at_the_shown_precision(tmp_path):
 
 
 def test_duplicates_show_why_they_are_not_counted(sweep, tmp_path, capsys):
-    # a failed re-run of switch_top2 seed 1, after the completed one
+    # a failed re-run of switch_top2 seed 1, after the completed one; a run dir with only a log (no seed)
     make_run(sweep / "retry" / "switch_top2_s1", "switch_top2", 1, status="failed", started=5000.0)
+    (sweep / "stray").mkdir()
+    (sweep / "stray" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
     runs, _ = collect([sweep])
     bad = problems(runs).set_index("problem")
     counted_s0 = str((sweep / "spectra_s0").resolve())
@@ -316,7 +318,7 @@ def test_duplicates_show_why_they_are_not_counted(sweep, tmp_path, capsys):
     assert fdup["reason"].endswith("counted instead: this run is failed, that one completed")
     assert str((sweep / "switch_top2_s1").resolve()) in fdup["reason"]
     assert bad.loc["failed", "reason"] == "RuntimeError: boom"
-    assert "no summary.json" in bad.loc["incomplete", "reason"]
+    assert [("no summary.json" in x) for x in bad.loc[["incomplete"], "reason"]] == [True, True]  # killed run, stray
     assert runs.set_index("run_dir").loc[dup["run_dir"], "duplicate_of"] == counted_s0
     assert cli(["table", str(sweep)]) == 0
     out = capsys.readouterr().out
@@ -324,6 +326,7 @@ def test_duplicates_show_why_they_are_not_counted(sweep, tmp_path, capsys):
     assert cli(["report", str(sweep), "--out", str(tmp_path / "rep"), "--no-figures"]) == 0
     index = (tmp_path / "rep" / "index.md").read_text()
     assert "| nan |" not in index and "counted instead: that one started later |" in index
+    assert "stray` | (defaults) | – |" in index and "| 3 | RuntimeError: boom |" in index  # seeds: no nan, no 3.0
 
 
 def _captured_figures(monkeypatch):

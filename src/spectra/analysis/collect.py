@@ -179,6 +179,16 @@ def collect_run(run_dir: Path, records: list[dict] | None = None) -> dict:
     return row
 
 
+def seed_text(seed) -> str:
+    """A seed as text: '–' when unknown (not 'nan'), '3' not '3.0' (a seed column with gaps is float)."""
+    if seed is None or (isinstance(seed, float) and math.isnan(seed)):
+        return "–"
+    try:
+        return str(int(seed)) if float(seed).is_integer() else str(seed)
+    except (TypeError, ValueError):
+        return str(seed)
+
+
 def _mark_duplicates(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
     """(duplicate, duplicate_of, duplicate_reason): True for every run but the kept one of its
     (variant, seed) group; the kept run's directory; why that one was kept and not this one."""
@@ -200,7 +210,7 @@ def _mark_duplicates(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Serie
         else:
             why = "both started at the same time, the first by path is kept"
         of[i] = k["run_dir"]
-        reason[i] = (f"repeats variant and seed {r['seed']} of {k['run_dir']}, "
+        reason[i] = (f"repeats variant and seed {seed_text(r['seed'])} of {k['run_dir']}, "
                      f"{'counted instead' if k['_ok'] else 'kept instead (neither completed)'}: {why}")
     return pd.Series(dup, index=runs.index), of, reason
 

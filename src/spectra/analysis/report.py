@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from spectra.analysis import figures as F
-from spectra.analysis.collect import collect, problems
+from spectra.analysis.collect import collect, problems, seed_text
 from spectra.analysis.columns import resolve
 from spectra.analysis.snapshots import (
     BEFORE_QUOTA_KEYS,
@@ -374,7 +374,7 @@ def _index(rep: Report, paths) -> str:
         lines += ["## Runs not counted", "", "| problem | run | variant | seed | reason |", "|---|---|---|---|---|"]
         for r in rep.problems.itertuples():
             err = str(r.reason).replace("|", "\\|").replace("\n", " ")[:400]
-            lines.append(f"| **{r.problem}** | `{r.run_dir}` | {r.variant} | {r.seed} | {err} |")
+            lines.append(f"| **{r.problem}** | `{r.run_dir}` | {r.variant} | {seed_text(r.seed)} | {err} |")
         lines.append("")
     lines += ["## Tables", ""]
     for t in rep.tables:
