@@ -777,3 +777,20 @@ def test_balance_loss_counts_choices_before_capacity(name, k, variant, logits, f
     mean_p = [sum(row[j] for row in p) / len(p) for j in range(len(f))]
     expected = len(f) * sum(f[j] * mean_p[j] for j in range(len(f)))
     assert out.diagnostics["load_balancing_loss"].item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="metrics/stability.checkpoint_consistency needs [N, k] of one width; Expert Choice's batch "
+                          "routing (now what the monitor sees) has a data-dependent k_max. Fix belongs to metrics/*")
+def test_monitor_stability_across_expert_choice_snapshots_of_different_width():
+    from spectra.metrics.monitor import _stability_logs, snapshot_layer
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 4)
+    router = make_router("expert_choice", 4, top_k=2).eval()  # identity gate: logits = x
+    outs = [router(ec_inputs(x * scale, teacher_forced=True)) for scale in (0.1, 1.0)]  # two checkpoints' routing
+    assert outs[0].top_k != outs[1].top_k
+    valid = torch.ones(16, dtype=torch.bool)
+    snaps = [{"valid": valid, "layers": {0: snapshot_layer(out, valid)}} for out in outs]
+    logs = _stability_logs(snaps)
+    assert math.isfinite(logs["layer0/consistency_prev"])
