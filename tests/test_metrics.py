@@ -642,3 +642,22 @@ def test_analysis_metric_names_never_mix_routings():
 def test_metrics_do_not_import_routers():
     code = "import sys, spectra.metrics; assert 'spectra.routing' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_checkpoint_consistency_over_chosen_sets_of_different_widths():
+    """Hand-computed: S = chosen slots only, |S_a ∩ S_b| / max(|S_a|, |S_b|), both-empty tokens out."""
+    from spectra.metrics import checkpoint_consistency
+
+    index_a = torch.tensor([[0, 1, 2], [3, 0, 0], [2, 1, 0], [1, 2, 3]])
+    chosen_a = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    index_b = torch.tensor([[1, 3], [3, 2], [0, 1], [0, 1]])
+    chosen_b = torch.tensor([[1, 1], [1, 1], [0, 0], [0, 0]], dtype=torch.bool)
+    valid = torch.ones(4, dtype=torch.bool)
+    # t0: {0,1} vs {1,3} -> 1/2; t1: {3} vs {3,2} -> 1/2; t2: {2} vs {} -> 0; t3: both empty -> left out
+    got = checkpoint_consistency(index_a, index_b, valid, chosen_a, chosen_b)
+    assert got == pytest.approx((0.5 + 0.5 + 0.0) / 3, abs=1e-12)
+    # without masks, equal widths: the plain |S_a ∩ S_b| / k
+    assert checkpoint_consistency(index_b, index_b.flip(-1), valid) == 1.0
+    # a padding row is left out even when its sets differ
+    assert checkpoint_consistency(index_a, index_b, torch.tensor([1, 1, 0, 1], dtype=torch.bool),
+                                  chosen_a, chosen_b) == pytest.approx(0.5, abs=1e-12)

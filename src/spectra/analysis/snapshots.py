@@ -162,9 +162,11 @@ def stability_from_snapshots(snaps: list[RoutingSnapshot]) -> dict[str, float]:
             var.append(usage_variance(np.stack(loads)))
             taus += [expert_rank_kendall_tau(a, b) for a, b in zip(loads, loads[1:])]
         for a, b in zip(seq, seq[1:]):
-            ia, ib = a.layers[layer].get("expert_index"), b.layers[layer].get("expert_index")
-            if ia is not None and ib is not None and np.shape(ia) == np.shape(ib):
-                cons.append(checkpoint_consistency(ia, ib, a.valid(layer) & b.valid(layer)))
+            la, lb = a.layers[layer], b.layers[layer]
+            ia, ib = la.get("expert_index"), lb.get("expert_index")
+            ca, cb = la.get("chosen"), lb.get("chosen")  # Expert Choice: widths may differ
+            if ia is not None and ib is not None and (np.shape(ia) == np.shape(ib) or ca is not None or cb is not None):
+                cons.append(checkpoint_consistency(ia, ib, a.valid(layer) & b.valid(layer), ca, cb))
 
     def mean(v):
         v = [x for x in v if x is not None and math.isfinite(x)]

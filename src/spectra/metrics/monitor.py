@@ -165,8 +165,15 @@ def flatten(per_layer: dict[int, dict[str, float]]) -> dict[str, float]:
     return flat
 
 
+def _consistency(layer_a: dict, layer_b: dict, valid: torch.Tensor) -> float:
+    """checkpoint_consistency of two snapshot layers, over their chosen sets where marked."""
+    return checkpoint_consistency(layer_a["expert_index"], layer_b["expert_index"], valid,
+                                  layer_a.get("chosen"), layer_b.get("chosen"))
+
+
 def snapshot_layer(out: RoutingOutput, valid: torch.Tensor, quota_out: RoutingOutput | None = None) -> dict[str, torch.Tensor]:
-    """What a snapshot keeps of one layer: expert_index [N, k] int32, served [N, k] bool, load [E].
+    """What a snapshot keeps of one layer: expert_index [N, k] int32, served [N, k] bool, load [E],
+    and chosen [N, k] bool when the router marks its choices (RoutingOutput.chosen).
 
     quota_out: the same layer's output from a forward that applied the quota (None: none did).
     When it carries `load_before_quota`, adds load_before_quota [E] and load_after_quota [E]
@@ -178,6 +185,8 @@ def snapshot_layer(out: RoutingOutput, valid: torch.Tensor, quota_out: RoutingOu
         "served": served.cpu(),
         "load": expert_load(out.expert_index, served, out.num_experts).cpu(),  # [E] float64
     }
+    if out.chosen is not None:  # slots that are choices (Expert Choice); absent = every slot
+        layer["chosen"] = (out.chosen & valid.reshape(-1, 1).to(out.chosen.device)).cpu()
     if quota_out is not None and quota_out.load_before_quota is not None:
         layer["load_before_quota"] = quota_out.load_before_quota.detach().cpu().to(torch.float64)  # [E]
         layer["load_after_quota"] = quota_out.dispatch_counts.detach().cpu().to(torch.float64)  # [E]
@@ -214,14 +223,13 @@ def stability(snapshots: list[dict]) -> dict:
     for layer in sorted(snapshots[0]["layers"]):
         seq = [s["layers"][layer] for s in snapshots]
         valids = [s["valid"] for s in snapshots]
-        cons = [checkpoint_consistency(a["expert_index"], b["expert_index"], va & vb)
+        cons = [_consistency(a, b, va & vb)
                 for a, b, va, vb in zip(seq, seq[1:], valids, valids[1:])]
         taus = [_safe(expert_rank_kendall_tau, a["load"], b["load"]) for a, b in zip(seq, seq[1:])]
         layers[str(layer)] = {
             "consistency_consecutive": cons,
             "consistency_consecutive_mean": _nanmean(cons),
-            "consistency_last_vs_first": checkpoint_consistency(
-                seq[-1]["expert_index"], seq[0]["expert_index"], valids[-1] & valids[0]),
+            "consistency_last_vs_first": _consistency(seq[-1], seq[0], valids[-1] & valids[0]),
             "usage_variance": _safe(usage_variance, torch.stack([x["load"] for x in seq])),
             "kendall_tau_consecutive": taus,
             "kendall_tau_mean": _nanmean(taus),
@@ -241,8 +249,8 @@ def _stability_logs(snapshots: list[dict]) -> dict[str, float]:
     for layer in sorted(b["layers"]):
         la, lb, lf = a["layers"][layer], b["layers"][layer], first["layers"][layer]
         per_layer[layer] = {
-            "consistency_prev": checkpoint_consistency(la["expert_index"], lb["expert_index"], a["valid"] & b["valid"]),
-            "consistency_first": checkpoint_consistency(lf["expert_index"], lb["expert_index"], first["valid"] & b["valid"]),
+            "consistency_prev": _consistency(la, lb, a["valid"] & b["valid"]),
+            "consistency_first": _consistency(lf, lb, first["valid"] & b["valid"]),
             "kendall_tau_prev": _safe(expert_rank_kendall_tau, la["load"], lb["load"]),
             "usage_variance": _safe(usage_variance, torch.stack([s["layers"][layer]["load"] for s in snapshots])),
         }
@@ -323,7 +331,7 @@ def compare_routing(run_dir_a, run_dir_b, step: int | None = None) -> dict:
     if a["fingerprint"] != b["fingerprint"]:
         raise ValueError("the two runs' snapshots are of different held-out tokens (data configs differ)")
     valid = a["valid"] & b["valid"]
-    cons = {int(i): checkpoint_consistency(a["layers"][i]["expert_index"], b["layers"][i]["expert_index"], valid)
+    cons = {int(i): _consistency(a["layers"][i], b["layers"][i], valid)
             for i in sorted(a["layers"])}
     taus = {int(i): _safe(expert_rank_kendall_tau, a["layers"][i]["load"], b["layers"][i]["load"])
             for i in sorted(a["layers"])}

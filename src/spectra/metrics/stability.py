@@ -2,7 +2,9 @@
 
 Set overlaps compare the *selected* expert sets S_t = {expert_index[t, j]} (the router's
 post-selection decision; a capacity drop does not change which experts were chosen) and divide by
-k, so 1 = identical sets, 0 = disjoint. Padding is excluded; no eligible token -> nan.
+k, so 1 = identical sets, 0 = disjoint. Padding is excluded; no eligible token -> nan. Where a
+router marks which slots are choices (`RoutingOutput.chosen`, Expert Choice), the sets hold
+those slots only (see `checkpoint_consistency`).
 """
 
 from __future__ import annotations
@@ -54,13 +56,26 @@ def sequential_topk_overlap(expert_index, valid, batch: int, seq: int, doc_start
     return float(inter.mean() / k)
 
 
-def checkpoint_consistency(index_a, index_b, valid) -> float:
+def _chosen_membership(index: torch.Tensor, chosen: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[M, k] expert indices + [M, k] chosen mask -> [M, E] bool: e ∈ S(t)."""
+    member = torch.zeros(index.shape[0], num_experts, dtype=torch.int8, device=index.device)
+    return member.scatter_reduce_(1, index, chosen.to(torch.int8), reduce="amax").bool()
+
+
+def checkpoint_consistency(index_a, index_b, valid, chosen_a=None, chosen_b=None) -> float:
     """Fraction of top-k sets kept between two checkpoints on the same tokens.
 
         consistency = mean_{t real} |S_a(t) ∩ S_b(t)| / k
 
     index_a, index_b: [N, k] selections of the same N held-out positions; valid: [N] bool.
+
+    Routers whose slots are not all choices (Expert Choice: a data-dependent k_max, fillers
+    beyond a token's picks) pass `chosen_a` / `chosen_b` ([N, k_a], [N, k_b] bool, widths may
+    differ). Then S(t) holds the chosen slots only and the overlap is divided by
+    max(|S_a(t)|, |S_b(t)|) (= k for equal full sets); tokens with both sets empty are left out.
     """
+    if chosen_a is not None or chosen_b is not None:
+        return _consistency_of_chosen(index_a, index_b, valid, chosen_a, chosen_b)
     a, b = _tensor(index_a, torch.long), _tensor(index_b, torch.long)
     v = _tensor(valid, torch.bool)
     if a.dim() != 2 or a.shape != b.shape or v.shape != a.shape[:1]:
@@ -71,6 +86,28 @@ def checkpoint_consistency(index_a, index_b, valid) -> float:
     if not v.any():
         return math.nan
     return float(_set_intersection_size(a[v], b[v]).mean() / a.shape[1])
+
+
+def _consistency_of_chosen(index_a, index_b, valid, chosen_a, chosen_b) -> float:
+    """`checkpoint_consistency` over chosen sets of possibly different widths (see there)."""
+    a, b = _tensor(index_a, torch.long), _tensor(index_b, torch.long)
+    v = _tensor(valid, torch.bool)
+    ca = torch.ones_like(a, dtype=torch.bool) if chosen_a is None else _tensor(chosen_a, torch.bool)
+    cb = torch.ones_like(b, dtype=torch.bool) if chosen_b is None else _tensor(chosen_b, torch.bool)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0] or v.shape != a.shape[:1] \
+            or ca.shape != a.shape or cb.shape != b.shape:
+        raise ValueError(
+            f"index_a [N, k_a], index_b [N, k_b], chosen masks of the same shapes and valid [N] expected; got "
+            f"{tuple(a.shape)}, {tuple(b.shape)}, {tuple(ca.shape)}, {tuple(cb.shape)}, {tuple(v.shape)}"
+        )
+    e = int(max(int(a.max()) if a.numel() else 0, int(b.max()) if b.numel() else 0)) + 1
+    sa, sb = _chosen_membership(a, ca, e), _chosen_membership(b, cb, e)  # [N, E] each
+    size = torch.maximum(sa.sum(-1), sb.sum(-1))  # [N]
+    keep = v & (size > 0)
+    if not keep.any():
+        return math.nan
+    inter = (sa & sb).sum(-1)  # [N]
+    return float((inter[keep].double() / size[keep].double()).mean())
 
 
 def usage_variance(loads) -> float:

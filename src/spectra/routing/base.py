@@ -89,6 +89,11 @@ class RoutingOutput:
     gram:             [E, E] Gram matrix of expert representations (SPECTRA).
     expert_repr:      [E, D] expert representations (SPECTRA).
     state:            [B, S, Dh] routing state handed to the next MoE layer (SPECTRA GRU).
+    chosen:           [N, k] bool or None: which slots are the router's choices. None = every slot
+                      of a real token (token-choice routers: a capacity drop does not change what
+                      was chosen). Expert Choice sets it: its k_max slots are data-dependent and
+                      only the picked ones are choices; the rest are fillers. Stability metrics
+                      compare the chosen sets.
     load_before_quota: [E] float, real tokens per expert under plain per-token top-k of the same
                       scores the quota selected from, i.e. the load the quota corrected; set only
                       by routers whose forward applied a quota (SPECTRA), None otherwise.
@@ -107,6 +112,7 @@ class RoutingOutput:
     gram: torch.Tensor | None = None
     expert_repr: torch.Tensor | None = None
     state: torch.Tensor | None = None
+    chosen: torch.Tensor | None = None
     load_before_quota: torch.Tensor | None = None
 
     @property

@@ -147,6 +147,7 @@ class ExpertChoiceRouter(Router):
             aux_losses=aux,
             diagnostics=diag,
             logits=logits,
+            chosen=served,  # the picks; the other k_max slots are fillers, not choices
         )
 
     def _batch_route(self, probs: torch.Tensor, valid: torch.Tensor):
