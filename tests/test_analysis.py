@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -590,3 +591,30 @@ def test_cli_table_report_and_latest(sweep, tmp_path, capsys):
     capsys.readouterr()
     assert cli(["latest", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip().endswith("sweep")
+
+
+def test_comparison_shows_the_experts_per_token_each_router_spent(tmp_path):
+    """experts/token comes from the last training log's `train/expert_slots_per_token_mean`
+    (compute spent in training), mean over seeds; a router that never logged it shows –."""
+    from spectra.analysis.tables import comparison
+
+    slots = {"expert_choice": [2.0, 2.5], "switch_top2": [1.5, 1.75]}
+    for router, values in slots.items():
+        for seed, v in enumerate(values):
+            recs = [{"step": 1, "loss": 3.0, "train/expert_slots_per_token_mean": 9.0},  # not the last log
+                    {"step": 2, "loss": 2.9, "train/expert_slots_per_token_mean": v},
+                    {"step": 2, "eval_loss": 2.0, "eval/cv_mean": 0.1}]
+            make_run(tmp_path / f"{router}_s{seed}", router=router, seed=seed, records=recs)
+    make_run(tmp_path / "dense_s0", router="dense", seed=0)
+    table = comparison(collect([tmp_path])[0])
+    md = table.markdown(title=False)
+    header = next(line for line in md.splitlines() if line.startswith("|"))
+    col = [c.strip() for c in header.strip("|").split("|")].index("experts/token")
+    rows = {cells[0]: cells[col] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()[2:] if line.startswith("|"))}
+    ec = [k for k in rows if "Expert Choice" in k or "expert_choice" in k][0]
+    sw = [k for k in rows if "Switch" in k or "switch_top2" in k][0]
+    dense = [k for k in rows if "Dense" in k or "dense" in k][0]
+    assert rows[ec].startswith(f"{2.25:.2f} ± {statistics.stdev([2.0, 2.5]):.2f}")
+    assert rows[sw].startswith(f"{1.625:.2f} ± {statistics.stdev([1.5, 1.75]):.2f}")
+    assert rows[dense] == "–"

@@ -606,3 +606,18 @@ def test_running_gram_folds_at_eval_and_skips_non_finite_steps():
         m3 = router(inputs(torch.randn(2, 6, H))).expert_repr
     router.on_optimizer_step(2)
     torch.testing.assert_close(router.expert_repr_ema, 0.5 * before + 0.5 * m3, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_expert_slots_per_token_is_k_over_real_tokens(training):
+    """SPECTRA serves all k slots of every real token (the quota never drops), so the compute it
+    reports is exactly k per real token, padding excluded from both counts."""
+    router = make()
+    router.train(training)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 6:] = False  # 4 padding positions
+    out = router(inputs(torch.randn(2, 10, H), valid=valid))
+    k = out.top_k
+    served_real = int((out.expert_weight[valid.reshape(-1)] > 0).sum())
+    assert served_real == 16 * k
+    assert out.diagnostics["expert_slots_per_token"].item() == pytest.approx(served_real / 16)

@@ -29,7 +29,7 @@ ABLATION_NAMES = {"full": "SPECTRA-Full", "no_expression": "-Expression", "no_gr
                   "no_repulsion": "-Repulsion", "no_quota": "-Quota", "no_ortho": "-OrthoConstraint", "no_all": "-All"}
 TABLE7_METRICS = ["usage_entropy", "expert_overlap", "gram_orthogonality", "collapse_rate", "cv", "eval_loss"]
 COMPARISON_METRICS = ["eval_loss", "cv", "maxvio", "usage_entropy", "expert_overlap", "gram_orthogonality",
-                      "collapse_rate", "tokens_per_s"]
+                      "collapse_rate", "expert_slots_per_token", "tokens_per_s"]
 STABILITY_METRICS = ["consistency", "usage_variance", "kendall_tau"]
 SWEEP_EXTRA_METRICS = ["usage_entropy", "expert_overlap", "gram_orthogonality", "collapse_rate", "consistency",
                        "sequential_overlap", "tokens_per_s"]

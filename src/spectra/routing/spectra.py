@@ -68,7 +68,7 @@ from spectra.routing.osr import osr_cost
 from spectra.routing.scores import cosine_scores, expert_directions
 from spectra.routing.selection import quota_capacity, quota_topk, topk_select
 from spectra.routing.sinkhorn import marginal_error, sinkhorn
-from spectra.routing.topk import routing_entropy
+from spectra.routing.topk import expert_slots_per_token, routing_entropy
 
 __all__ = ["SpectraRouter", "token_recurrence"]
 
@@ -358,6 +358,8 @@ class SpectraRouter(Router):
         diag["max_abs_cost"] = cost.detach().abs().masked_fill(~vmask, 0.0).max()
 
         served = vmask.expand(n, k)  # [N, k] quota never drops: every real assignment is served
+        diag["expert_slots_per_token"] = expert_slots_per_token(served, valid)  # = k: the compute spent
+
         return RoutingOutput(
             expert_index=index,
             expert_weight=weight,
