@@ -94,3 +94,20 @@ def test_spectra_with_one_expert_per_token_is_refused(overrides):
     assert isinstance(err, ConfigError)
     assert "router.top_k" in text and "moe.top_k" in text and "no gradient" in text
     assert validate(load_config(["router=spectra", "moe.top_k=2"])).router.top_k == 2
+
+
+def test_router_names_are_stated_once_in_the_catalog():
+    """config validation, the router registry and the tables all read spectra.routers_catalog."""
+    from spectra import config
+    from spectra.analysis import tables
+    from spectra.routers_catalog import DISPLAY_NAMES, NO_ROUTER, ROUTER_NAMES
+    from spectra.routing import ROUTERS
+
+    assert set(ROUTERS) == set(ROUTER_NAMES) - {NO_ROUTER}
+    assert config.ROUTER_NAMES is ROUTER_NAMES and tables.ROUTER_NAMES is DISPLAY_NAMES
+    assert tables.variant_labels(["router=switch_top2", "router=dense"]) == {"router=switch_top2": "Switch Top-2",
+                                                                            "router=dense": "Dense"}
+    with pytest.raises(ValueError, match="routers_catalog"):
+        from spectra.routing.base import register_router
+
+        register_router("not_in_catalog")

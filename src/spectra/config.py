@@ -18,7 +18,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-ROUTER_NAMES = ("topk", "spectra", "switch_top1", "switch_top2", "expert_choice", "hash", "dense")
+from spectra.routers_catalog import NO_ROUTER, ROUTER_NAMES  # router.name choices, stated once there
+
 RECURRENCES = ("token_and_depth", "depth", "none")
 EC_INFERENCE = ("batch", "causal")  # router.ec_inference
 AUX_LOSS_VARIANTS = ("first_choice", "all_slots")  # router.aux_loss_variant
@@ -353,7 +354,7 @@ class SpectraConfig:
 
     def __post_init__(self) -> None:
         r, m = self.router, self.moe
-        if r.name != "dense":
+        if r.name != NO_ROUTER:
             _check(m.num_experts >= 2, "moe.num_experts", f"an MoE router needs >= 2 experts, got {m.num_experts}")
             _check(r.top_k <= m.num_experts, "router.top_k", f"k={r.top_k} exceeds moe.num_experts={m.num_experts}")
         if r.name == "spectra":

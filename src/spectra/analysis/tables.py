@@ -22,9 +22,8 @@ import pandas as pd
 from spectra.analysis.columns import Metric, metric, missing_note, resolve
 from spectra.analysis.stats import bootstrap_ci, bootstrap_diff_ci, format_p, stars, welch_ttest
 from spectra.analysis.table import MISSING, STD_NOTE, Table, fmt_mean_std, fmt_value
+from spectra.routers_catalog import DISPLAY_NAMES as ROUTER_NAMES  # router.name -> printed name
 
-ROUTER_NAMES = {"spectra": "SPECTRA", "switch_top1": "Switch Top-1", "switch_top2": "Switch Top-2",
-                "expert_choice": "Expert Choice", "topk": "Top-k", "hash": "Hash", "dense": "Dense"}
 ABLATION_NAMES = {"full": "SPECTRA-Full", "no_expression": "-Expression", "no_gru": "-GRU",
                   "no_repulsion": "-Repulsion", "no_quota": "-Quota", "no_ortho": "-OrthoConstraint", "no_all": "-All"}
 TABLE7_METRICS = ["usage_entropy", "expert_overlap", "gram_orthogonality", "collapse_rate", "cv", "eval_loss"]

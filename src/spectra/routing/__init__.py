@@ -7,11 +7,20 @@ Each router lives in its own module and returns a `RoutingOutput`; pure building
 import importlib
 import pkgutil
 
-from spectra.routing.base import ROUTERS, Router, RoutingInputs, RoutingOutput, build_router, register_router
+from spectra.routing.base import (
+    ROUTERS,
+    Router,
+    RoutingInputs,
+    RoutingOutput,
+    build_router,
+    check_registry_matches_catalog,
+    register_router,
+)
 
 # Import every sibling module so its @register_router decorators run; new router files need no
 # edit here.
 for _mod in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_mod.name}")
+check_registry_matches_catalog()
 
 __all__ = ["ROUTERS", "Router", "RoutingInputs", "RoutingOutput", "build_router", "register_router"]

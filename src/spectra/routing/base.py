@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from spectra.routers_catalog import NO_ROUTER, ROUTER_NAMES
+
 
 @dataclass
 class RoutingInputs:
@@ -159,12 +161,20 @@ class Router(nn.Module):
         that collect state over a step's forwards (SPECTRA's running Gram) drop what they collected."""
 
 
-# name -> factory(cfg, hidden_size, num_experts) -> Router; filled by @register_router.
+# name -> factory(cfg, hidden_size, num_experts) -> Router; filled by @register_router. The names
+# themselves (and their printed names) are listed once, in `spectra.routers_catalog`.
 ROUTERS: dict[str, Callable[..., Router]] = {}
 
 
 def register_router(*names: str):
-    """Class decorator: make a router constructible by `build_router(name, ...)`."""
+    """Class decorator: make a router constructible by `build_router(name, ...)`.
+
+    Each name must be listed in `spectra.routers_catalog` (which the config schema and the tables
+    read), so a router cannot be registered under a name the config would refuse.
+    """
+    for name in names:
+        if name not in ROUTER_NAMES or name == NO_ROUTER:
+            raise ValueError(f"router name {name!r} is not listed in spectra.routers_catalog.DISPLAY_NAMES; add it there")
 
     def wrap(factory):
         for name in names:
@@ -172,6 +182,14 @@ def register_router(*names: str):
         return factory
 
     return wrap
+
+
+def check_registry_matches_catalog() -> None:
+    """Every router the catalog lists (other than `dense`, which has no router module) is
+    registered. Called once `spectra.routing` has imported every router module."""
+    missing = set(ROUTER_NAMES) - {NO_ROUTER} - set(ROUTERS)
+    if missing:
+        raise RuntimeError(f"spectra.routers_catalog lists routers no module registers: {sorted(missing)}")
 
 
 def build_router(cfg, hidden_size: int, num_experts: int, layer_idx: int | None = None) -> Router:
