@@ -14,7 +14,7 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 
 from spectra.config import ConfigError, QuotaConfig
-from spectra.routing.selection import quota_capacity, quota_topk, topk_select
+from spectra.routing.selection import expert_capacity, quota_topk, topk_select
 
 
 def check_constraints(index: torch.Tensor, k: int, e: int, cap: int, valid: torch.Tensor | None = None):
@@ -81,10 +81,38 @@ def instances(seed: int, count: int):
 
 
 def test_capacity_formula_hand_values():
-    assert quota_capacity(8, 2, 4, 1.25) == 5  # 1.25 * 16 / 4 = 5
-    assert quota_capacity(7, 2, 4, 1.0) == 4  # ceil(3.5)
-    assert quota_capacity(100, 1, 10, 1.1) == 11  # 11.000000000000002 in floats, still 11
-    assert quota_capacity(10, 2, 4, 1.0) == 5
+    # expert_capacity(N, k, E, cf) = ceil(cf * N * k / E): the quota's, Switch's and Expert Choice's capacity
+    assert expert_capacity(8, 2, 4, 1.25) == 5  # 1.25 * 16 / 4 = 5
+    assert expert_capacity(7, 2, 4, 1.0) == 4  # ceil(3.5)
+    assert expert_capacity(10, 2, 4, 1.0) == 5
+    assert expert_capacity(3, 1, 3, 1.0) == 1  # Switch top-1 test: 3 tokens, 3 experts
+    assert expert_capacity(12, 1, 4, 2.0) == 6  # Expert Choice: k = 1, each expert takes ceil(cf * N / E)
+    assert expert_capacity(13, 1, 4, 1.0) == 4  # ceil(3.25)
+    assert expert_capacity(0, 2, 4, 1.25) == 0  # no real tokens
+    assert expert_capacity(5, 2, 4, 1.0) == 3  # ceil(2.5)
+    # float noise must not add a slot: each quotient is an integer, its float64 value is just above
+    assert 1.1 * 100 * 1 / 10 > 11 and expert_capacity(100, 1, 10, 1.1) == 11
+    assert 1.1 * 25 * 2 / 55 > 1 and expert_capacity(25, 2, 55, 1.1) == 1
+    assert 1.1 * 45 * 2 / 3 > 33 and expert_capacity(45, 2, 3, 1.1) == 33
+    assert 1.1 * 50 * 1 / 11 > 5 and expert_capacity(50, 1, 11, 1.1) == 5  # Expert Choice's k = 1
+    # ... and must not take one away when the quotient is truly above an integer
+    assert expert_capacity(1_000_001, 1, 1, 1.0) == 1_000_001
+    assert expert_capacity(10_000_001, 1, 10, 1.0) == 1_000_001  # 1_000_000.1
+    assert expert_capacity(100, 1, 10, 1.1000001) == 12  # 11.000001
+
+
+def test_capacity_formula_matches_both_former_formulas():
+    """The one formula equals what Switch (round to 6 decimals) and the quota (9 decimals)
+    computed before they shared it, over the capacity factors and sizes runs use."""
+    import math
+
+    for cf in (0.5, 0.75, 1.0, 1.05, 1.1, 1.2, 1.25, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0):
+        for e in (2, 3, 4, 6, 8, 10, 11, 16, 32, 64, 128):
+            for k in (1, 2, 3, 4, 8):
+                for n in (1, 7, 24, 100, 255, 512, 1000, 2048, 4096, 32768):
+                    six = math.ceil(round(cf * n * k / e, 6))
+                    nine = int(math.ceil(round(cf * n * k / e, 9)))
+                    assert expert_capacity(n, k, e, cf) == six == nine, (n, k, e, cf)
 
 
 def test_alpha_below_one_rejected_by_config():
@@ -101,7 +129,7 @@ def test_infeasible_capacity_raises():
 def test_constraints_random_and_adversarial():
     for s, k, alpha in instances(0, 120):
         n, e = s.shape
-        cap = quota_capacity(n, k, e, alpha)
+        cap = expert_capacity(n, k, e, alpha)
         res = quota_topk(torch.tensor(s, dtype=torch.float32), k, cap)
         load = check_constraints(res.index, k, e, cap)
         assert torch.equal(load, res.load)
@@ -114,7 +142,7 @@ def test_all_tokens_prefer_one_expert():
     n, e, k = 20, 4, 1
     s = torch.rand(n, e)
     s[:, 0] += 10
-    cap = quota_capacity(n, k, e, 1.0)  # 5
+    cap = expert_capacity(n, k, e, 1.0)  # 5
     res = quota_topk(s, k, cap)
     check_constraints(res.index, k, e, cap)
     got = set(torch.nonzero(res.index[:, 0] == 0).flatten().tolist())
@@ -126,7 +154,7 @@ def test_equals_slow_proposal_loop():
     compared = 0
     for s, k, alpha in instances(1, 150):
         n, e = s.shape
-        cap = quota_capacity(n, k, e, alpha)
+        cap = expert_capacity(n, k, e, alpha)
         held, stuck = slow_proposals(s, k, cap)
         if stuck:
             continue  # the loop reference has no repair phase
@@ -140,7 +168,7 @@ def test_equals_slow_proposal_loop():
 def test_best_first_order_within_token():
     torch.manual_seed(1)
     s = torch.rand(30, 6)
-    res = quota_topk(s, 3, quota_capacity(30, 3, 6, 1.25))
+    res = quota_topk(s, 3, expert_capacity(30, 3, 6, 1.25))
     picked = s.gather(1, res.index)
     assert (picked[:, :-1] >= picked[:, 1:]).all()
 
@@ -149,7 +177,7 @@ def test_total_score_against_lp_optimum():
     ratios = []
     for s, k, alpha in instances(2, 60):
         n, e = s.shape
-        cap = quota_capacity(n, k, e, alpha)
+        cap = expert_capacity(n, k, e, alpha)
         res = quota_topk(torch.tensor(s, dtype=torch.float64), k, cap)
         ours = float(np.take_along_axis(s, res.index.numpy(), 1).sum())
         opt = lp_optimum(s, k, cap)
@@ -188,7 +216,7 @@ def test_repair_under_tight_capacity_many_shapes():
         n, e = int(rng.integers(4, 40)), int(rng.integers(3, 9))
         k = int(rng.integers(2, e))
         s = rng.random((n, 1)) * rng.random((1, e)) + 1e-3 * rng.random((n, e))
-        cap = quota_capacity(n, k, e, 1.0)
+        cap = expert_capacity(n, k, e, 1.0)
         res = quota_topk(torch.tensor(s), k, cap)
         check_constraints(res.index, k, e, cap)
         swaps += res.swaps
@@ -202,7 +230,7 @@ def test_padding_uses_no_capacity():
     valid = torch.ones(n, dtype=torch.bool)
     valid[::3] = False  # 8 real tokens
     s[~valid, 0] = 100.0  # padding "prefers" expert 0 strongly
-    cap = quota_capacity(int(valid.sum()), k, e, 1.0)  # 4
+    cap = expert_capacity(int(valid.sum()), k, e, 1.0)  # 4
     res = quota_topk(s, k, cap, valid)
     load = check_constraints(res.index, k, e, cap, valid)
     assert int(load.sum()) == 8 * k
@@ -242,7 +270,7 @@ def test_identical_tokens_fill_the_best_experts():
     # experts are full, loads [19 x 6, 6, 0] (6*19 + 6 = 120 = N*k). The index-walking repair
     # gave [19, 19, 19, 19, 19, 10, 10, 5].
     n, e, k = 24, 8, 5
-    cap = quota_capacity(n, k, e, 1.25)
+    cap = expert_capacity(n, k, e, 1.25)
     assert cap == 19
     b = np.linspace(1.0, 0.3, e)
     s = np.tile(b, (n, 1))
@@ -289,7 +317,7 @@ def test_never_forbidden_when_a_finite_assignment_exists():
     for i in range(150):
         n, e = int(rng.integers(3, 16)), int(rng.integers(2, 8))
         k = int(rng.integers(1, min(e, 4) + 1))
-        cap = quota_capacity(n, k, e, [1.0, 1.25, 1.5][i % 3])
+        cap = expert_capacity(n, k, e, [1.0, 1.25, 1.5][i % 3])
         s = rng.random((n, e)) if i % 2 else rng.random((n, 1)) * rng.random((1, e))
         forbidden = rng.random((n, e)) < [0.1, 0.3, 0.5][i % 3]
         if i % 5 == 0:
@@ -343,7 +371,7 @@ def test_gap_to_exact_optimum(record_property):
     gaps: dict[str, list[float]] = {}
     for fam, s, k, alpha in gap_families(7, 180):
         n, e = s.shape
-        cap = quota_capacity(n, k, e, alpha)
+        cap = expert_capacity(n, k, e, alpha)
         res = quota_topk(torch.tensor(s), k, cap)
         check_constraints(res.index, k, e, cap)
         ours = total(s, res.index)

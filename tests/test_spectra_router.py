@@ -21,7 +21,7 @@ from spectra.routing import build_router
 from spectra.routing.base import RoutingInputs
 from spectra.routing.orthogonality import expert_representations, gram_matrix, newton_schulz, ortho_loss, srip_lambda
 from spectra.routing.osr import osr_cost
-from spectra.routing.selection import quota_capacity
+from spectra.routing.selection import expert_capacity
 from spectra.routing.spectra import SpectraRouter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,7 +306,7 @@ def test_padding_excluded_in_training():
     assert torch.equal(a.probs[~v], torch.zeros(int((~v).sum()), E))
     n_valid = int(v.sum())
     torch.testing.assert_close(a.dispatch_counts.sum(), torch.tensor(float(n_valid * router.top_k)))
-    cap = quota_capacity(n_valid, router.top_k, E, 1.25)
+    cap = expert_capacity(n_valid, router.top_k, E, 1.25)
     assert int(a.dispatch_counts.max()) <= cap
     torch.testing.assert_close(a.probs.sum(1)[v], torch.ones(n_valid), atol=1e-5, rtol=0)
 
@@ -319,7 +319,7 @@ def test_training_weights_are_renormalised_plan_and_quota_holds():
     out = router(inputs(x))
     q_sel = out.probs.gather(1, out.expert_index)
     torch.testing.assert_close(out.expert_weight, q_sel / q_sel.sum(1, keepdim=True), atol=1e-6, rtol=0)
-    assert int(out.dispatch_counts.max()) <= quota_capacity(32, router.top_k, E, 1.25)
+    assert int(out.dispatch_counts.max()) <= expert_capacity(32, router.top_k, E, 1.25)
     assert all(len(set(r)) == router.top_k for r in out.expert_index.tolist())
     assert not out.dropped.any()
     assert "sinkhorn_marginal_error" in out.diagnostics
@@ -373,7 +373,7 @@ def test_bf16_router_matches_fp32_reference(seed):
         torch.testing.assert_close(out16.state.float(), out32.state, atol=0.02, rtol=0)
         k = r16.top_k
         if training:  # the quota still holds on the bf16-computed cost
-            assert int(out16.dispatch_counts.max()) <= quota_capacity(12, k, E, 1.25)
+            assert int(out16.dispatch_counts.max()) <= expert_capacity(12, k, E, 1.25)
             assert all(len(set(r)) == k for r in out16.expert_index.tolist())
         else:
             # Per-token top-k of -C: a token whose fp32 k-th and (k+1)-th logits are further

@@ -3,7 +3,7 @@
 Batch routing (training, and teacher-forced evaluation by default):
     logits = W x                                 [N, E]
     probs  = softmax over experts, per token     [N, E]
-    cap    = min(ceil(N_valid * cf / E), N_valid)     cf = router.ec_capacity_factor
+    cap    = min(ceil(N_valid * cf / E), N_valid)     cf = router.ec_capacity_factor (selection.expert_capacity, k = 1)
                                                       (null = top_k: compute-matched, the EC
                                                       paper's c = k; each token gets ~cf experts)
     expert e takes the `cap` real tokens with the highest probs[:, e]  (ties: earlier token first)
@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from spectra.routing.base import Router, RoutingInputs, RoutingOutput, dispatch_counts_of, register_router
-from spectra.routing.switch import expert_capacity
+from spectra.routing.selection import expert_capacity
 from spectra.routing.topk import expert_slots_per_token, routing_entropy
 
 
@@ -154,7 +154,7 @@ class ExpertChoiceRouter(Router):
         """Experts pick tokens (module docstring). probs [N, E], valid [N] ->
         (expert_index [N, k_max], weights [N, k_max], served [N, k_max], diagnostics)."""
         n_valid = int(valid.sum())  # host sync: capacity is a top-k size
-        capacity = min(expert_capacity(self.capacity_factor, n_valid, 1, self.num_experts), n_valid)
+        capacity = min(expert_capacity(n_valid, 1, self.num_experts, self.capacity_factor), n_valid)
         picked = expert_choice_pick(probs, valid, capacity)  # [N, E]
         expert_index, served = token_major(picked, probs)  # [N, k_max] x2
         weights = torch.where(served, probs.gather(1, expert_index), 0.0)  # not renormalised

@@ -59,11 +59,12 @@ Feasibility needs capacity · E ≥ N · k (guaranteed by α ≥ 1, which config
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["QuotaResult", "quota_capacity", "quota_topk", "topk_select"]
+__all__ = ["QuotaResult", "expert_capacity", "quota_capacity", "quota_topk", "topk_select"]
 
 _BIG = 1e30  # scores are clamped to ±_BIG; forbidden (−inf) pairs are tracked by a mask
 _TOL = 1e-6  # polish accepts a move only if it gains more than _TOL · max|score| (fp32 rounding)
@@ -74,13 +75,23 @@ def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1).indices
 
 
-def quota_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
-    """Hard per-expert capacity cap = ceil(α · N · k / E).
+def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
+    """Assignments one expert may take: ceil(cf · N · k / E), the one capacity formula.
 
-    The product is rounded to 9 decimals before `ceil` so float noise (1.1 · 100 / 10 =
-    11.000000000000002) does not add a slot.
+    N = real tokens, k = assignments per token, E = experts, cf = capacity factor. Used by the
+    SPECTRA quota (quota.capacity_factor, α), Switch's token dropping (router.capacity_factor) and
+    Expert Choice (router.ec_capacity_factor, with k = 1: each expert takes ceil(cf · N / E) tokens).
+
+    Computed exactly on the decimal the user wrote (cf's shortest repr, e.g. 1.1 = 11/10), so float
+    noise cannot add a slot: in float64 1.1 · 100 / 10 is 11.000000000000002, whose ceiling is 12.
+    The capacity factor's range (> 0; ≥ 1 for the quota) is checked in the config schema.
     """
-    return int(math.ceil(round(capacity_factor * num_tokens * k / num_experts, 9)))
+    cf = Fraction(repr(float(capacity_factor)))
+    return math.ceil(cf * num_tokens * k / num_experts)
+
+
+# The name the quota (SPECTRA, benchmarks/) calls it by: the same function.
+quota_capacity = expert_capacity
 
 
 class QuotaResult(NamedTuple):

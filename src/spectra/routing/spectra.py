@@ -66,7 +66,7 @@ from spectra.routing.gru import token_recurrence
 from spectra.routing.orthogonality import gram_matrix, newton_schulz, ortho_loss, srip_lambda
 from spectra.routing.osr import osr_cost
 from spectra.routing.scores import cosine_scores, expert_directions
-from spectra.routing.selection import quota_capacity, quota_topk, topk_select
+from spectra.routing.selection import expert_capacity, quota_topk, topk_select
 from spectra.routing.sinkhorn import marginal_error, sinkhorn
 from spectra.routing.topk import expert_slots_per_token, routing_entropy
 
@@ -325,7 +325,7 @@ class SpectraRouter(Router):
             log_q = log_q.masked_fill(~vmask, 0.0)  # padding rows: finite, never used
             if self.quota_enabled:
                 n_valid = int(valid.sum())  # host sync: the capacity is an integer
-                cap = quota_capacity(n_valid, k, e, self.capacity_factor)
+                cap = expert_capacity(n_valid, k, e, self.capacity_factor)
                 res = quota_topk(log_q, k, cap, valid, n_valid=n_valid)
                 index = res.index  # [N, k]
                 with torch.no_grad():  # what plain top-k of the same plan would have dispatched

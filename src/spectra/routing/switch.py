@@ -20,7 +20,7 @@ Losses (each added only when its coefficient is > 0, logged unscaled in `diagnos
     aux_losses["entropy"]        = router.entropy_coef * mean_t H(probs_t)  (positive sharpens)
 
 Capacity (router.capacity_factor = cf, null = no dropping):
-    capacity = ceil(cf * N_valid * k / E) assignments per expert, N_valid = real tokens.
+    capacity = ceil(cf * N_valid * k / E) assignments per expert (selection.expert_capacity), N_valid = real tokens.
     Priority is position order, slot-major as in GShard: every token's first choice is queued
     (in token order t = b * S + s) before any token's second choice. Assignments beyond an
     expert's capacity are dropped: weight 0, dropped=True; the other slot of that token keeps its
@@ -41,16 +41,8 @@ from torch import nn
 
 from spectra.routing.base import Router, RoutingInputs, RoutingOutput, dispatch_counts_of, register_router
 from spectra.routing.losses import load_balancing_loss, router_z_loss
+from spectra.routing.selection import expert_capacity
 from spectra.routing.topk import expert_slots_per_token, routing_entropy
-
-
-def expert_capacity(capacity_factor: float, num_tokens: int, k: int, num_experts: int) -> int:
-    """Assignments one expert may take: `ceil(cf * N * k / E)`.
-
-    The quotient is rounded to 6 decimals before the ceiling so float error cannot add a slot
-    (1.1 * 10 / 11 is 1.0000000000000002 in float64, whose ceiling would be 2).
-    """
-    return math.ceil(round(capacity_factor * num_tokens * k / num_experts, 6))
 
 
 def capacity_keep_mask(
@@ -125,7 +117,7 @@ class SwitchRouter(Router):
         if self.capacity_factor is not None:
             # Host sync: the capacity is an integer that must be known before dispatch.
             n_valid = int(valid.sum())
-            capacity = expert_capacity(self.capacity_factor, n_valid, self.k, self.num_experts)
+            capacity = expert_capacity(n_valid, self.k, self.num_experts, self.capacity_factor)
             served = capacity_keep_mask(top_i, valid, capacity, self.num_experts)  # [N, k]
             diag["capacity"] = torch.tensor(float(capacity), device=logits.device)
         dropped = valid.unsqueeze(-1) & ~served  # [N, k]
