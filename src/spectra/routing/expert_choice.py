@@ -47,14 +47,11 @@ for the other learned routers; aux_loss_coef, z_loss_coef and capacity_factor ar
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import nn
 
-from spectra.routing.base import Router, RoutingInputs, RoutingOutput, dispatch_counts_of, register_router
+from spectra.routing.base import RoutingInputs, RoutingOutput, register_router
 from spectra.routing.selection import expert_capacity
-from spectra.routing.topk import expert_slots_per_token, routing_entropy
+from spectra.routing.softmax_gate import SoftmaxGateRouter
 
 
 def expert_choice_pick(probs: torch.Tensor, valid: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -84,7 +81,7 @@ def token_major(picked: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor
 
 
 @register_router("expert_choice")
-class ExpertChoiceRouter(Router):
+class ExpertChoiceRouter(SoftmaxGateRouter):
     """Expert Choice batch routing (training, teacher-forced eval); causal token-choice top-k otherwise."""
 
     def __init__(self, cfg, hidden_size: int, num_experts: int):
@@ -97,19 +94,13 @@ class ExpertChoiceRouter(Router):
                 f"router.top_k: expert_choice's inference fallback routes each token to top_k experts; "
                 f"need 1 <= top_k <= num_experts={num_experts}, got {rc.top_k}"
             )
-        if rc.jitter < 0:
-            raise ValueError(f"router.jitter: must be >= 0, got {rc.jitter}")
         inference = getattr(rc, "ec_inference", "batch")  # configs saved before the key
         if inference not in ("batch", "causal"):
             raise ValueError(f"router.ec_inference: choose batch or causal, got {inference!r}")
-        super().__init__(hidden_size, num_experts, rc.top_k)
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # W: [E, H]
-        std = math.sqrt(0.1 / hidden_size)  # same init as the Switch router
-        nn.init.trunc_normal_(self.gate.weight, std=std, a=-2 * std, b=2 * std)
+        super().__init__(hidden_size, num_experts, rc.top_k, jitter=rc.jitter, entropy_coef=rc.entropy_coef,
+                         gate_init="switch")  # same init as the Switch router
         self.capacity_factor = float(cf)
         self.inference = inference
-        self.entropy_coef = float(rc.entropy_coef)
-        self.jitter = float(rc.jitter)
 
     def uses_batch_routing(self, inputs: RoutingInputs) -> bool:
         """Batch (Expert Choice) routing in training and, with ec_inference=batch, for a
@@ -119,34 +110,14 @@ class ExpertChoiceRouter(Router):
         return self.inference == "batch" and inputs.teacher_forced and inputs.past_length == 0
 
     def forward(self, inputs: RoutingInputs) -> RoutingOutput:
-        x = inputs.flat_hidden  # [N, H]
-        valid = inputs.flat_valid  # [N]
-        if self.training and self.jitter > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = self.gate(x).float()  # [N, E]
-        probs = logits.softmax(dim=-1)  # [N, E]
+        valid, logits, probs = self.gate_probs(inputs)  # [N], [N, E], [N, E]
         if self.uses_batch_routing(inputs):
             expert_index, weights, served, diag = self._batch_route(probs, valid)
         else:
             expert_index, weights, served, diag = self._causal_route(probs, valid)
-
-        dropped = valid.unsqueeze(-1) & ~served  # [N, k]
-        aux: dict[str, torch.Tensor] = {}
-        ent = routing_entropy(probs, valid)
-        diag["routing_entropy"] = ent.detach()
-        diag["expert_slots_per_token"] = expert_slots_per_token(served, valid)
-        if self.entropy_coef != 0:
-            aux["entropy"] = self.entropy_coef * ent  # positive coefficient sharpens routing
-        return RoutingOutput(
-            expert_index=expert_index,
-            expert_weight=weights,
-            probs=probs,
-            dropped=dropped,
-            valid=valid,
-            dispatch_counts=dispatch_counts_of(expert_index, served, self.num_experts),
-            aux_losses=aux,
-            diagnostics=diag,
-            logits=logits,
+        return self.routing_output(
+            expert_index=expert_index, expert_weight=weights, served=served, valid=valid, logits=logits,
+            probs=probs, diagnostics=diag,
             chosen=served,  # the picks; the other k_max slots are fillers, not choices
         )
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from spectra.routing.base import Router, RoutingInputs, RoutingOutput, dispatch_counts_of, register_router
-from spectra.routing.topk import expert_slots_per_token
+from spectra.routing.softmax_gate import expert_slots_per_token
 
 HASH_PRIME = 2**31 - 1
 HASH_SEED = 20210330  # fixed forever: changing it changes which expert every token id goes to

@@ -68,7 +68,7 @@ from spectra.routing.osr import osr_cost
 from spectra.routing.scores import cosine_scores, expert_directions
 from spectra.routing.selection import expert_capacity, quota_topk, topk_select
 from spectra.routing.sinkhorn import marginal_error, sinkhorn
-from spectra.routing.topk import expert_slots_per_token, routing_entropy
+from spectra.routing.softmax_gate import expert_slots_per_token, routing_entropy
 
 __all__ = ["SpectraRouter", "token_recurrence"]
 

@@ -33,16 +33,13 @@ Capacity (router.capacity_factor = cf, null = no dropping):
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from spectra.routing.base import Router, RoutingInputs, RoutingOutput, dispatch_counts_of, register_router
+from spectra.routing.base import RoutingInputs, RoutingOutput, register_router
 from spectra.routing.losses import load_balancing_loss, router_z_loss
 from spectra.routing.selection import expert_capacity
-from spectra.routing.topk import expert_slots_per_token, routing_entropy
+from spectra.routing.softmax_gate import SoftmaxGateRouter
 
 
 def capacity_keep_mask(
@@ -66,7 +63,7 @@ def capacity_keep_mask(
     return keep.view(k, n).t()  # [N, k]
 
 
-class SwitchRouter(Router):
+class SwitchRouter(SoftmaxGateRouter):
     """Softmax top-k router with load-balancing loss, z-loss, jitter and optional capacity.
 
     Subclasses fix k (`switch_top1`, `switch_top2`); `cfg.router.top_k` must agree.
@@ -85,30 +82,19 @@ class SwitchRouter(Router):
             )
         if rc.capacity_factor is not None and not rc.capacity_factor > 0:
             raise ValueError(f"router.capacity_factor: must be > 0 (or null for no dropping), got {rc.capacity_factor}")
-        if rc.jitter < 0:
-            raise ValueError(f"router.jitter: must be >= 0, got {rc.jitter}")
         variant = getattr(rc, "aux_loss_variant", "first_choice")  # configs saved before the key
         if variant not in ("first_choice", "all_slots"):
             raise ValueError(f"router.aux_loss_variant: choose first_choice or all_slots, got {variant!r}")
-        super().__init__(hidden_size, num_experts, self.k)
-        self.aux_loss_variant = variant
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # W: [E, H]
         # Switch init: truncated normal, std = sqrt(0.1 / fan_in), cut at 2 std -> near-uniform probs.
-        std = math.sqrt(0.1 / hidden_size)
-        nn.init.trunc_normal_(self.gate.weight, std=std, a=-2 * std, b=2 * std)
-        self.jitter = float(rc.jitter)
+        super().__init__(hidden_size, num_experts, self.k, jitter=rc.jitter, entropy_coef=rc.entropy_coef,
+                         gate_init="switch")
+        self.aux_loss_variant = variant
         self.aux_loss_coef = float(rc.aux_loss_coef)
         self.z_loss_coef = float(rc.z_loss_coef)
-        self.entropy_coef = float(rc.entropy_coef)
         self.capacity_factor = None if rc.capacity_factor is None else float(rc.capacity_factor)
 
     def forward(self, inputs: RoutingInputs) -> RoutingOutput:
-        x = inputs.flat_hidden  # [N, H]
-        valid = inputs.flat_valid  # [N]
-        if self.training and self.jitter > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = self.gate(x).float()  # [N, E]; routing math in fp32
-        probs = logits.softmax(dim=-1)  # [N, E]
+        valid, logits, probs = self.gate_probs(inputs)  # [N], [N, E], [N, E]
         top_p, top_i = probs.topk(self.k, dim=-1)  # [N, k], [N, k]
         weights = top_p if self.k == 1 else top_p / top_p.sum(-1, keepdim=True)  # [N, k]
 
@@ -120,40 +106,25 @@ class SwitchRouter(Router):
             capacity = expert_capacity(n_valid, self.k, self.num_experts, self.capacity_factor)
             served = capacity_keep_mask(top_i, valid, capacity, self.num_experts)  # [N, k]
             diag["capacity"] = torch.tensor(float(capacity), device=logits.device)
-        dropped = valid.unsqueeze(-1) & ~served  # [N, k]
         weights = torch.where(served, weights, 0.0)  # dropped slots and padding carry weight 0
 
         n_valid_t = valid.sum().clamp_min(1).float()
-        diag["dropped_fraction"] = dropped.sum() / (n_valid_t * self.k)
+        diag["dropped_fraction"] = (valid.unsqueeze(-1) & ~served).sum() / (n_valid_t * self.k)
         diag["dropped_token_fraction"] = (valid & ~served.any(-1)).sum() / n_valid_t
-        diag["expert_slots_per_token"] = expert_slots_per_token(served, valid)
 
         aux: dict[str, torch.Tensor] = {}
         # f_e on the choices before dropping (all k slots, or slot 0 = the first choices)
         counted = top_i if self.aux_loss_variant == "all_slots" else top_i[:, :1]  # [N, k] or [N, 1]
         lb = load_balancing_loss(probs, counted, valid)
         z = router_z_loss(logits, valid)
-        ent = routing_entropy(probs, valid)
         diag["load_balancing_loss"] = lb.detach()
         diag["z_loss"] = z.detach()
-        diag["routing_entropy"] = ent.detach()
         if self.aux_loss_coef > 0:
             aux["load_balancing"] = self.aux_loss_coef * lb
         if self.z_loss_coef > 0:
             aux["z_loss"] = self.z_loss_coef * z
-        if self.entropy_coef != 0:
-            aux["entropy"] = self.entropy_coef * ent
-        return RoutingOutput(
-            expert_index=top_i,
-            expert_weight=weights,
-            probs=probs,
-            dropped=dropped,
-            valid=valid,
-            dispatch_counts=dispatch_counts_of(top_i, served, self.num_experts),
-            aux_losses=aux,
-            diagnostics=diag,
-            logits=logits,
-        )
+        return self.routing_output(expert_index=top_i, expert_weight=weights, served=served, valid=valid,
+                                   logits=logits, probs=probs, diagnostics=diag, aux_losses=aux)
 
 
 @register_router("switch_top1")
