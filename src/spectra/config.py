@@ -232,12 +232,16 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    """Optimisation and bookkeeping (maps onto transformers.TrainingArguments)."""
+    """Optimisation and bookkeeping (maps onto transformers.TrainingArguments).
+
+    The defaults are stated here only: conf/trainer/default.yaml lists no key that equals them.
+    """
 
     max_steps: int = 200
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    # Paper defaults for a pretrained base model: router 5e-5, experts 1e-5, everything else 1e-5.
     router_lr: float = 5e-5
     expert_lr: float = 1e-5
     base_lr: float = 1e-5
