@@ -111,3 +111,44 @@ def test_router_names_are_stated_once_in_the_catalog():
         from spectra.routing.base import register_router
 
         register_router("not_in_catalog")
+
+
+@pytest.mark.parametrize(
+    "router, overrides, group, expected",
+    [
+        ("switch_top2", ["router.capacity_factor=1.5", "router.aux_loss_variant=all_slots"], "SwitchRouterConfig",
+         dict(top_k=2, aux_loss_coef=0.01, capacity_factor=1.5, aux_loss_variant="all_slots")),
+        ("expert_choice", ["moe.top_k=3", "router.ec_inference=causal"], "ExpertChoiceRouterConfig",
+         dict(top_k=3, ec_capacity_factor=None, capacity_factor=3.0, ec_inference="causal")),
+        ("hash", [], "HashRouterConfig", dict(top_k=1, hash_per_layer=True)),  # hash.yaml: k = 1
+        ("topk", ["router.jitter=0.1"], "GateRouterConfig", dict(top_k=2, jitter=0.1, entropy_coef=0.0)),
+        ("spectra", ["osr.epsilon=0.2", "quota.capacity_factor=1.5", "router.recurrence=depth"], "SpectraRouterConfig",
+         dict(top_k=2, recurrence="depth")),
+    ],
+)
+def test_each_router_receives_its_typed_group_built_from_the_flat_keys(router, overrides, group, expected):
+    from spectra import config
+    from spectra.routing import ROUTERS
+
+    cfg = validate(load_config([f"router={router}", *overrides]))
+    cls = getattr(config, group)
+    assert ROUTERS[router].config_class is cls
+    g = cls.from_run_config(cfg)
+    for key, value in expected.items():
+        assert getattr(g, key) == value, key
+    if router == "spectra":
+        assert g.osr.epsilon == 0.2 and g.quota.capacity_factor == 1.5
+    # a group carries only its family's knobs
+    assert not hasattr(g, "name") and (router == "switch_top2" or not hasattr(g, "z_loss_coef"))
+
+
+def test_router_groups_keep_defaults_for_keys_older_saved_models_lack():
+    from spectra.config import ExpertChoiceRouterConfig, HashRouterConfig, SpectraRouterConfig, SwitchRouterConfig
+
+    old = {"name": "switch_top2", "top_k": 2}  # a router record saved before the newer keys
+    assert SwitchRouterConfig.from_router_keys(OmegaConf.create(old)).aux_loss_variant == "first_choice"
+    assert ExpertChoiceRouterConfig.from_router_keys(old).ec_inference == "batch"
+    assert HashRouterConfig.from_router_keys(old).hash_per_layer is False
+    assert SpectraRouterConfig.from_router_keys(old).gram_ema_decay == 0.99
+    with pytest.raises(ConfigError, match=r"router\.ec_capacity_factor"):
+        ExpertChoiceRouterConfig.from_router_keys({"ec_capacity_factor": 0.0})

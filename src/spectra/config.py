@@ -11,6 +11,7 @@ Paper names map 1:1 onto these keys (see README "Config keys and the paper's nam
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,11 @@ class MoEConfig:
 
 @dataclass
 class RouterConfig:
-    """Router choice and its knobs. Knobs a router does not use are ignored by it.
+    """Router choice and its knobs: the flat `router.*` keys of the user's API. A router never
+    sees this object: `build_router` gives each router family its own typed group built from these
+    keys (GateRouterConfig, SwitchRouterConfig, ExpertChoiceRouterConfig, HashRouterConfig,
+    SpectraRouterConfig, below), and those groups hold every check, so knobs a router does not
+    use are still checked here, at composition.
 
     Shared: name, top_k (k), entropy_coef (lambda_ent, positive sharpens routing), jitter.
     Switch: aux_loss_coef, z_loss_coef, capacity_factor (null = no token dropping),
@@ -147,24 +152,10 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         _check(self.name in ROUTER_NAMES, "router.name", f"unknown router {self.name!r}; choose one of {list(ROUTER_NAMES)}")
-        _check(self.top_k >= 1, "router.top_k", f"must be >= 1, got {self.top_k}")
-        _check(self.jitter >= 0.0, "router.jitter", f"must be >= 0, got {self.jitter}")
-        _check(self.aux_loss_coef >= 0.0, "router.aux_loss_coef", f"must be >= 0, got {self.aux_loss_coef}")
-        _check(self.z_loss_coef >= 0.0, "router.z_loss_coef", f"must be >= 0, got {self.z_loss_coef}")
-        if self.capacity_factor is not None:
-            _check(self.capacity_factor > 0.0, "router.capacity_factor", f"must be > 0 (or null for no dropping), got {self.capacity_factor}")
-        if self.ec_capacity_factor is not None:
-            _check(self.ec_capacity_factor > 0.0, "router.ec_capacity_factor", f"must be > 0 (or null for top_k), got {self.ec_capacity_factor}")
-        _check(self.ec_inference in EC_INFERENCE, "router.ec_inference", f"unknown {self.ec_inference!r}; choose one of {list(EC_INFERENCE)}")
-        _check(self.aux_loss_variant in AUX_LOSS_VARIANTS, "router.aux_loss_variant",
-               f"unknown {self.aux_loss_variant!r}; choose one of {list(AUX_LOSS_VARIANTS)}")
-        _check(self.recurrence in RECURRENCES, "router.recurrence", f"unknown {self.recurrence!r}; choose one of {list(RECURRENCES)}")
-        _check(self.gru_hidden_size >= 1, "router.gru_hidden_size", f"must be >= 1, got {self.gru_hidden_size}")
-        _check(self.router_dim >= 1, "router.router_dim", f"must be >= 1, got {self.router_dim}")
-        _check(self.newton_schulz_steps >= 0, "router.newton_schulz_steps", f"must be >= 0, got {self.newton_schulz_steps}")
-        _check(self.so_warmup_steps >= 0, "router.so_warmup_steps", f"must be >= 0, got {self.so_warmup_steps}")
-        _check(self.so_lambda_max >= 0.0, "router.so_lambda_max", f"must be >= 0, got {self.so_lambda_max}")
-        _check(0.0 <= self.gram_ema_decay < 1.0, "router.gram_ema_decay", f"must be in [0, 1), got {self.gram_ema_decay}")
+        # Every knob is checked by the typed group of the router family that reads it (below),
+        # whichever router is chosen, so a wrong value fails at composition, naming its key.
+        for group in (SwitchRouterConfig, ExpertChoiceRouterConfig, HashRouterConfig, SpectraRouterConfig):
+            group.from_router_keys(self)
 
 
 @dataclass
@@ -186,6 +177,11 @@ class OSRConfig:
         _check(self.epsilon > 0.0, "osr.epsilon", f"must be > 0, got {self.epsilon}")
         _check(self.iterations >= 1, "osr.iterations", f"must be >= 1, got {self.iterations}")
 
+    @classmethod
+    def of(cls, group) -> OSRConfig:
+        """`group` when it is an OSRConfig, else one built (and checked) from its keys."""
+        return group if isinstance(group, cls) else cls(**_keys_of(group, cls))
+
 
 @dataclass
 class QuotaConfig:
@@ -202,6 +198,156 @@ class QuotaConfig:
                 "quota.capacity_factor",
                 f"must be >= 1 when quota.enabled=true (alpha < 1 cannot serve every token), got {self.capacity_factor}",
             )
+
+    @classmethod
+    def of(cls, group) -> QuotaConfig:
+        """`group` when it is a QuotaConfig, else one built (and checked) from its keys."""
+        return group if isinstance(group, cls) else cls(**_keys_of(group, cls))
+
+
+# ---------------------------------------------------------------- typed router groups
+# Each router family receives its own typed group, built by `build_router` from the flat user keys
+# (`router.*`, and `osr.*` / `quota.*` for SPECTRA): the keys stay the user's API, a router sees
+# only its knobs, and each knob's check is written once, in the group that reads it.
+
+
+def _keys_of(source, cls, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of dataclass `cls` (but `skip`) that `source` has: a dataclass, namespace, dict
+    or DictConfig with those keys. A key absent from `source` (a model saved before the key
+    existed) keeps the group's default, which is the default such models were trained with."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if isinstance(source, (dict, DictConfig)):
+            if f.name in source:
+                out[f.name] = source[f.name]
+        elif hasattr(source, f.name):
+            out[f.name] = getattr(source, f.name)
+    return out
+
+
+class _RouterGroup:
+    """How a typed router group is built from the flat user keys."""
+
+    @classmethod
+    def from_router_keys(cls, router, **groups):
+        """The group from the `router.*` keys (RouterConfig, DictConfig or namespace); `groups`
+        fills the fields that are whole groups (SPECTRA's osr and quota)."""
+        return cls(**_keys_of(router, cls, skip=tuple(groups) or ("osr", "quota")), **groups)
+
+    @classmethod
+    def from_run_config(cls, cfg):
+        """The group from a run config (anything with a `.router` group)."""
+        return cls.from_router_keys(cfg.router)
+
+    @classmethod
+    def of(cls, config):
+        """`config` itself when it is this group, else the group built from it as a run config
+        (routers accept either: `build_router` passes the group, older callers a run config)."""
+        return config if isinstance(config, cls) else cls.from_run_config(config)
+
+
+@dataclass
+class GateRouterConfig(_RouterGroup):
+    """topk: a linear softmax gate (routing/softmax_gate.py). router.top_k (k), router.jitter
+    (multiplicative U(1-j, 1+j) input noise in training), router.entropy_coef (positive sharpens)."""
+
+    top_k: int = 2
+    entropy_coef: float = 0.0
+    jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, "router.top_k", f"must be >= 1, got {self.top_k}")
+        _check(self.jitter >= 0.0, "router.jitter", f"must be >= 0, got {self.jitter}")
+
+
+@dataclass
+class SwitchRouterConfig(GateRouterConfig):
+    """switch_top1 / switch_top2: the gate's knobs plus the balance loss, z-loss and capacity
+    (see RouterConfig). capacity_factor null = no token dropping."""
+
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    capacity_factor: float | None = None
+    aux_loss_variant: str = "first_choice"  # the default of models saved before the key
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.aux_loss_coef >= 0.0, "router.aux_loss_coef", f"must be >= 0, got {self.aux_loss_coef}")
+        _check(self.z_loss_coef >= 0.0, "router.z_loss_coef", f"must be >= 0, got {self.z_loss_coef}")
+        if self.capacity_factor is not None:
+            _check(self.capacity_factor > 0.0, "router.capacity_factor", f"must be > 0 (or null for no dropping), got {self.capacity_factor}")
+        _check(self.aux_loss_variant in AUX_LOSS_VARIANTS, "router.aux_loss_variant",
+               f"unknown {self.aux_loss_variant!r}; choose one of {list(AUX_LOSS_VARIANTS)}")
+
+
+@dataclass
+class ExpertChoiceRouterConfig(GateRouterConfig):
+    """expert_choice: the gate's knobs plus ec_capacity_factor (null = top_k, compute-matched) and
+    ec_inference (see RouterConfig)."""
+
+    ec_capacity_factor: float | None = None
+    ec_inference: str = "batch"  # the default of models saved before the key
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ec_capacity_factor is not None:
+            _check(self.ec_capacity_factor > 0.0, "router.ec_capacity_factor", f"must be > 0 (or null for top_k), got {self.ec_capacity_factor}")
+        _check(self.ec_inference in EC_INFERENCE, "router.ec_inference", f"unknown {self.ec_inference!r}; choose one of {list(EC_INFERENCE)}")
+
+    @property
+    def capacity_factor(self) -> float:
+        """cf: ec_capacity_factor, or top_k when it is null (compute-matched)."""
+        return float(self.ec_capacity_factor if self.ec_capacity_factor is not None else self.top_k)
+
+
+@dataclass
+class HashRouterConfig(_RouterGroup):
+    """hash: router.top_k and router.hash_per_layer (false = the unsalted hash of models saved
+    before the key; conf/router/hash.yaml sets true)."""
+
+    top_k: int = 2
+    hash_per_layer: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, "router.top_k", f"must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class SpectraRouterConfig(_RouterGroup):
+    """spectra: its `router.*` knobs (see RouterConfig) and the `osr` and `quota` groups."""
+
+    top_k: int = 2
+    entropy_coef: float = 0.0
+    recurrence: str = "token_and_depth"
+    gru_hidden_size: int = 128
+    router_dim: int = 32
+    use_expression: bool = True
+    newton_schulz_steps: int = 0
+    ortho_loss: bool = True
+    srip_enabled: bool = True
+    so_warmup_steps: int = 100
+    so_lambda_max: float = 1e-2
+    gram_ema_decay: float = 0.99  # the default of models saved before the key
+    osr: OSRConfig = field(default_factory=OSRConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, "router.top_k", f"must be >= 1, got {self.top_k}")
+        _check(self.recurrence in RECURRENCES, "router.recurrence", f"unknown {self.recurrence!r}; choose one of {list(RECURRENCES)}")
+        _check(self.gru_hidden_size >= 1, "router.gru_hidden_size", f"must be >= 1, got {self.gru_hidden_size}")
+        _check(self.router_dim >= 1, "router.router_dim", f"must be >= 1, got {self.router_dim}")
+        _check(self.newton_schulz_steps >= 0, "router.newton_schulz_steps", f"must be >= 0, got {self.newton_schulz_steps}")
+        _check(self.so_warmup_steps >= 0, "router.so_warmup_steps", f"must be >= 0, got {self.so_warmup_steps}")
+        _check(self.so_lambda_max >= 0.0, "router.so_lambda_max", f"must be >= 0, got {self.so_lambda_max}")
+        _check(0.0 <= self.gram_ema_decay < 1.0, "router.gram_ema_decay", f"must be in [0, 1), got {self.gram_ema_decay}")
+
+    @classmethod
+    def from_run_config(cls, cfg):
+        """The group from a run config's `router`, `osr` and `quota` groups."""
+        osr, quota = OSRConfig.of(cfg.osr), QuotaConfig.of(cfg.quota)
+        return cls.from_router_keys(cfg.router, osr=osr, quota=quota)
 
 
 @dataclass

@@ -143,6 +143,9 @@ class Router(nn.Module):
     """
 
     recurrent: bool = False
+    # The typed config group (spectra.config) the router's constructor receives; `build_router`
+    # builds it from the run config's flat keys.
+    config_class: type = type(None)
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int):
         super().__init__()
@@ -161,7 +164,7 @@ class Router(nn.Module):
         that collect state over a step's forwards (SPECTRA's running Gram) drop what they collected."""
 
 
-# name -> factory(cfg, hidden_size, num_experts) -> Router; filled by @register_router. The names
+# name -> factory(config group, hidden_size, num_experts) -> Router; filled by @register_router. The names
 # themselves (and their printed names) are listed once, in `spectra.routers_catalog`.
 ROUTERS: dict[str, Callable[..., Router]] = {}
 
@@ -195,9 +198,11 @@ def check_registry_matches_catalog() -> None:
 def build_router(cfg, hidden_size: int, num_experts: int, layer_idx: int | None = None) -> Router:
     """Build the router named `cfg.router.name` for one MoE layer.
 
-    `cfg` is the full run config (router, osr, quota groups); unknown names raise with the list.
-    `layer_idx` (the decoder layer the router serves) reaches only factories that take a
-    `layer_idx` argument (Hash salts its hash with it); the others never see it.
+    `cfg` is the run config (or anything with its `router`, `osr`, `quota` groups); the router
+    receives only its own typed group (`factory.config_class`, see spectra.config), built from
+    those flat keys and checked there. Unknown names raise with the list. `layer_idx` (the decoder
+    layer the router serves) reaches only factories that take a `layer_idx` argument (Hash salts
+    its hash with it); the others never see it.
     """
     from spectra import routing  # noqa: F401  (importing the package registers every router)
 
@@ -208,4 +213,4 @@ def build_router(cfg, hidden_size: int, num_experts: int, layer_idx: int | None 
     kwargs = {}
     if layer_idx is not None and "layer_idx" in inspect.signature(factory).parameters:
         kwargs["layer_idx"] = layer_idx
-    return factory(cfg, hidden_size=hidden_size, num_experts=num_experts, **kwargs)
+    return factory(factory.config_class.from_run_config(cfg), hidden_size=hidden_size, num_experts=num_experts, **kwargs)

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import torch
 
+from spectra.config import ExpertChoiceRouterConfig
 from spectra.routing.base import RoutingInputs, RoutingOutput, register_router
 from spectra.routing.selection import expert_capacity
 from spectra.routing.softmax_gate import SoftmaxGateRouter
@@ -84,23 +85,19 @@ def token_major(picked: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor
 class ExpertChoiceRouter(SoftmaxGateRouter):
     """Expert Choice batch routing (training, teacher-forced eval); causal token-choice top-k otherwise."""
 
-    def __init__(self, cfg, hidden_size: int, num_experts: int):
-        rc = cfg.router
-        cf = rc.ec_capacity_factor if rc.ec_capacity_factor is not None else rc.top_k  # null = compute-matched
-        if not cf > 0:
-            raise ValueError(f"router.ec_capacity_factor: must be > 0, got {rc.ec_capacity_factor}")
+    config_class = ExpertChoiceRouterConfig
+
+    def __init__(self, config: ExpertChoiceRouterConfig, hidden_size: int, num_experts: int):
+        rc = ExpertChoiceRouterConfig.of(config)
         if not 1 <= rc.top_k <= num_experts:
             raise ValueError(
                 f"router.top_k: expert_choice's inference fallback routes each token to top_k experts; "
                 f"need 1 <= top_k <= num_experts={num_experts}, got {rc.top_k}"
             )
-        inference = getattr(rc, "ec_inference", "batch")  # configs saved before the key
-        if inference not in ("batch", "causal"):
-            raise ValueError(f"router.ec_inference: choose batch or causal, got {inference!r}")
         super().__init__(hidden_size, num_experts, rc.top_k, jitter=rc.jitter, entropy_coef=rc.entropy_coef,
                          gate_init="switch")  # same init as the Switch router
-        self.capacity_factor = float(cf)
-        self.inference = inference
+        self.capacity_factor = rc.capacity_factor  # null ec_capacity_factor = top_k (compute-matched)
+        self.inference = rc.ec_inference
 
     def uses_batch_routing(self, inputs: RoutingInputs) -> bool:
         """Batch (Expert Choice) routing in training and, with ec_inference=batch, for a

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from spectra.config import HashRouterConfig
 from spectra.routing.base import Router, RoutingInputs, RoutingOutput, dispatch_counts_of, register_router
 from spectra.routing.softmax_gate import expert_slots_per_token
 
@@ -84,15 +85,18 @@ def hash_experts(ids: torch.Tensor, a: torch.Tensor, b: torch.Tensor, num_expert
 class HashRouter(Router):
     """Fixed multiplicative hash of the token id -> k distinct experts, weights 1/k."""
 
-    def __init__(self, cfg, hidden_size: int, num_experts: int, layer_idx: int = 0):
-        k = cfg.router.top_k
+    config_class = HashRouterConfig
+
+    def __init__(self, config: HashRouterConfig, hidden_size: int, num_experts: int, layer_idx: int = 0):
+        rc = HashRouterConfig.of(config)
+        k = rc.top_k
         if not 1 <= k <= num_experts:
             raise ValueError(
                 f"router.top_k: hash routing needs k distinct experts, 1 <= k <= num_experts={num_experts}, got {k}"
             )
         super().__init__(hidden_size, num_experts, k)
         # Salted by the layer with hash_per_layer (absent in configs saved before the key: unsalted).
-        self.salt = layer_idx if getattr(cfg.router, "hash_per_layer", False) else 0
+        self.salt = layer_idx if rc.hash_per_layer else 0
         a, b = hash_constants(k, self.salt)
         # Buffers, not parameters: they follow .to(device) but are not trained nor saved.
         self.register_buffer("hash_a", a, persistent=False)

@@ -53,8 +53,6 @@ class SoftmaxGateRouter(Router):
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, jitter: float, entropy_coef: float,
                  gate_init: str):
-        if jitter < 0:
-            raise ValueError(f"router.jitter: must be >= 0, got {jitter}")
         super().__init__(hidden_size, num_experts, top_k)
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # W: [E, H]
         if gate_init == "normal":

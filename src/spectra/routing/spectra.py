@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spectra.config import SpectraRouterConfig
 from spectra.routing.base import Router, RoutingInputs, RoutingOutput, dispatch_counts_of, register_router
 from spectra.routing.gru import token_recurrence
 from spectra.routing.orthogonality import gram_matrix, newton_schulz, ortho_loss, srip_lambda
@@ -95,10 +96,14 @@ def _xavier_gru_(weight: torch.Tensor, gates: int = 3) -> None:
 
 @register_router("spectra")
 class SpectraRouter(Router):
-    """SPECTRA router; see the module docstring. Built as SpectraRouter(cfg, hidden_size=H, num_experts=E)."""
+    """SPECTRA router; see the module docstring. Built as SpectraRouter(config, hidden_size=H, num_experts=E)
+    from its typed group (router knobs + osr + quota; `build_router` makes it from the run config)."""
 
-    def __init__(self, cfg, hidden_size: int, num_experts: int):
-        rc, oc, qc = cfg.router, cfg.osr, cfg.quota
+    config_class = SpectraRouterConfig
+
+    def __init__(self, config: SpectraRouterConfig, hidden_size: int, num_experts: int):
+        rc = SpectraRouterConfig.of(config)
+        oc, qc = rc.osr, rc.quota
         if int(rc.top_k) < 2:  # config validation says so too; this guards unvalidated configs
             raise ValueError(f"router.top_k: SPECTRA needs k >= 2 (moe.top_k), got {rc.top_k}: with k = 1 the "
                              "renormalised weight is always 1 and the router gets no gradient from the LM loss")
@@ -144,7 +149,7 @@ class SpectraRouter(Router):
         self.srip_enabled = bool(rc.srip_enabled)
         self.so_warmup_steps = int(rc.so_warmup_steps)
         self.so_lambda_max = float(rc.so_lambda_max)
-        self.gram_ema_decay = float(getattr(rc, "gram_ema_decay", 0.99))
+        self.gram_ema_decay = float(rc.gram_ema_decay)
 
         self.repulsion_weight = float(oc.repulsion_weight)
         self.hinge_weight = float(oc.hinge_weight)

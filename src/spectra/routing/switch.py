@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from spectra.config import SwitchRouterConfig
 from spectra.routing.base import RoutingInputs, RoutingOutput, register_router
 from spectra.routing.losses import load_balancing_loss, router_z_loss
 from spectra.routing.selection import expert_capacity
@@ -72,23 +73,20 @@ class SwitchRouter(SoftmaxGateRouter):
     k: int = 1
     router_name: str = "switch"
 
-    def __init__(self, cfg, hidden_size: int, num_experts: int):
-        rc = cfg.router
+    config_class = SwitchRouterConfig
+
+    def __init__(self, config: SwitchRouterConfig, hidden_size: int, num_experts: int):
+        rc = SwitchRouterConfig.of(config)
         if rc.top_k != self.k:
             raise ValueError(f"router.top_k: {self.router_name} routes to exactly {self.k} expert(s), got {rc.top_k}")
         if num_experts < self.k:
             raise ValueError(
                 f"router.top_k: {self.router_name} needs at least {self.k} experts, got num_experts={num_experts}"
             )
-        if rc.capacity_factor is not None and not rc.capacity_factor > 0:
-            raise ValueError(f"router.capacity_factor: must be > 0 (or null for no dropping), got {rc.capacity_factor}")
-        variant = getattr(rc, "aux_loss_variant", "first_choice")  # configs saved before the key
-        if variant not in ("first_choice", "all_slots"):
-            raise ValueError(f"router.aux_loss_variant: choose first_choice or all_slots, got {variant!r}")
         # Switch init: truncated normal, std = sqrt(0.1 / fan_in), cut at 2 std -> near-uniform probs.
         super().__init__(hidden_size, num_experts, self.k, jitter=rc.jitter, entropy_coef=rc.entropy_coef,
                          gate_init="switch")
-        self.aux_loss_variant = variant
+        self.aux_loss_variant = rc.aux_loss_variant
         self.aux_loss_coef = float(rc.aux_loss_coef)
         self.z_loss_coef = float(rc.z_loss_coef)
         self.capacity_factor = None if rc.capacity_factor is None else float(rc.capacity_factor)

@@ -12,6 +12,7 @@ The gate, jitter, entropy term and output tail are shared with them (routing/sof
 
 from __future__ import annotations
 
+from spectra.config import GateRouterConfig
 from spectra.routing.base import RoutingInputs, RoutingOutput, register_router
 from spectra.routing.softmax_gate import SoftmaxGateRouter
 
@@ -20,8 +21,10 @@ from spectra.routing.softmax_gate import SoftmaxGateRouter
 class TopKRouter(SoftmaxGateRouter):
     """Linear gate + softmax + top-k with renormalised weights."""
 
-    def __init__(self, cfg, hidden_size: int, num_experts: int):
-        rc = cfg.router
+    config_class = GateRouterConfig
+
+    def __init__(self, config: GateRouterConfig, hidden_size: int, num_experts: int):
+        rc = GateRouterConfig.of(config)
         super().__init__(hidden_size, num_experts, rc.top_k, jitter=rc.jitter, entropy_coef=rc.entropy_coef,
                          gate_init="normal")
 
