@@ -77,7 +77,7 @@ sweep-ablations: setup  ## the ablation grid (paper Table 7)
 sweep-baselines: setup  ## SPECTRA vs Switch top-1/top-2, Expert Choice, Hash, top-k, dense
 	$(call SWEEP,baselines)
 
-# Optuna searches (hydra/sweeper=optuna): TRIALS is the study's target; re-running tops it up.
+# Optuna searches (hydra/sweeper=spectra_optuna): TRIALS is the study's target; re-running tops it up.
 # Several workers: start the same command several times with STORAGE=journal:///shared/x.log or
 # STORAGE=postgresql://user:pass@host/db (and the same sweep).
 TRIALS ?=

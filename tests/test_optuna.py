@@ -1,5 +1,5 @@
 """Optuna sweeps: storage, stale-trial recovery, target counting, re-seeding (fast, on real Optuna
-storages) and end to end through `train.py -m hydra/sweeper=optuna` (slow): resume after a
+storages) and end to end through `train.py -m hydra/sweeper=spectra_optuna` (slow): resume after a
 killed driver, NaN trials, all-failed, multi-objective Pareto front, two workers on PostgreSQL."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 import faults
 from conftest import ROOT, TINY_TRAIN, assert_ok, run_cli
-from spectra.train import study as hygiene
+from spectra.sweep import study_hygiene as hygiene
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -220,7 +220,7 @@ def test_nan_trial_fails_and_the_sweep_goes_on(tmp_path):
     """Grid over max_steps {2, 4} with a NaN injected at step 3: one trial fails, one completes."""
     sweep = tmp_path / "nan"
     tiny = [a for a in TINY if not a.startswith("trainer.max_steps=")]  # a fixed value would win
-    proc = run_cli(["train.py", "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", *tiny,
+    proc = run_cli(["train.py", "-m", "hydra/sweeper=spectra_optuna", "hydra/sweeper/sampler=grid", *tiny,
                     "trainer.max_steps=choice(2,4)", "hydra.sweeper.n_trials=2", "trainer.eval_steps=1",
                     faults.poison(3), f"hydra.sweep.dir={sweep}"], env=faults.ENV)
     assert_ok(proc)
@@ -333,7 +333,7 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres):
 def test_workers_starting_together_on_an_empty_postgres_all_connect(postgres):
     """Four processes open the storage and the study at the same instant on a fresh database:
     the race to create Optuna's schema must not fail any of them."""
-    code = ("import sys, time, optuna; from spectra.train.study import open_storage; "
+    code = ("import sys, time, optuna; from spectra.sweep.study_hygiene import open_storage; "
             "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
             "s = optuna.create_study(study_name='race', storage=open_storage(sys.argv[1]), load_if_exists=True); "
             "s.tell(s.ask(), 1.0)")

@@ -62,7 +62,7 @@ def test_grid_size_counts_every_cell_of_a_sweep():
     from hydra import compose, initialize_config_dir
 
     from spectra.config import config_dir, register_configs
-    from spectra.train.cells import grid_size
+    from spectra.sweep.cells import grid_size
 
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir())):
@@ -86,7 +86,7 @@ def test_cell_dirname_is_deterministic_readable_and_bounded():
 
 
 def test_sbatch_script_has_the_requested_resources():
-    from spectra.train.launch import launcher_params, sbatch_preview
+    from spectra.sweep.slurm import launcher_params, sbatch_preview
 
     params = launcher_params(["hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
                               "hydra.launcher.nodes=2", "hydra.launcher.timeout_min=90",

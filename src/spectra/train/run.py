@@ -104,8 +104,8 @@ def _checksums_across_ranks(tensors) -> list[float]:
 
 def run(cfg: DictConfig | SpectraConfig):
     """Train one model as configured; returns the objective (a float, or a tuple if several)."""
-    from spectra.train.cells import cached_objective, config_fingerprint, record_progress, reset_run_dir
-    from spectra.train.launch import export_submitit_distributed_env
+    from spectra.sweep.cells import cached_objective, config_fingerprint, record_progress, reset_run_dir
+    from spectra.train.processes import export_submitit_distributed_env
 
     typed = validate(cfg)  # every key checked before anything is loaded
     export_submitit_distributed_env()  # SLURM tasks_per_node > 1: one rank per task
@@ -127,7 +127,7 @@ def run(cfg: DictConfig | SpectraConfig):
         if typed.trainer.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
             # Several processes for this one trial: spawn the ranks here (torch elastic launch),
             # each re-entering run() with the resolved config; rank 0's objective comes back.
-            from spectra.train.launch import launch_processes
+            from spectra.train.processes import launch_processes
 
             result = launch_processes(run, typed.trainer.nproc_per_node, typed)
         else:

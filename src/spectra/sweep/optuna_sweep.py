@@ -1,5 +1,6 @@
-"""`hydra/sweeper=optuna` for spectra: Hydra's Optuna sweeper with resumable, shared studies.
+"""The sweep loop behind `hydra/sweeper=spectra_optuna`: Optuna studies that resume and share.
 
+The Hydra plugin (src/hydra_plugins/spectra_sweeper) is a thin shell over `SpectraOptunaSweep`.
 We reuse the upstream plugin for everything it does right — samplers, search-space syntax
 (`choice`, `interval`, `range`, `tag(log, …)`), overrides per trial, the results file — and
 replace its `sweep()` loop, whose behaviour loses or duplicates work (SWEEPS.md, Optuna sweeper):
@@ -7,7 +8,7 @@ replace its `sweep()` loop, whose behaviour loses or duplicates work (SWEEPS.md,
 - upstream runs `n_trials` *more* trials each start; here `n_trials` is the study's target and a
   re-run (or a second worker) runs only what is missing;
 - upstream leaves a killed driver's trials RUNNING; here stale trials are failed and re-queued
-  (spectra.train.study), and the retry lands in the same cell directory and resumes its checkpoint;
+  (spectra.sweep.study_hygiene), and the retry lands in the same cell directory and resumes its checkpoint;
 - upstream's default storage is in-memory and its default study name random; here the study is an
   SQLite file in the sweep directory named after the sweep, so it resumes with `load_if_exists`;
 - a seeded sampler is re-seeded per trial number, so restarts and workers never replay suggestions;
@@ -17,23 +18,25 @@ replace its `sweep()` loop, whose behaviour loses or duplicates work (SWEEPS.md,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import optuna
-from hydra.plugins.sweeper import Sweeper
-from hydra.types import HydraContext, TaskFunction
-from hydra.utils import instantiate
+# Private upstream module: hydra-optuna-sweeper exposes only its Hydra `Sweeper` class; the search
+# space syntax (choice / interval / range / tag(log, ...)) and per-trial overrides live in `_impl`,
+# and re-implementing them would drift from the syntax users know. We subclass its implementation
+# and call five of its underscore methods (_process_searchspace_config,
+# _parse_sweeper_params_config, _get_directions, _configure_trials, _to_grid_sampler_choices).
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from spectra.train import study as hygiene
+from spectra.sweep import study_hygiene as hygiene
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class SweepFailed(RuntimeError):
     """The Optuna sweep cannot go on (too many failures, or not one trial completed)."""
 
 
-class _Impl(OptunaSweeperImpl):
+class SpectraOptunaSweep(OptunaSweeperImpl):
     """Upstream implementation with spectra's sweep loop (see the module docstring)."""
 
     def __init__(self, *args, sampler_seed: int | None, heartbeat_interval: float, grace_period: float, **kw):
@@ -70,8 +73,6 @@ class _Impl(OptunaSweeperImpl):
 
     def _grid(self, distributions: dict) -> None:
         """GridSampler needs the whole grid up front; the target is capped at the grid's size."""
-        import functools
-
         if isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler:
             grid = {k: self._to_grid_sampler_choices(d) for k, d in distributions.items()}
             self.sampler = self.sampler(grid)
@@ -87,14 +88,13 @@ class _Impl(OptunaSweeperImpl):
             values = [float(value)] if n_obj == 1 else [float(v) for v in value]
             if len(values) != n_obj:
                 raise ValueError(f"the run returned {len(values)} objective values for {n_obj} directions")
-            study.tell(trial, values=values)
-            if study._storage.get_trial(trial._trial_id).state == TrialState.FAIL:  # NaN value
+            if study.tell(trial, values=values).state == TrialState.FAIL:  # NaN value
                 raise ValueError(f"objective is not finite: {values}")
             return None
         except Exception as e:
             msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             try:
-                study._storage.set_trial_user_attr(trial._trial_id, hygiene.ERROR, msg)
+                trial.set_user_attr(hygiene.ERROR, msg)
                 study.tell(trial, state=TrialState.FAIL)
             except (RuntimeError, ValueError):  # already FAIL (non-finite value)
                 pass
@@ -211,46 +211,3 @@ class _Impl(OptunaSweeperImpl):
         tmp = sweep_dir / "optuna_trials.csv.tmp"
         df.to_csv(tmp, index=False)
         tmp.replace(sweep_dir / "optuna_trials.csv")
-
-
-class SpectraOptunaSweeper(Sweeper):
-    """Hydra's Optuna sweeper with spectra's trial hygiene; same config keys plus
-    `heartbeat_interval` and `grace_period` (conf/hydra/sweeper/optuna.yaml)."""
-
-    def __init__(
-        self,
-        sampler: Any,
-        direction: Any,
-        storage: str | None,
-        study_name: str | None,
-        n_trials: int,
-        n_jobs: int,
-        max_failure_rate: float,
-        custom_search_space: str | None,
-        params: DictConfig | None,
-        heartbeat_interval: float = 30.0,
-        grace_period: float = 300.0,
-    ) -> None:
-        seed = sampler.get("seed") if isinstance(sampler, (dict, DictConfig)) else None
-        sampler = instantiate(
-            sampler, _execution_whitelist_=("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
-        )
-        if storage is not None and not isinstance(storage, str):
-            raise ValueError("hydra.sweeper.storage must be a URL string (sqlite:///…, journal:///…, postgresql://…)")
-        if n_trials < 1:
-            raise ValueError(f"hydra.sweeper.n_trials must be >= 1, got {n_trials}")
-        self.sweeper = _Impl(
-            sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate, custom_search_space,
-            params, sampler_seed=seed, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-        )
-
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
-
-    def sweep(self, arguments: list[str]) -> None:
-        try:
-            return self.sweeper.sweep(arguments)
-        except SweepFailed as e:  # one readable line and exit 1, not Hydra's traceback
-            log.error(str(e))
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None

@@ -90,6 +90,8 @@ def grid_size(config) -> int | None:
     sweeper = config.hydra.sweeper
     if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
+    # Private: Hydra has no public API to expand a multirun's overrides into its jobs; the
+    # BasicSweeper's own `split_arguments` is what decides how many cells it launches.
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

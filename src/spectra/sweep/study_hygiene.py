@@ -15,6 +15,13 @@ storage-independent way to say "this RUNNING trial has no live owner", so we wri
 - `n_trials` is the study's target: the number of finished trials (COMPLETE, or FAIL on its own —
   not stale, not surplus) plus those running; a re-run only tops the study up to it, and several
   workers on one storage share it.
+
+Why not Optuna's own tools: `RDBStorage(heartbeat_interval=…)` with `RetryFailedTrialCallback`
+and `MaxTrialsCallback` act only inside `study.optimize()` (its heartbeat thread and stale-trial
+check run in `_run_trial`), not in the ask/tell loop a Hydra sweeper needs, and JournalStorage
+has no heartbeat (Optuna 5.0); `MaxTrialsCallback` counts trials by state, while our target
+must not count stale or surplus FAILs. What Optuna's public API does do is used:
+`enqueue_trial` (retries), `Trial.set_user_attr` (owner, heartbeat, marks), `study.tell`.
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger("spectra")
 
@@ -59,9 +69,6 @@ def open_storage(url: str | None, sweep_dir: str | Path | None = None):
             raise ValueError("hydra.sweeper.storage: empty and no sweep directory to put optuna.db in")
         url = f"sqlite:///{Path(sweep_dir).resolve() / 'optuna.db'}"
     if url.startswith("journal://"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
         path = Path(url.removeprefix("journal://"))
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
@@ -77,8 +84,6 @@ def open_storage(url: str | None, sweep_dir: str | Path | None = None):
 def _rdb_storage(url: str, engine_kwargs: dict, attempts: int = 6):
     """`RDBStorage`, retried: workers started together on an empty database race to create
     Optuna's tables and types, and the loser's DDL fails with a duplicate-object error."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
@@ -144,6 +149,9 @@ def recover_stale_trials(study: optuna.Study, grace_period: float, now: float | 
         if not is_stale(t, grace_period, now):
             continue
         try:
+            # Private: `t` is a FrozenTrial (read-only) of a trial another process asked for, and
+            # Optuna has no public way to set a user attribute on it — `optuna.Trial(study, id)`
+            # needs the storage id, which FrozenTrial keeps only as `_trial_id`.
             study._storage.set_trial_user_attr(t._trial_id, STALE, True)
             study.tell(t.number, state=TrialState.FAIL)
         except (RuntimeError, ValueError) as e:  # finished meanwhile (by its owner or another worker)
@@ -194,7 +202,7 @@ def is_surplus(study: optuna.Study, number: int, target: int) -> bool:
 
 def drop_surplus(study: optuna.Study, trial: optuna.Trial) -> None:
     """Finish a surplus trial without running it (FAIL, marked so it never counts)."""
-    study._storage.set_trial_user_attr(trial._trial_id, SURPLUS, True)
+    trial.set_user_attr(SURPLUS, True)
     study.tell(trial, state=TrialState.FAIL)
     if trial.user_attrs.get(RETRY_OF) is not None:  # don't lose a retry: hand it back to the queue
         study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.user_attrs[RETRY_OF]},
@@ -209,7 +217,7 @@ class Heartbeat:
 
     def __init__(self, study: optuna.Study, interval: float):
         self.study, self.interval = study, float(interval)
-        self._ids: set[int] = set()
+        self._trials: dict[int, optuna.Trial] = {}  # trial number -> the trial this worker asked for
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="spectra-heartbeat", daemon=True)
@@ -226,24 +234,25 @@ class Heartbeat:
         """Record this process as owner of `trials` and beat for them until `release`."""
         owner = owner_record()
         for t in trials:
-            self.study._storage.set_trial_user_attr(t._trial_id, OWNER, owner)
-            self.study._storage.set_trial_user_attr(t._trial_id, HEARTBEAT, time.time())
+            t.set_user_attr(OWNER, owner)
+            t.set_user_attr(HEARTBEAT, time.time())
             with self._lock:
-                self._ids.add(t._trial_id)
+                self._trials[t.number] = t
 
     def release(self, trials: Iterable[optuna.Trial]) -> None:
         with self._lock:
-            self._ids.difference_update(t._trial_id for t in trials)
+            for t in trials:
+                self._trials.pop(t.number, None)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             with self._lock:
-                ids = list(self._ids)
-            for tid in ids:
+                trials = list(self._trials.values())
+            for t in trials:
                 try:
-                    self.study._storage.set_trial_user_attr(tid, HEARTBEAT, time.time())
+                    t.set_user_attr(HEARTBEAT, time.time())
                 except Exception as e:  # finished meanwhile, or a storage hiccup: beat again next time
-                    log.debug(f"heartbeat for trial id {tid} skipped: {e}")
+                    log.debug(f"heartbeat for trial {t.number} skipped: {e}")
 
 
 # ---------------------------------------------------------------------------------- samplers
@@ -253,7 +262,8 @@ def reseed_sampler(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
     """Seed every random state a sampler holds (and those of samplers it wraps) with `seed`.
 
     Why by hand: Optuna samplers take a seed only at construction and `reseed_rng()` draws from
-    OS entropy. A seeded sampler re-created by a resumed or second worker would replay the same
+    OS entropy (no public `reseed_rng(seed)`). Optuna's `LazyRandomState` is private
+    (`optuna.samplers._lazy_random_state`), so it is recognised by type name, not imported. A seeded sampler re-created by a resumed or second worker would replay the same
     suggestions; seeding with (sweep seed + trial number) keeps each trial reproducible and
     distinct however the trials are split across workers and restarts.
     """
