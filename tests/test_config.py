@@ -152,3 +152,22 @@ def test_router_groups_keep_defaults_for_keys_older_saved_models_lack():
     assert SpectraRouterConfig.from_router_keys(old).gram_ema_decay == 0.99
     with pytest.raises(ConfigError, match=r"router\.ec_capacity_factor"):
         ExpertChoiceRouterConfig.from_router_keys({"ec_capacity_factor": 0.0})
+
+
+@pytest.mark.parametrize("key, choices", [("router.recurrence", "token_and_depth, depth, none"),
+                                          ("router.ec_inference", "batch, causal"),
+                                          ("router.aux_loss_variant", "first_choice, all_slots")])
+def test_router_choices_are_enums_refused_at_composition(key, choices):
+    with pytest.raises(ConfigCompositionException) as e:
+        load_config([f"{key}=sometimes"])
+    assert key.split(".")[1] in str(e.value.__cause__ or e.value) and choices in str(e.value.__cause__ or e.value)
+
+
+def test_router_choice_enums_read_and_save_as_plain_strings():
+    from spectra.config import ECInference, Recurrence
+
+    cfg = load_config(["router=spectra", "router.recurrence=depth", "router.ec_inference=causal"])
+    assert cfg.router.recurrence is Recurrence.depth and cfg.router.recurrence == "depth"
+    assert "recurrence: depth" in OmegaConf.to_yaml(cfg) and "ec_inference: causal" in OmegaConf.to_yaml(cfg)
+    typed = validate(cfg)
+    assert typed.router.ec_inference is ECInference.causal and f"{typed.router.recurrence}" == "depth"

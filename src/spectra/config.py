@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,31 @@ from omegaconf import DictConfig, OmegaConf
 
 from spectra.routers_catalog import NO_ROUTER, ROUTER_NAMES  # router.name choices, stated once there
 
-RECURRENCES = ("token_and_depth", "depth", "none")
-EC_INFERENCE = ("batch", "causal")  # router.ec_inference
-AUX_LOSS_VARIANTS = ("first_choice", "all_slots")  # router.aux_loss_variant
+
+class Recurrence(StrEnum):
+    """router.recurrence: SPECTRA's routing state (METHOD.md §2; `none` is the -GRU ablation)."""
+
+    token_and_depth = "token_and_depth"
+    depth = "depth"
+    none = "none"
+
+
+class ECInference(StrEnum):
+    """router.ec_inference: how an eval-mode Expert Choice forward routes (see RouterConfig)."""
+
+    batch = "batch"
+    causal = "causal"
+
+
+class AuxLossVariant(StrEnum):
+    """router.aux_loss_variant: which assignments f_e of Switch's balance loss counts (see RouterConfig)."""
+
+    first_choice = "first_choice"
+    all_slots = "all_slots"
+
+
+# Member names equal their values: OmegaConf converts a user's string by member name, and a StrEnum
+# prints, compares, hashes and serialises (JSON, OmegaConf YAML) as that same string.
 EXPERT_IMPLS = ("auto", "eager", "grouped_mm", "batched_mm")
 # transformers schedulers that need no extra arguments
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
@@ -36,6 +59,15 @@ class ConfigError(ValueError):
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+def _choice(enum_cls, value, key: str):
+    """`value` as a member of `enum_cls` (composition already converts the user's string; this
+    covers configs built in Python and records saved before a key became an Enum)."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        raise ConfigError(f"{key}: unknown {value!r}; choose one of {[m.value for m in enum_cls]}") from None
 
 
 @dataclass
@@ -135,11 +167,11 @@ class RouterConfig:
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     capacity_factor: float | None = None
-    aux_loss_variant: str = "first_choice"  # first_choice | all_slots (Switch top-2's f_e; see above)
+    aux_loss_variant: AuxLossVariant = AuxLossVariant.first_choice  # Switch top-2's f_e; see above
     ec_capacity_factor: float | None = None  # null = top_k (compute-matched)
-    ec_inference: str = "batch"  # batch | causal (Expert Choice in eval mode; see above)
+    ec_inference: ECInference = ECInference.batch  # Expert Choice in eval mode; see above
     hash_per_layer: bool = False  # conf/router/hash.yaml sets true (see above)
-    recurrence: str = "token_and_depth"
+    recurrence: Recurrence = Recurrence.token_and_depth
     gru_hidden_size: int = 128
     router_dim: int = 32
     use_expression: bool = True
@@ -154,8 +186,12 @@ class RouterConfig:
         _check(self.name in ROUTER_NAMES, "router.name", f"unknown router {self.name!r}; choose one of {list(ROUTER_NAMES)}")
         # Every knob is checked by the typed group of the router family that reads it (below),
         # whichever router is chosen, so a wrong value fails at composition, naming its key.
-        for group in (SwitchRouterConfig, ExpertChoiceRouterConfig, HashRouterConfig, SpectraRouterConfig):
-            group.from_router_keys(self)
+        switch, expert_choice, _, spectra = (group.from_router_keys(self) for group in (
+            SwitchRouterConfig, ExpertChoiceRouterConfig, HashRouterConfig, SpectraRouterConfig))
+        # choices given as strings (a config built in Python) become the groups' Enum members
+        self.aux_loss_variant = switch.aux_loss_variant
+        self.ec_inference = expert_choice.ec_inference
+        self.recurrence = spectra.recurrence
 
 
 @dataclass
@@ -270,7 +306,7 @@ class SwitchRouterConfig(GateRouterConfig):
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     capacity_factor: float | None = None
-    aux_loss_variant: str = "first_choice"  # the default of models saved before the key
+    aux_loss_variant: AuxLossVariant = AuxLossVariant.first_choice  # the default of models saved before the key
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -278,8 +314,7 @@ class SwitchRouterConfig(GateRouterConfig):
         _check(self.z_loss_coef >= 0.0, "router.z_loss_coef", f"must be >= 0, got {self.z_loss_coef}")
         if self.capacity_factor is not None:
             _check(self.capacity_factor > 0.0, "router.capacity_factor", f"must be > 0 (or null for no dropping), got {self.capacity_factor}")
-        _check(self.aux_loss_variant in AUX_LOSS_VARIANTS, "router.aux_loss_variant",
-               f"unknown {self.aux_loss_variant!r}; choose one of {list(AUX_LOSS_VARIANTS)}")
+        self.aux_loss_variant = _choice(AuxLossVariant, self.aux_loss_variant, "router.aux_loss_variant")
 
 
 @dataclass
@@ -288,13 +323,13 @@ class ExpertChoiceRouterConfig(GateRouterConfig):
     ec_inference (see RouterConfig)."""
 
     ec_capacity_factor: float | None = None
-    ec_inference: str = "batch"  # the default of models saved before the key
+    ec_inference: ECInference = ECInference.batch  # the default of models saved before the key
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.ec_capacity_factor is not None:
             _check(self.ec_capacity_factor > 0.0, "router.ec_capacity_factor", f"must be > 0 (or null for top_k), got {self.ec_capacity_factor}")
-        _check(self.ec_inference in EC_INFERENCE, "router.ec_inference", f"unknown {self.ec_inference!r}; choose one of {list(EC_INFERENCE)}")
+        self.ec_inference = _choice(ECInference, self.ec_inference, "router.ec_inference")
 
     @property
     def capacity_factor(self) -> float:
@@ -320,7 +355,7 @@ class SpectraRouterConfig(_RouterGroup):
 
     top_k: int = 2
     entropy_coef: float = 0.0
-    recurrence: str = "token_and_depth"
+    recurrence: Recurrence = Recurrence.token_and_depth
     gru_hidden_size: int = 128
     router_dim: int = 32
     use_expression: bool = True
@@ -335,7 +370,7 @@ class SpectraRouterConfig(_RouterGroup):
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, "router.top_k", f"must be >= 1, got {self.top_k}")
-        _check(self.recurrence in RECURRENCES, "router.recurrence", f"unknown {self.recurrence!r}; choose one of {list(RECURRENCES)}")
+        self.recurrence = _choice(Recurrence, self.recurrence, "router.recurrence")
         _check(self.gru_hidden_size >= 1, "router.gru_hidden_size", f"must be >= 1, got {self.gru_hidden_size}")
         _check(self.router_dim >= 1, "router.router_dim", f"must be >= 1, got {self.router_dim}")
         _check(self.newton_schulz_steps >= 0, "router.newton_schulz_steps", f"must be >= 0, got {self.newton_schulz_steps}")

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import torch
 
-from spectra.config import ExpertChoiceRouterConfig
+from spectra.config import ECInference, ExpertChoiceRouterConfig
 from spectra.routing.base import RoutingInputs, RoutingOutput, register_router
 from spectra.routing.selection import expert_capacity
 from spectra.routing.softmax_gate import SoftmaxGateRouter
@@ -104,7 +104,7 @@ class ExpertChoiceRouter(SoftmaxGateRouter):
         teacher-forced eval forward over whole sequences; the causal fallback otherwise."""
         if self.training:
             return True
-        return self.inference == "batch" and inputs.teacher_forced and inputs.past_length == 0
+        return self.inference == ECInference.batch and inputs.teacher_forced and inputs.past_length == 0
 
     def forward(self, inputs: RoutingInputs) -> RoutingOutput:
         valid, logits, probs = self.gate_probs(inputs)  # [N], [N, E], [N, E]

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from spectra.config import SwitchRouterConfig
+from spectra.config import AuxLossVariant, SwitchRouterConfig
 from spectra.routing.base import RoutingInputs, RoutingOutput, register_router
 from spectra.routing.losses import load_balancing_loss, router_z_loss
 from spectra.routing.selection import expert_capacity
@@ -112,7 +112,7 @@ class SwitchRouter(SoftmaxGateRouter):
 
         aux: dict[str, torch.Tensor] = {}
         # f_e on the choices before dropping (all k slots, or slot 0 = the first choices)
-        counted = top_i if self.aux_loss_variant == "all_slots" else top_i[:, :1]  # [N, k] or [N, 1]
+        counted = top_i if self.aux_loss_variant == AuxLossVariant.all_slots else top_i[:, :1]  # [N, k] or [N, 1]
         lb = load_balancing_loss(probs, counted, valid)
         z = router_z_loss(logits, valid)
         diag["load_balancing_loss"] = lb.detach()
