@@ -12,18 +12,17 @@ numerics guard (one line naming the step and term) or any other failure (with it
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from spectra.config import register_configs
+from spectra.config import ConfigError, register_configs
 
 register_configs()
 
 
 def _single_run() -> bool:
     """True for `python train.py ...` (not -m): a sweeper records a multirun job's exception itself."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     try:
         return HydraConfig.get().mode == RunMode.RUN
     except ValueError:  # called outside a Hydra app
@@ -33,9 +32,10 @@ def _single_run() -> bool:
 # Trusted `_target_`s: our callbacks (conf/config.yaml hydra.callbacks) — Hydra 1.5 will require it.
 @hydra.main(config_path="conf", config_name="config", execution_whitelist=["spectra.*"])
 def main(cfg: DictConfig):
-    from spectra.config import ConfigError
+    # Lazy on purpose: the training stack (torch, transformers, datasets) takes seconds to import,
+    # so `--help`, `--cfg job` and config errors answer before it loads.
     from spectra.train.guards import NonFiniteError
-    from spectra.train.run import run  # imported here so `--help` and config errors stay fast
+    from spectra.train.run import run
 
     try:
         return run(cfg)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks import bench_breakdown, bench_experts, bench_gru, bench_layer, bench_routing_scale, bench_sweep
 from benchmarks.harness import Env, Section, add_common_args, machine_description, make_env
-from spectra.train.rundir import write_atomic
+from spectra.contracts.rundir import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {  # key -> (module, title used when it fails)

@@ -12,8 +12,8 @@ import torch
 
 import faults
 from conftest import run_cli
+from spectra.contracts.rundir import read_jsonl
 from spectra.train.guards import NonFiniteError, NumericsGuard
-from spectra.train.rundir import read_jsonl
 
 # ----------------------------------------------------------------------------- unit (fast)
 

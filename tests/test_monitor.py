@@ -1,4 +1,4 @@
-"""Routing monitor (metrics/monitor.py, metrics/timing.py): held-out-slice metrics from dispatched
+"""Routing monitor (metrics/monitor.py, moe/timing.py): held-out-slice metrics from dispatched
 assignments, Table-9 timing, Table-12 snapshots and stability, and the run directory it leaves."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from scipy import stats
 
 from conftest import run_cli, tiny_causal_lm
 from spectra.config import ConfigError, MonitorConfig, load_config, validate
+from spectra.contracts.rundir import read_jsonl
 from spectra.data.collate import PackedCollator
 from spectra.metrics import expert_load
 from spectra.metrics.monitor import (
@@ -29,7 +30,7 @@ from spectra.metrics.monitor import (
 )
 from spectra.moe import moe_blocks, upcycle
 from spectra.routing.base import RoutingInputs, RoutingOutput
-from spectra.train.rundir import read_jsonl
+from spectra.train.callbacks import RoutingMonitorCallback
 
 S = 16  # sequence length of the fake eval rows
 
@@ -230,8 +231,8 @@ def test_snapshot_load_counts_only_served_slots(tmp_path):
     model = _model("router=switch_top2", "router.capacity_factor=0.5")
     seen = _capture(model)
     mon = _monitor(model, tmp_path)
-    mon.on_train_begin(ARGS, _state(0), None)
-    mon.on_step_end(ARGS, _state(1), None, model=model)  # 1 = ceil(0.1 * 8): a snapshot step
+    RoutingMonitorCallback(mon).on_train_begin(ARGS, _state(0), None)
+    RoutingMonitorCallback(mon).on_step_end(ARGS, _state(1), None, model=model)  # 1 = ceil(0.1 * 8): a snapshot step
     snap = load_snapshot(snapshot_path(tmp_path, 1))
     batch = PackedCollator(include_domain_ids=True)(_rows())
     valid = batch["routing_mask"].bool().reshape(-1)
@@ -247,7 +248,7 @@ def test_snapshot_load_counts_only_served_slots(tmp_path):
     dropped_real = sum(int((seen[i].dropped & valid[:, None]).sum()) for i in seen)
     assert dropped_real > 0
     assert sum(float(snap["layers"][i]["load"].sum()) for i in seen) == 2 * 2 * int(valid.sum()) - dropped_real
-    mon.on_step_end(ARGS, _state(3), None, model=model)  # not a snapshot step
+    RoutingMonitorCallback(mon).on_step_end(ARGS, _state(3), None, model=model)  # not a snapshot step
     assert sorted(p.name for p in (tmp_path / "routing").iterdir()) == ["step000001.pt"]
 
 
@@ -285,8 +286,8 @@ def test_snapshot_stores_loads_before_and_after_quota(tmp_path):
     model = _model("router=spectra", "quota.capacity_factor=1.0")
     seen = _capture(model)
     mon = _monitor(model, tmp_path)
-    mon.on_train_begin(ARGS, _state(0), None)
-    mon.on_step_end(ARGS, _state(1), None, model=model)
+    RoutingMonitorCallback(mon).on_train_begin(ARGS, _state(0), None)
+    RoutingMonitorCallback(mon).on_step_end(ARGS, _state(1), None, model=model)
     snap = load_snapshot(snapshot_path(tmp_path, 1))
     assert all(not b.router.sinkhorn_inference for b in moe_blocks(model))  # switched back off
     real = snap["valid"]
@@ -309,8 +310,8 @@ def test_snapshot_stores_loads_before_and_after_quota(tmp_path):
 def test_snapshot_without_quota_has_no_pre_quota_load(tmp_path, router):
     model = _model(*router)
     mon = _monitor(model, tmp_path)
-    mon.on_train_begin(ARGS, _state(0), None)
-    mon.on_step_end(ARGS, _state(1), None, model=model)
+    RoutingMonitorCallback(mon).on_train_begin(ARGS, _state(0), None)
+    RoutingMonitorCallback(mon).on_step_end(ARGS, _state(1), None, model=model)
     snap = load_snapshot(snapshot_path(tmp_path, 1))
     for s in snap["layers"].values():
         assert "load_before_quota" not in s and "load_after_quota" not in s
@@ -401,15 +402,15 @@ def test_snapshot_write_is_atomic(tmp_path, monkeypatch):
 def test_resume_reloads_earlier_snapshots(tmp_path):
     model = _model()
     mon = _monitor(model, tmp_path)
-    mon.on_train_begin(ARGS, _state(0), None)
+    RoutingMonitorCallback(mon).on_train_begin(ARGS, _state(0), None)
     for step in (1, 2, 4):
-        mon.on_step_end(ARGS, _state(step), None, model=model)
+        RoutingMonitorCallback(mon).on_step_end(ARGS, _state(step), None, model=model)
     resumed = _monitor(model, tmp_path)
-    resumed.on_train_begin(ARGS, _state(2), None)  # resumed from checkpoint-2: step 4 is in the future
+    RoutingMonitorCallback(resumed).on_train_begin(ARGS, _state(2), None)  # resumed from checkpoint-2: step 4 is in the future
     assert [s["step"] for s in resumed.snapshots] == [1, 2]
     # step 4 is from the abandoned future of that attempt: removed, so it cannot go stale
     assert sorted(p.name for p in (tmp_path / "routing").iterdir()) == ["step000001.pt", "step000002.pt"]
-    _monitor(model, tmp_path).on_train_begin(ARGS, _state(0), None)  # a fresh start: nothing kept
+    RoutingMonitorCallback(_monitor(model, tmp_path)).on_train_begin(ARGS, _state(0), None)  # a fresh start: nothing kept
     assert not list((tmp_path / "routing").iterdir())
 
 

@@ -388,3 +388,18 @@ def test_sweeps_run_from_another_working_directory(tmp_path):
     assert_ok(proc)
     sweep = tmp_path / "outputs" / "sweeps" / "search_quota" / "cpu_tiny"  # relative to the caller's cwd
     assert [t.state for t in _trials(sweep)] == [TrialState.COMPLETE]
+
+
+def test_spectra_sweeper_has_its_own_name_and_upstream_optuna_is_not_shadowed():
+    from hydra import compose, initialize_config_dir
+
+    from spectra.config import config_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir())):
+        ours = compose("config", ["hydra/sweeper=spectra_optuna"], return_hydra_config=True).hydra.sweeper
+        upstream = compose("config", ["hydra/sweeper=optuna"], return_hydra_config=True).hydra.sweeper
+        search = compose("config", ["+sweep=search_osr"], return_hydra_config=True).hydra.sweeper
+    assert ours._target_ == "hydra_plugins.spectra_sweeper.spectra_optuna_sweeper.SpectraOptunaSweeper"
+    assert upstream._target_ == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    assert search._target_ == ours._target_ and "grace_period" in ours and "grace_period" not in upstream

@@ -25,6 +25,7 @@ from spectra.metrics.monitor import RoutingMonitor, load_snapshot, snapshot_path
 from spectra.metrics.recorder import RoutingRecorder
 from spectra.moe import upcycle
 from spectra.moe.context import ROUTING_MASK as CONTEXT_ROUTING_MASK
+from spectra.train.callbacks import RoutingMonitorCallback
 
 ROW_DOCS = [[5, 7], [3, 4, 5]]  # document lengths of each row: 12 real tokens per row
 S = 12
@@ -166,9 +167,9 @@ def _monitor_run(router: str, pad: int, tmp_path):
                          num_domains=3, domain_names=("a", "b", "c"))
     state = SimpleNamespace(global_step=1, max_steps=1, is_world_process_zero=True)
     args = SimpleNamespace(bf16=False)
-    mon.on_train_begin(args, state, None)
+    RoutingMonitorCallback(mon).on_train_begin(args, state, None)
     logs = mon.evaluation_metrics(model, args, state)
-    mon.on_step_end(args, state, None, model=model)  # step 1 of 1: a snapshot step
+    RoutingMonitorCallback(mon).on_step_end(args, state, None, model=model)  # step 1 of 1: a snapshot step
     return logs, load_snapshot(snapshot_path(tmp_path, 1))
 
 

@@ -10,6 +10,7 @@ import pytest
 
 import faults
 from conftest import run_cli
+from spectra.contracts.rundir import append_jsonl, read_jsonl
 from spectra.train.checkpoint import (
     MARKER,
     CheckpointWarning,
@@ -19,7 +20,6 @@ from spectra.train.checkpoint import (
     rotate_checkpoints,
     verify_checkpoint,
 )
-from spectra.train.rundir import append_jsonl, read_jsonl
 
 # ----------------------------------------------------------------------------- unit (fast)
 

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, TINY_TRAIN, assert_ok, run_cli
 from spectra.config import cell_dirname, load_config, validate
-from spectra.train.rundir import read_jsonl
+from spectra.contracts.rundir import read_jsonl
 
 # cpu_tiny shrunk to seconds per cell (the sweep's scale stays cpu_tiny).
 TINY = [*TINY_TRAIN, "trainer.save_steps=2"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
-from spectra.train.rundir import read_jsonl
+from spectra.contracts.rundir import read_jsonl
 
 pytestmark = pytest.mark.slow
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from spectra.train.rundir import METRICS, SUMMARY, read_jsonl, read_summary
+from spectra.contracts.rundir import METRICS, SUMMARY, read_jsonl, read_summary
 
 VOLATILE_OVERRIDE_KEYS = ("seed", "output_dir", "hydra.", "trainer.resume")
 # summary.json keys that are not metric blocks (kept as plain columns or ignored)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
+from tokenizers import Tokenizer
 
 from spectra.analysis import figures as F
 from spectra.analysis.collect import collect, problems, seed_text
@@ -49,7 +51,9 @@ from spectra.analysis.tables import (
     sweep_tables,
     variant_labels,
 )
-from spectra.train.rundir import read_summary
+from spectra.contracts.rundir import read_summary
+from spectra.data import load_tokenizer
+from spectra.metrics import domain_affinity, domain_expert_counts, expert_purity, expert_top_keywords
 
 CURVE_METRICS = [("cv", "load CV"), ("maxvio", "MaxVio"), ("routing_entropy", "routing entropy"),
                  ("usage_entropy", "expert entropy"), ("gram_orthogonality", "Gram orthogonality")]
@@ -107,15 +111,11 @@ def token_texts(run_dir: str | Path, snap: RoutingSnapshot) -> tuple[list[str] |
     ids = [int(i) for i in np.asarray(ids).ravel()]  # [N]
     run_dir = Path(run_dir)
     if (run_dir / "model" / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
         tok = Tokenizer.from_file(str(run_dir / "model" / "tokenizer.json"))
         return [tok.decode([i]) for i in ids], "the run's tokenizer"
     name = _config_tokenizer(run_dir)
     if name is not None:
         try:
-            from spectra.data import load_tokenizer
-
             tok = load_tokenizer(name)
             return [tok.decode([i]) for i in ids], f"tokenizer {name!r} of the run's config"
         except (OSError, ValueError):
@@ -125,8 +125,6 @@ def token_texts(run_dir: str | Path, snap: RoutingSnapshot) -> tuple[list[str] |
 
 def _config_tokenizer(run_dir: Path) -> str | None:
     """The run's `data.tokenizer` when it can be loaded offline ('bundled' or a local dir), else None."""
-    import yaml
-
     try:
         cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -144,8 +142,6 @@ def expert_keywords(snap: RoutingSnapshot, layer: int, texts: list[str], num_exp
     `spectra.metrics.expert_top_keywords`. texts: [N] aligned with the layer's rows.
     Returns {expert: [term, ...]} (best first; [] for an expert that served nothing), or None
     when the layer has no `expert_index`."""
-    from spectra.metrics import expert_top_keywords
-
     d = snap.layers.get(layer, {})
     if "expert_index" not in d:
         return None
@@ -190,8 +186,6 @@ def _domain_names(run_dir: str, snap: RoutingSnapshot, n: int) -> list[str]:
 def _snapshot_figures(rep: Report, runs: pd.DataFrame, snaps: dict[str, list[RoutingSnapshot]], fig_dir: Path) -> None:
     """Per variant (its lowest counted seed): usage histograms, usage over training, selection
     heatmap, domain heatmap; across variants: served usage per layer and t-SNE of expert vectors."""
-    from spectra.metrics import domain_affinity, domain_expert_counts, expert_purity
-
     labels = variant_labels(sorted(runs["variant"].unique()))
     reps = _representatives(runs, {r: bool(s) for r, s in snaps.items()})
     if not reps:

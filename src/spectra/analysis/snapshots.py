@@ -1,7 +1,8 @@
 """Run artifacts beyond the JSON files: routing snapshots and the final model's expert vectors.
 
 Routing snapshots `<run_dir>/routing/step{step:06d}.pt` are written by the routing monitor
-(spectra.metrics.monitor, format 1) on a fixed held-out slice of N = B·S positions:
+(spectra.metrics.monitor, format 1, spectra.contracts.snapshots) on a fixed held-out slice of
+N = B·S positions; they are read by the contract's one reader (`read_snapshots`) and parsed here:
 
     {"format": 1, "step": int, "max_steps", "fingerprint", "num_experts", "top_k",
      "shape": [B, S], "valid": [N] bool, "domain_ids": [N] long (−1 = padding) or None,
@@ -26,11 +27,14 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
+
+from spectra.contracts.snapshots import read_snapshots
+from spectra.metrics import checkpoint_consistency, expert_rank_kendall_tau, usage_variance
 
 _LAYER_KEY = re.compile(r"^(?:layer[_]?)?(\d+)$")
 _FLAT_KEY = re.compile(r"^layer[_]?(\d+)[/.](.+)$")
@@ -134,24 +138,13 @@ def parse_snapshot(obj: dict, path: Path) -> RoutingSnapshot:
 
 def load_routing_snapshots(run_dir: str | Path) -> list[RoutingSnapshot]:
     """All readable snapshots of a run, by step; an unreadable file is skipped with a warning."""
-    import torch
-
-    out = []
-    for f in sorted((Path(run_dir) / "routing").glob("step*.pt")):
-        try:
-            obj = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - a torn or foreign file must not stop a report
-            warnings.warn(f"{f}: unreadable routing snapshot skipped ({type(e).__name__}: {e})", stacklevel=2)
-            continue
-        out.append(parse_snapshot(obj, f))
+    out = [parse_snapshot(obj, f) for f, obj in read_snapshots(run_dir, skip_unreadable=True)]
     return sorted(out, key=lambda s: s.step)
 
 
 def stability_from_snapshots(snaps: list[RoutingSnapshot]) -> dict[str, float]:
     """Table 12 from snapshots: consistency and Kendall τ between consecutive snapshots (mean
     over layers and pairs), usage variance across all snapshots (mean over layers)."""
-    from spectra.metrics import checkpoint_consistency, expert_rank_kendall_tau, usage_variance
-
     cons, taus, var = [], [], []
     layers = sorted(set().union(*[s.layers for s in snaps])) if snaps else []
     for layer in layers:
@@ -185,8 +178,6 @@ def expert_representations(run_dir: str | Path) -> dict[int, np.ndarray]:
     files = sorted((Path(run_dir) / "model").glob("*.safetensors"))
     if not files:
         return {}
-    from safetensors import safe_open
-
     found: dict[int, dict[str, np.ndarray]] = {}
     for f in files:
         with safe_open(str(f), framework="np") as st:

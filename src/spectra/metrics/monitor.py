@@ -1,6 +1,7 @@
 """The routing monitor (METHOD.md §5): every routing metric per MoE layer on a fixed held-out slice.
 
-What it does during training (`RoutingMonitor`, a TrainerCallback wired in `train/run.py`):
+What it does during training (`RoutingMonitor`, driven by the Trainer through
+`train.callbacks.RoutingMonitorCallback`, wired in `train/run.py`):
 
 * **At every evaluation** it runs the model (eval mode, no grad) on the held-out slice — the first
   `monitor.num_sequences` rows of the eval split, so every eval and every run with the same data
@@ -54,20 +55,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import TrainerCallback
+import torch.distributed as dist
 
+from spectra.contracts.snapshots import (
+    SNAPSHOT_DIR,
+    load_snapshot,
+    load_snapshots,
+    save_snapshot,
+    snapshot_files,
+    snapshot_path,
+)
 from spectra.data.sft import ROUTING_MASK
 from spectra.metrics.balance import expert_load, served_mask
 from spectra.metrics.domain import domain_affinity, expert_purity
 from spectra.metrics.specialization import projector_orthogonality
 from spectra.metrics.stability import checkpoint_consistency, expert_rank_kendall_tau, usage_variance
 from spectra.metrics.summary import routing_metrics
-from spectra.metrics.timing import StageTimer
+from spectra.moe.timing import StageTimer
+from spectra.moe.upcycle import moe_blocks
 
 if TYPE_CHECKING:
     from spectra.routing.base import RoutingOutput
 
-SNAPSHOT_DIR = "routing"
 PREFIX = "monitor/"
 
 
@@ -88,10 +97,6 @@ def snapshot_steps(fractions, max_steps: int) -> list[int]:
         return []
     steps = {min(max(math.ceil(f * max_steps - 1e-9), 1), max_steps) for f in fractions}
     return sorted(steps)
-
-
-def snapshot_path(run_dir, step: int) -> Path:
-    return Path(run_dir) / SNAPSHOT_DIR / f"step{step:06d}.pt"
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,48 +269,8 @@ def _stability_logs(snapshots: list[dict]) -> dict[str, float]:
 
 def _barrier() -> None:
     """Wait for every rank when torch.distributed is initialised with several ranks."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def save_snapshot(path, record: dict) -> None:
-    """torch.save to a temp file in the same directory, then rename: the file is whole or absent."""
-    from spectra.train.rundir import write_atomic
-
-    write_atomic(path, lambda f: torch.save(record, f), binary=True)
-
-
-def load_snapshot(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def snapshot_files(run_dir, max_step: int | None = None) -> list[tuple[int, Path]]:
-    """(step, path) of a run's snapshot files in step order, read from the names (stepNNNNNN.pt)
-    without opening them; only steps <= max_step when given. Other names are ignored."""
-    out = []
-    for p in (Path(run_dir) / SNAPSHOT_DIR).glob("step*.pt"):
-        digits = p.stem[len("step"):]
-        if digits.isdigit() and (max_step is None or int(digits) <= max_step):
-            out.append((int(digits), p))
-    return sorted(out)
-
-
-def load_snapshots(run_dir, max_step: int | None = None) -> list[dict]:
-    """A run's snapshots in step order (those at steps <= max_step when given).
-
-    Files are chosen by the step in their name before any is opened: on a multi-rank resume rank 0
-    deletes the snapshots past the resume step while other ranks list the directory, so a file
-    past max_step must never be read. A listed file that is gone when opened is skipped with a
-    warning rather than failing the run."""
-    snaps = []
-    for _, path in snapshot_files(run_dir, max_step):
-        try:
-            snaps.append(load_snapshot(path))
-        except FileNotFoundError:
-            warnings.warn(f"routing snapshot {path} vanished while loading; skipped", stacklevel=2)
-    return [s for s in snaps if max_step is None or s["step"] <= max_step]
 
 
 def compare_routing(run_dir_a, run_dir_b, step: int | None = None) -> dict:
@@ -379,7 +344,7 @@ def _cpu_output(out: RoutingOutput) -> RoutingOutput:
                    load_before_quota=cpu(out.load_before_quota))
 
 
-class RoutingMonitor(TrainerCallback):
+class RoutingMonitor:
     """Full routing metrics on a fixed held-out slice at each eval; snapshots for stability.
 
     model: the upcycled causal LM (has `spectra_context`); eval_dataset: rows of `build_datasets`
@@ -391,8 +356,6 @@ class RoutingMonitor(TrainerCallback):
 
     def __init__(self, model, eval_dataset, run_dir, cfg, collator, num_domains: int | None = None,
                  domain_names: tuple[str, ...] | None = None):
-        from spectra.moe.upcycle import moe_blocks
-
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.context = model.spectra_context
@@ -560,34 +523,38 @@ class RoutingMonitor(TrainerCallback):
                 "input_ids": self.batch["input_ids"].reshape(-1).to(torch.int32),  # [N], for per-expert keywords
                 "domain_names": list(self.domain_names or []), "layers": layers}
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.steps = snapshot_steps(self.cfg.snapshot_fractions, state.max_steps)
+    def begin(self, global_step: int, max_steps: int, is_main: bool) -> None:
+        """At train begin (fresh or resumed at `global_step`): the snapshot schedule, and the
+        snapshots already on disk up to `global_step` (is_main: this rank deletes later ones)."""
+        self.steps = snapshot_steps(self.cfg.snapshot_fractions, max_steps)
         # After a resume, earlier snapshots are on disk: reload them so stability spans the run.
         self.snapshots = []
-        if state.is_world_process_zero and (self.run_dir / SNAPSHOT_DIR).is_dir():
+        if is_main and (self.run_dir / SNAPSHOT_DIR).is_dir():
             # Files past the resume point (all of them on a fresh start) are from an earlier
             # attempt in this run dir, possibly on another schedule: they would be stale.
             for step, p in snapshot_files(self.run_dir):
-                if step > state.global_step:
+                if step > global_step:
                     p.unlink(missing_ok=True)
         # Other ranks list the directory only once rank 0 has deleted; loading also picks files by
         # the step in their name, so even without the barrier no rank opens a doomed file.
         _barrier()
-        if state.global_step > 0 and (self.run_dir / SNAPSHOT_DIR).is_dir():
-            old = load_snapshots(self.run_dir, max_step=state.global_step)
+        if global_step > 0 and (self.run_dir / SNAPSHOT_DIR).is_dir():
+            old = load_snapshots(self.run_dir, max_step=global_step)
             if any(s["fingerprint"] != self.fingerprint for s in old):
                 warnings.warn("routing snapshots on disk are of a different held-out slice; ignoring them", stacklevel=2)
             else:
                 self.snapshots = old
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is None or not self.blocks or state.global_step not in self.steps:
+    def step_end(self, model, global_step: int, max_steps: int, bf16: bool, is_main: bool) -> None:
+        """After an optimizer step: at a snapshot step, snapshot the slice's routing (is_main:
+        this rank writes the file)."""
+        if model is None or not self.blocks or global_step not in self.steps:
             return
         t0 = time.perf_counter()
-        routing = self.collect(model, state.global_step, bf16=bool(args.bf16))
-        snap = self._snapshot(routing, state.max_steps, self.collect_quota(model, routing, bf16=bool(args.bf16)))
+        routing = self.collect(model, global_step, bf16=bf16)
+        snap = self._snapshot(routing, max_steps, self.collect_quota(model, routing, bf16=bf16))
         self.snapshots = [s for s in self.snapshots if s["step"] < snap["step"]] + [snap]
-        if state.is_world_process_zero:
+        if is_main:
             save_snapshot(snapshot_path(self.run_dir, snap["step"]), snap)
         self.time_s += time.perf_counter() - t0
 

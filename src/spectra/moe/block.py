@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spectra.metrics.timing import stage
 from spectra.moe.context import RoutingContext
+from spectra.moe.timing import stage
 from spectra.routing.base import Router, RoutingOutput
 
 
@@ -45,7 +45,7 @@ class MoEBlock(nn.Module):
         self.layer_idx = layer_idx
         # A plain attribute, not a submodule: the context holds tensors of the current forward.
         object.__setattr__(self, "context", context)
-        # A metrics.timing.StageTimer while the routing monitor times a forward (Table 9), else None.
+        # A moe.timing.StageTimer while the routing monitor times a forward (Table 9), else None.
         self.stage_timer = None
 
     def route(self, hidden_states: torch.Tensor) -> RoutingOutput:
@@ -57,7 +57,7 @@ class MoEBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # `stage(...)`: profiler ranges spectra/layer{i}/{router,experts,shared} and, while the
-        # monitor times a forward, wall time per stage (metrics/timing.py); a no-op otherwise.
+        # monitor times a forward, wall time per stage (moe/timing.py); a no-op otherwise.
         B, S, H = hidden_states.shape
         with stage(self, "router"):
             out = self.route(hidden_states)

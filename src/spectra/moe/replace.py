@@ -43,7 +43,7 @@ from spectra.config import ConfigError
 from spectra.moe.block import MoEBlock
 from spectra.moe.context import RoutingContext
 from spectra.moe.experts import resolve_experts_implementation
-from spectra.moe.upcycle import UnsupportedMLPError, attach_routing, find_decoder_layers
+from spectra.moe.layers import UnsupportedMLPError, attach_routing, find_decoder_layers
 from spectra.routing.base import build_router
 
 log = logging.getLogger(__name__)

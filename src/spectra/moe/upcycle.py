@@ -34,25 +34,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from spectra.moe.block import MoEBlock
-from spectra.moe.context import RoutingContext, install_context_hook
+from spectra.moe.context import RoutingContext
 from spectra.moe.experts import ExpertsImplConfig, GatedExperts, PlainExperts, resolve_experts_implementation
+from spectra.moe.layers import UnsupportedMLPError, attach_routing, find_decoder_layers
+from spectra.moe.replace import is_moe_model, replace_routers
 from spectra.routing.base import build_router
-
-
-class UnsupportedMLPError(TypeError):
-    """The decoder layer's MLP is of a kind upcycling does not recognise."""
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of decoder layers: the first whose every element has an `mlp` child."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(hasattr(m, "mlp") for m in module):
-            return name, module
-    raise UnsupportedMLPError(
-        f"{type(model).__name__}: no nn.ModuleList of decoder layers with an `mlp` attribute was found"
-    )
 
 
 @dataclass
@@ -87,8 +76,6 @@ def _holds_tensors(m: nn.Module) -> list[str]:
 def _check_projection(m: nn.Module, name: str, where: str) -> None:
     """A projection must be a plain linear map: nn.Linear (or a subclass) or GPT-2's Conv1D,
     holding `weight` (and `bias`) and nothing else."""
-    from transformers.pytorch_utils import Conv1D
-
     linear = isinstance(m, (nn.Linear, Conv1D))
     extra = sorted(set(_holds_tensors(m)) - {"weight", "bias"})
     if not linear or extra or any(True for _ in m.children()):
@@ -229,29 +216,6 @@ def build_experts(dense: DenseMLPWeights, num_experts: int, noise: float, gen: t
     return experts.to(dense.down.device, dense.down.dtype)
 
 
-def moe_spec(cfg) -> dict:
-    """What `save_pretrained` records in `config.spectra_moe` so a load can rebuild the blocks."""
-    from omegaconf import OmegaConf
-
-    def plain(x):
-        return OmegaConf.to_container(OmegaConf.structured(x), resolve=True) if not isinstance(x, dict) else dict(x)
-
-    return {"moe": plain(cfg.moe), "router": plain(cfg.router), "osr": plain(cfg.osr), "quota": plain(cfg.quota)}
-
-
-def attach_routing(model: nn.Module, cfg, ctx: RoutingContext, mode: str) -> nn.Module:
-    """Finish a model whose MoE blocks are in place (shared by `upcycle` and `replace_routers`).
-
-    Registers the context pre-hook, sets `model.spectra_context` and records the spec in
-    `model.config.spectra_moe`; `mode` ('upcycle' | 'replace') tells `load_moe_model` which
-    structure to rebuild before loading the weights.
-    """
-    install_context_hook(model, ctx)
-    object.__setattr__(model, "spectra_context", ctx)  # not a submodule: holds per-forward tensors
-    model.config.spectra_moe = {**moe_spec(cfg), "mode": mode}
-    return model
-
-
 def upcycle(model: nn.Module, cfg, *, seed: int = 0) -> nn.Module:
     """Replace the MLP of every decoder layer from `moe.first_k_dense_replace` on by an MoEBlock.
 
@@ -260,8 +224,6 @@ def upcycle(model: nn.Module, cfg, *, seed: int = 0) -> nn.Module:
     `model.config.spectra_moe` (the spec that `load_moe_model` rebuilds from).
     An already-MoE model goes to `replace_routers` instead (see the module docstring).
     """
-    from spectra.moe.replace import is_moe_model, replace_routers  # lazy: replace imports this module
-
     if is_moe_model(model):
         return replace_routers(model, cfg, seed=seed)
     moe = cfg.moe

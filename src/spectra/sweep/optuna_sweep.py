@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import optuna
+
 # Private upstream module: hydra-optuna-sweeper exposes only its Hydra `Sweeper` class; the search
 # space syntax (choice / interval / range / tag(log, ...)) and per-trial overrides live in `_impl`,
 # and re-implementing them would drift from the syntax users know. We subclass its implementation

@@ -1,4 +1,4 @@
-"""Trainer callbacks: JSONL metrics, router step schedules, throughput."""
+"""Trainer callbacks: JSONL metrics, router step schedules, the routing monitor, throughput."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from spectra.train.rundir import METRICS, append_jsonl
+from spectra.contracts.rundir import METRICS, append_jsonl
+from spectra.metrics.monitor import RoutingMonitor
+from spectra.moe.upcycle import routers
 
 
 class JsonlMetricsCallback(TrainerCallback):
@@ -41,12 +43,28 @@ class JsonlMetricsCallback(TrainerCallback):
         append_jsonl(self.path, record)
 
 
+class RoutingMonitorCallback(TrainerCallback):
+    """The Trainer's side of the routing monitor (the computations live in metrics/monitor.py):
+    its snapshot schedule at train begin, snapshots after optimizer steps, and the eval metrics
+    that `MoETrainer.evaluation_loop` pulls through `evaluation_metrics`."""
+
+    def __init__(self, monitor: RoutingMonitor):
+        self.monitor = monitor
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.monitor.begin(state.global_step, state.max_steps, state.is_world_process_zero)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.monitor.step_end(model, state.global_step, state.max_steps, bool(args.bf16), state.is_world_process_zero)
+
+    def evaluation_metrics(self, model, args, state) -> dict[str, float]:
+        return self.monitor.evaluation_metrics(model, args, state)
+
+
 class RouterStepCallback(TrainerCallback):
     """After each optimizer step, tell every router (schedules such as SRIP) and the context."""
 
     def __init__(self, model):
-        from spectra.moe.upcycle import routers
-
         self.routers = routers(model)
         self.context = getattr(model, "spectra_context", None)
 

@@ -52,8 +52,12 @@ import shutil
 import warnings
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import nested_gather
+
+from spectra.contracts.rundir import METRICS, read_jsonl
+from spectra.moe.loading import load_weights
 
 log = logging.getLogger("spectra")
 
@@ -69,7 +73,6 @@ _NAME = re.compile(rf"^{PREFIX}-(\d+)$")
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (incomplete or corrupt) or the metrics file could not be rewound."""
-
 
 def _warn(msg: str) -> None:
     log.warning(msg)
@@ -251,8 +254,6 @@ def rewind_metrics(metrics_path: str | os.PathLike, ckpt_dir: str | os.PathLike 
     line end) keeps the records with `step` <= the checkpoint's step. A torn last line is dropped
     either way. `ckpt_dir=None` (a fresh start) empties the file. Rewritten atomically.
     """
-    from spectra.train.rundir import read_jsonl
-
     path = Path(metrics_path)
     if not path.exists():
         return 0
@@ -335,8 +336,6 @@ class AtomicCheckpointMixin:
         cfg = getattr(self, "spectra_cfg", None)
         if cfg is None:
             return None
-        from spectra.train.rundir import METRICS
-
         return Path(cfg.output_dir) / METRICS
 
     def _save_checkpoint(self, model, trial):
@@ -353,8 +352,6 @@ class AtomicCheckpointMixin:
             self._staging_save = False
         recorder = getattr(self, "train_recorder", None)
         if recorder is not None:  # routing statistics accumulated since the last log, per rank
-            import torch
-
             torch.save(_plain(vars(recorder)), staged / RECORDER.format(rank=self.args.process_index))
         _barrier(self)  # every rank's files (RNG states, DeepSpeed shards, recorder) are written
         # the loss accumulated since the last log, averaged over ranks as the next log will (all ranks call this)
@@ -405,8 +402,6 @@ class AtomicCheckpointMixin:
         """
         if getattr(self, "is_fsdp_enabled", False) or (model is not None and model is not self.model):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from spectra.moe.loading import load_weights
-
         load_weights(self.model, resume_from_checkpoint)
 
     def restore_loop_state(self) -> None:
@@ -420,8 +415,6 @@ class AtomicCheckpointMixin:
         recorder = getattr(self, "train_recorder", None)
         path = Path(self._resume_dir or "") / RECORDER.format(rank=self.args.process_index)
         if recorder is not None and path.is_file():
-            import torch
-
             recorder.reset()
             _merge(vars(recorder), torch.load(path, weights_only=True))
 

@@ -14,10 +14,38 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
+from transformers import TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
 
 from spectra.config import SpectraConfig, validate
-from spectra.train.rundir import METRICS, SUMMARY, write_json_atomic
+from spectra.contracts.rundir import (
+    METRICS,
+    SUMMARY,
+    append_progress,
+    cached_objective,
+    config_fingerprint,
+    reset_run_dir,
+    write_json_atomic,
+)
+from spectra.data import PackedCollator, build_datasets, load_tokenizer
+from spectra.data.pipeline import get_domain_names
+from spectra.metrics.monitor import RoutingMonitor
+from spectra.moe import load_base_model, parameter_report, save_moe_model, upcycle
+from spectra.train.callbacks import (
+    CompactProgressCallback,
+    JsonlMetricsCallback,
+    RouterStepCallback,
+    RoutingMonitorCallback,
+)
+from spectra.train.checkpoint import find_resumable_checkpoint, rewind_metrics
+from spectra.train.deepspeed import deepspeed_dict, mark_moe_blocks_as_zero3_leaves
+from spectra.train.guards import enable_determinism, preflight
+from spectra.train.processes import export_submitit_distributed_env, launch_processes
+from spectra.train.trainer import MoETrainer
 
 log = logging.getLogger("spectra")
 
@@ -37,10 +65,6 @@ def _world_size() -> int:
 
 def training_arguments(cfg: SpectraConfig, run_dir: Path):
     """TrainingArguments from the typed config (one place where our keys meet the Trainer's)."""
-    from transformers import TrainingArguments
-
-    from spectra.train.deepspeed import deepspeed_dict
-
     t = cfg.trainer
     report_to = [name for name, on in (("wandb", cfg.logger.wandb), ("tensorboard", cfg.logger.tensorboard)) if on]
     return TrainingArguments(
@@ -91,8 +115,6 @@ def _checksums_across_ranks(tensors) -> list[float]:
     """sum(|x|) over `tensors` (a model's parameters, or its buffers) on every rank: data-parallel
     replicas must agree after training. Buffers count too: nothing syncs them but our own code
     (e.g. SPECTRA's running Gram, all-reduced at each fold)."""
-    import torch.distributed as dist
-
     local = torch.tensor([float(sum(t.detach().double().abs().sum() for t in tensors))], dtype=torch.float64)
     if not (dist.is_available() and dist.is_initialized()):
         return [float(local)]
@@ -102,11 +124,24 @@ def _checksums_across_ranks(tensors) -> list[float]:
     return [float(g) for g in gathered]
 
 
+def _sweep_dir() -> Path | None:
+    """The multirun's sweep directory when this run is a Hydra multirun job, else None."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # not inside a Hydra app
+        return None
+    return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+
+
+def record_progress(run_dir: Path, status: str, **extra) -> None:
+    """One line in the sweep's progress file (multirun jobs only; spectra.sweep reads it)."""
+    sweep = _sweep_dir()
+    if sweep is not None:
+        append_progress(sweep, run_dir, status, **extra)
+
+
 def run(cfg: DictConfig | SpectraConfig):
     """Train one model as configured; returns the objective (a float, or a tuple if several)."""
-    from spectra.sweep.cells import cached_objective, config_fingerprint, record_progress, reset_run_dir
-    from spectra.train.processes import export_submitit_distributed_env
-
     typed = validate(cfg)  # every key checked before anything is loaded
     export_submitit_distributed_env()  # SLURM tasks_per_node > 1: one rank per task
     run_dir = Path(typed.output_dir)
@@ -127,8 +162,6 @@ def run(cfg: DictConfig | SpectraConfig):
         if typed.trainer.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
             # Several processes for this one trial: spawn the ranks here (torch elastic launch),
             # each re-entering run() with the resolved config; rank 0's objective comes back.
-            from spectra.train.processes import launch_processes
-
             result = launch_processes(run, typed.trainer.nproc_per_node, typed)
         else:
             result = _train(typed, run_dir, status)
@@ -143,16 +176,6 @@ def run(cfg: DictConfig | SpectraConfig):
 
 
 def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
-    from transformers import set_seed
-
-    from spectra.data import PackedCollator, build_datasets, load_tokenizer
-    from spectra.moe import load_base_model, parameter_report, save_moe_model, upcycle
-    from spectra.train.callbacks import JsonlMetricsCallback, RouterStepCallback
-    from spectra.train.checkpoint import find_resumable_checkpoint, rewind_metrics
-    from spectra.train.deepspeed import mark_moe_blocks_as_zero3_leaves
-    from spectra.train.guards import enable_determinism, preflight
-    from spectra.train.trainer import MoETrainer
-
     preflight(cfg)  # files, model config (no weights), max positions, DeepSpeed vs hardware
     if cfg.trainer.deterministic:
         enable_determinism()
@@ -187,9 +210,6 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
     t = cfg.trainer
     monitor = None
     if cfg.monitor.enabled and getattr(model, "spectra_context", None) is not None:
-        from spectra.data.pipeline import get_domain_names
-        from spectra.metrics.monitor import RoutingMonitor
-
         domains = get_domain_names(eval_ds) if "domain_ids" in eval_ds.column_names else None
         monitor = RoutingMonitor(model, eval_ds, run_dir, cfg.monitor, PackedCollator(include_domain_ids=True),
                                  num_domains=len(domains) if domains else None, domain_names=domains)
@@ -203,7 +223,7 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
         # pre-hook (which pops it) may receive it, so a dense model's batches go without.
         data_collator=PackedCollator(include_routing_mask=getattr(model, "spectra_context", None) is not None),
         processing_class=tokenizer,
-        callbacks=[JsonlMetricsCallback(run_dir, tokens_per_step), RouterStepCallback(model)] + ([monitor] if monitor else []),
+        callbacks=[JsonlMetricsCallback(run_dir, tokens_per_step), RouterStepCallback(model)] + ([RoutingMonitorCallback(monitor)] if monitor else []),
         spectra_cfg=cfg,
         routing_context=getattr(model, "spectra_context", None),
     )
@@ -213,10 +233,6 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
         resume = find_resumable_checkpoint(args.output_dir)  # newest *complete* one; skipped ones are warned about
     elif t.resume != "never":
         resume = t.resume
-    from transformers.trainer_callback import ProgressCallback
-
-    from spectra.train.callbacks import CompactProgressCallback
-
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(CompactProgressCallback())
     if resume and _rank() == 0:

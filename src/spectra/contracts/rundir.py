@@ -5,18 +5,25 @@
     <run_dir>/summary.json         final/best metrics, status and objective; written last, atomically
     <run_dir>/checkpoints/         Trainer checkpoints
     <run_dir>/model/               the final upcycled model (save_pretrained)
+    <run_dir>/routing/             routing snapshots (format: spectra.contracts.snapshots)
+    <sweep_dir>/sweep_progress.jsonl   one line per finished/skipped/failed cell of a multirun
 
 A torn last line in metrics.jsonl (a kill mid-write) is skipped with a warning by `read_jsonl`;
 `summary.json` appears only complete (temp file + rename), so its presence with
-`status == "completed"` is what marks a run as done.
+`status == "completed"` is what marks a run as done; with the same `config_fingerprint` it
+marks a sweep cell as done (`cached_objective`), which is how a re-run sweep resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +31,10 @@ from typing import IO, Any
 
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
+PROGRESS = "sweep_progress.jsonl"  # in the sweep directory
+# Keys that do not change what a run computes (where it writes, how it resumes, its labels).
+VOLATILE_KEYS = ("output_dir", "skip_complete", "tags", "sweep_name", "scale_name", "seeds", "sweep_values")
+VOLATILE_TRAINER_KEYS = ("resume",)
 
 
 def _jsonable(x: Any) -> Any:
@@ -99,3 +110,44 @@ def is_complete(run_dir: str | os.PathLike) -> bool:
     """True when the run finished and wrote its summary."""
     s = read_summary(run_dir)
     return bool(s) and s.get("status") == "completed"
+
+
+# ------------------------------------------------------------------ cell identity and resume
+
+
+def config_fingerprint(cfg) -> str:
+    """sha256 of the resolved config (a dataclass) without volatile keys: equal fingerprints train
+    the same. Recorded in summary.json; a complete cell with the same fingerprint is not re-run."""
+    d = dataclasses.asdict(cfg)
+    for k in VOLATILE_KEYS:
+        d.pop(k, None)
+    for k in VOLATILE_TRAINER_KEYS:
+        d["trainer"].pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_objective(run_dir: str | os.PathLike, fingerprint: str):
+    """The recorded objective of a complete cell with this fingerprint, else None."""
+    s = read_summary(run_dir)
+    if not s or s.get("status") != "completed" or s.get("config_fingerprint") != fingerprint:
+        return None
+    values = tuple((s.get("objective") or {}).values())
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def reset_run_dir(run_dir: str | os.PathLike) -> None:
+    """Start a run from scratch (trainer.resume=never): drop a previous attempt's outputs."""
+    run_dir = Path(run_dir)
+    for name in (METRICS, SUMMARY):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in ("checkpoints", "routing", "model"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def append_progress(sweep_dir: str | os.PathLike, run_dir: str | os.PathLike, status: str, **extra) -> None:
+    """Append `{cell, status, time}` to `<sweep_dir>/sweep_progress.jsonl`."""
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    append_jsonl(sweep_dir / PROGRESS, {"cell": str(run_dir), "status": status, "time": time.time(), **extra})

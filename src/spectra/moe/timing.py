@@ -1,5 +1,8 @@
 """Router time vs expert time per MoE layer (paper Table 9), profiler-friendly.
 
+Lives beside the block it instruments: the block only enters `stage`; the routing monitor
+(metrics/, one layer up) attaches a `StageTimer` and reads it.
+
 `MoEBlock.forward` wraps its stages in `stage(block, name)`:
 
     spectra/layer{i}/router    routing inputs + router + context bookkeeping
