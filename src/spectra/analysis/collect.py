@@ -1,4 +1,4 @@
-"""Run directories -> pandas. Analysis reads only run directories (see train/rundir.py).
+"""Run directories -> pandas. Analysis reads only run directories (see spectra/contracts/rundir.py).
 
 A run directory is any directory holding `.hydra/config.yaml`, `summary.json` or
 `metrics.jsonl`. `collect(paths)` returns `(runs, steps)`:
