@@ -233,17 +233,18 @@ def test_resume_loads_only_snapshots_named_up_to_the_resume_step(tmp_path):
 
 
 def test_a_snapshot_vanishing_between_listing_and_loading_is_skipped(tmp_path, monkeypatch):
+    import spectra.contracts.snapshots as contract
     import spectra.metrics.monitor as mon
 
     _snapshots_on_disk(tmp_path, [1, 2, 3])
-    real = mon.load_snapshot
+    real = contract.load_snapshot
 
     def racing_load(path):  # another process deletes step 2 after this one listed the directory
         if Path(path).name == "step000002.pt":
             Path(path).unlink()
         return real(path)
 
-    monkeypatch.setattr(mon, "load_snapshot", racing_load)
+    monkeypatch.setattr(contract, "load_snapshot", racing_load)  # the one snapshot reader's loader
     with pytest.warns(UserWarning, match="step000002.pt vanished"):
         assert [s["step"] for s in mon.load_snapshots(tmp_path, max_step=3)] == [1, 3]
 
