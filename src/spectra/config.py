@@ -38,6 +38,13 @@ class ECInference(StrEnum):
     causal = "causal"
 
 
+class DistillTarget(StrEnum):
+    """router.balance_distill_target: what SPECTRA's inference distribution is pulled toward (see SpectraRouterConfig)."""
+
+    plan = "plan"
+    selected = "selected"
+
+
 class AuxLossVariant(StrEnum):
     """router.aux_loss_variant: which assignments f_e of Switch's balance loss counts (see RouterConfig)."""
 
@@ -181,6 +188,9 @@ class RouterConfig:
     so_warmup_steps: int = 100
     so_lambda_max: float = 1e-2
     gram_ema_decay: float = 0.99  # running expert directions for the inference-time (causal) cost
+    balance_distill_coef: float = 0.0  # SPECTRA: pull softmax(-C/eps) toward the balanced plan (0 = off)
+    balance_distill_target: DistillTarget = DistillTarget.plan
+    balance_bias_rate: float = 0.0  # SPECTRA: expert-side bias on -C learned from quota overflow (0 = off)
 
     def __post_init__(self) -> None:
         _check(self.name in ROUTER_NAMES, "router.name", f"unknown router {self.name!r}; choose one of {list(ROUTER_NAMES)}")
@@ -192,6 +202,7 @@ class RouterConfig:
         self.aux_loss_variant = switch.aux_loss_variant
         self.ec_inference = expert_choice.ec_inference
         self.recurrence = spectra.recurrence
+        self.balance_distill_target = spectra.balance_distill_target
 
 
 @dataclass
@@ -365,6 +376,15 @@ class SpectraRouterConfig(_RouterGroup):
     so_warmup_steps: int = 100
     so_lambda_max: float = 1e-2
     gram_ema_decay: float = 0.99  # the default of models saved before the key
+    # Learning the balanced plan into the inference-time scores (issue: balance carried into
+    # inference; METHOD-style docs in routing/spectra.py). Both off by default = the paper's method.
+    # balance_distill_coef: weight of a term pulling the per-token distribution softmax(-C/eps)
+    # toward the training plan (target plan = the Sinkhorn plan's rows, selected = uniform over
+    # the quota-selected experts); balance_bias_rate: update rate u of a per-expert bias added to
+    # -C (selection only), moved once per optimizer step against the quota's overflow.
+    balance_distill_coef: float = 0.0
+    balance_distill_target: DistillTarget = DistillTarget.plan
+    balance_bias_rate: float = 0.0
     osr: OSRConfig = field(default_factory=OSRConfig)
     quota: QuotaConfig = field(default_factory=QuotaConfig)
 
@@ -377,6 +397,9 @@ class SpectraRouterConfig(_RouterGroup):
         _check(self.so_warmup_steps >= 0, "router.so_warmup_steps", f"must be >= 0, got {self.so_warmup_steps}")
         _check(self.so_lambda_max >= 0.0, "router.so_lambda_max", f"must be >= 0, got {self.so_lambda_max}")
         _check(0.0 <= self.gram_ema_decay < 1.0, "router.gram_ema_decay", f"must be in [0, 1), got {self.gram_ema_decay}")
+        _check(self.balance_distill_coef >= 0.0, "router.balance_distill_coef", f"must be >= 0, got {self.balance_distill_coef}")
+        self.balance_distill_target = _choice(DistillTarget, self.balance_distill_target, "router.balance_distill_target")
+        _check(self.balance_bias_rate >= 0.0, "router.balance_bias_rate", f"must be >= 0, got {self.balance_bias_rate}")
 
     @classmethod
     def from_run_config(cls, cfg):
