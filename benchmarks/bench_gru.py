@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
+import time
 
 import torch
 
@@ -100,9 +102,6 @@ def peak_rss_child(s: int, threads: int, dtype: torch.dtype) -> dict:
     Sampled rather than read from ru_maxrss: the import of torch leaves a high-water mark that
     would hide the smaller sizes.
     """
-    import threading
-    import time
-
     torch.set_num_threads(threads)
     env = Env(device=torch.device("cpu"), dtype=dtype, quick=False, threads=threads, min_run_time=0.0)
     _Step(256, env)()  # warm up allocator and lazy initialisation at a small size

@@ -8,6 +8,7 @@ lazy initialisation, autotuning) stay out of the figures.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import transformers
 from torch.utils import benchmark
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -203,8 +205,6 @@ def run_json_subprocess(module: str, args: list[str], timeout: int = 600) -> dic
     Used where a figure needs a fresh process, e.g. a CPU peak-RSS measurement, which is a
     process-wide high-water mark that earlier work in this process would mask.
     """
-    import json
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=root, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
@@ -238,8 +238,6 @@ def verdict(name: str, value: float, target: float, unit: str = "×", higher_is_
 
 def machine_description(env: Env) -> list[str]:
     """Lines describing the machine and software versions (for RESULTS.md)."""
-    import transformers
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

@@ -35,7 +35,7 @@ from spectra.analysis.tables import (
 
 def build_report(*args, **kwargs):
     """See `spectra.analysis.report.build_report` (imported lazily: it pulls in matplotlib)."""
-    from spectra.analysis.report import build_report as _build
+    from spectra.analysis.report import build_report as _build  # deliberately lazy: it pulls in matplotlib
 
     return _build(*args, **kwargs)
 

@@ -38,7 +38,7 @@ def _table(args) -> int:
 
 
 def _report(args) -> int:
-    from spectra.analysis.report import build_report
+    from spectra.analysis.report import build_report  # deliberately lazy: matplotlib only for `report`
 
     try:
         rep = build_report(args.dirs, args.out, baseline=args.baseline, figures=not args.no_figures, seed=args.seed)

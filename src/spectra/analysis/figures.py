@@ -27,6 +27,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from sklearn.manifold import TSNE  # noqa: E402
 
 
 def save_figure(fig, stem: str | Path) -> list[Path]:
@@ -216,8 +217,6 @@ def embed_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
         u, s, _ = np.linalg.svd(x, full_matrices=False)
         out = u[:, :2] * s[:2]
         return np.c_[out, np.zeros((n, 2 - out.shape[1]))]
-    from sklearn.manifold import TSNE
-
     perplexity = float(min(30.0, max(1.0, (n - 1) / 3)))
     # exact gradients: a few hundred experts at most, where Barnes-Hut is slower (and thread-bound)
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, method="exact").fit_transform(x)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
 from .corpus import BUNDLED_DIR
 
 logger = logging.getLogger(__name__)
@@ -42,9 +45,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, 
     Deterministic for the same texts in the same order (the BPE trainer breaks count ties by
     pair order). Returns a `PreTrainedTokenizerFast` with the ChatML template set.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     # add_prefix_space=False keeps round-trips exact (no space is invented at the start).
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -74,8 +74,6 @@ def load_tokenizer(name: str = "bundled"):
     (needed for assistant-only loss) gets CHATML_TEMPLATE instead, with a log line saying so.
     A missing pad token falls back to eos. Raises OSError (one line, naming `name`) on failure.
     """
-    from transformers import AutoTokenizer
-
     path = str(BUNDLED_TOKENIZER_DIR) if name == "bundled" else name
     if name == "bundled" and not (BUNDLED_TOKENIZER_DIR / "tokenizer.json").is_file():
         raise OSError(f"bundled tokenizer not found: {path} (build it with `python -m spectra.data.build_corpus`)")

@@ -78,6 +78,8 @@ def expert_top_keywords(
     Keywords are ordered by score, ties by term; zero-score terms are not returned.
     Returns {expert: [term, ...]} or, with `with_scores`, {expert: [(term, score), ...]}.
     """
+    # deliberately lazy: scikit-learn costs ~1.5 s to import and only the report calls this, while
+    # every training process imports this module (through the routing monitor)
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     result: dict = {e: [] for e in sorted(token_texts_per_expert)}

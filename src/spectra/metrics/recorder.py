@@ -36,6 +36,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 from spectra.metrics.balance import coefficient_of_variation, max_violation
 
@@ -112,8 +113,6 @@ class RoutingRecorder:
 
     def _all_reduce_loads(self) -> None:
         """Sum loads and counts over data-parallel ranks (every rank runs the same routers)."""
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"

@@ -1,13 +1,18 @@
-"""Trainer callbacks: JSONL metrics, router step schedules, the routing monitor, throughput."""
+"""Trainer callbacks: JSONL metrics, router step schedules, the routing monitor, throughput;
+and the `trainer.callbacks` entries named by import path in the config (`callback_class`,
+`user_callbacks`; `preflight` checks them, `MoETrainer` adds them)."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from spectra.config import ConfigError
 from spectra.contracts.rundir import METRICS, append_jsonl
 from spectra.metrics.monitor import RoutingMonitor
 from spectra.moe.upcycle import routers
@@ -88,3 +93,32 @@ class CompactProgressCallback(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = {k: v for k, v in (logs or {}).items() if "/layer" not in k and not k.startswith("monitor/")}
         super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+def callback_class(spec, key: str = "trainer.callbacks") -> tuple[type, dict]:
+    """One `trainer.callbacks` entry ("pkg.module.Class" or {_target_: ..., **kwargs}) as
+    (TrainerCallback subclass, keyword arguments), checked without constructing it: a ConfigError
+    naming `key` if it does not import, is no TrainerCallback, or does not take these arguments."""
+    kwargs = dict(spec) if isinstance(spec, dict) else {}
+    path = str(kwargs.pop("_target_", spec))
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot import {path!r} ({type(e).__name__}: {e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, TrainerCallback)):
+        raise ConfigError(f"{key}: {path!r} is not a transformers TrainerCallback subclass")
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{key}: {path}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {e}") from None
+    return cls, kwargs
+
+
+def user_callbacks(specs) -> list[TrainerCallback]:
+    """The `trainer.callbacks` entries, constructed (a ConfigError names the entry that fails)."""
+    out = []
+    for i, spec in enumerate(specs or []):
+        cls, kwargs = callback_class(spec, f"trainer.callbacks[{i}]")
+        out.append(cls(**kwargs))
+    return out

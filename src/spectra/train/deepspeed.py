@@ -8,6 +8,7 @@ own AdamW with its differential-LR parameter groups (see trainer.param_groups).
 from __future__ import annotations
 
 from spectra.config import DeepSpeedConfig
+from spectra.moe.block import MoEBlock
 
 
 def deepspeed_dict(ds: DeepSpeedConfig, bf16: bool) -> dict | None:
@@ -39,11 +40,9 @@ def mark_moe_blocks_as_zero3_leaves(model) -> bool:
     A model without MoE blocks (router=dense) has nothing to mark: DeepSpeed's
     `set_z3_leaf_modules` raises when no module matches, so it is not called. Returns whether
     any block was marked."""
-    from spectra.moe.block import MoEBlock
-
     if not any(isinstance(m, MoEBlock) for m in model.modules()):
         return False
-    from deepspeed.utils import set_z3_leaf_modules
+    from deepspeed.utils import set_z3_leaf_modules  # optional at run time: only ZeRO-3 runs get here
 
     set_z3_leaf_modules(model, [MoEBlock])
     return True

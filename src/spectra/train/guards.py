@@ -35,9 +35,15 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from transformers import AutoConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from spectra.config import ConfigError, SpectraConfig
 from spectra.routing.base import Router
+from spectra.train.callbacks import callback_class
+from spectra.train.checkpoint import find_resumable_checkpoint, verify_checkpoint
 
 log = logging.getLogger("spectra")
 
@@ -65,13 +71,8 @@ def _looks_like_local_path(name: str) -> bool:
 
 def _model_config(cfg: SpectraConfig):
     """The transformers config of the base model (config.json only; no weights are read)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     m = cfg.model
     if m.source == "config":
-        from omegaconf import OmegaConf
-
         arch = dict(OmegaConf.to_container(OmegaConf.create(dict(m.arch)), resolve=True))
         model_type = arch.pop("model_type")
         if model_type not in CONFIG_MAPPING:
@@ -103,8 +104,6 @@ def max_positions(model_config) -> int | None:
 
 def preflight(cfg: SpectraConfig) -> None:
     """Environment- and file-dependent checks, before any model or data is loaded (see module doc)."""
-    from spectra.train.checkpoint import verify_checkpoint
-
     d = cfg.data
     if d.name == "bundled" and d.path is not None and not Path(d.path).expanduser().is_file():
         raise FileNotFoundError(f"data.path: no such file: {d.path}")
@@ -119,7 +118,7 @@ def preflight(cfg: SpectraConfig) -> None:
 
     if cfg.model.attn_implementation == "flash_attention_2":
         try:
-            import flash_attn  # noqa: F401
+            import flash_attn  # noqa: F401  # optional dependency (the gpu extra): only checked when asked for
         except ImportError:
             raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package (not installed)") from None
         if not torch.cuda.is_available():
@@ -127,7 +126,7 @@ def preflight(cfg: SpectraConfig) -> None:
 
     if cfg.deepspeed.stage > 0:
         try:
-            import deepspeed  # noqa: F401
+            import deepspeed  # noqa: F401  # optional at run time: a CPU install may lack it; only checked when stage > 0
         except ImportError:
             raise ConfigError(f"deepspeed.stage: {cfg.deepspeed.stage} needs the deepspeed package (not installed)") from None
         if cfg.trainer.bf16 and not torch.cuda.is_available():
@@ -146,8 +145,6 @@ def preflight(cfg: SpectraConfig) -> None:
             log.warning(f"trainer.resume: {r} has no completion marker (saved before atomic checkpoints); using it as given")
 
     if cfg.trainer.callbacks:
-        from spectra.train.trainer import callback_class
-
         for i, spec in enumerate(cfg.trainer.callbacks):
             callback_class(spec, f"trainer.callbacks[{i}]")  # imports, is a TrainerCallback, takes these arguments
 
@@ -189,8 +186,6 @@ class NumericsGuard:
         grad_norms = torch.stack(torch._foreach_norm([g for _, g in named_grads])).float().to(device) if named_grads else torch.zeros(0, device=device)
         local_bad = ~torch.cat([torch.isfinite(terms), torch.isfinite(grad_norms)]).all()
         flag = local_bad.to(torch.float32).reshape(1)
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             comm = flag.to("cuda" if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(comm, op=dist.ReduceOp.MAX)
@@ -294,8 +289,6 @@ class NumericsGuardMixin:
         return torch.tensor(float("nan"))
 
     def _stop_non_finite(self, problem: str):
-        from spectra.train.checkpoint import find_resumable_checkpoint
-
         guard = self.numerics
         budget = f"trainer.max_bad_steps={guard.max_bad_steps} exhausted; " if guard.max_bad_steps else ""
         last = find_resumable_checkpoint(self._get_output_dir(None), warn=False) if self.args.should_save else None

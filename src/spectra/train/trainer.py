@@ -13,15 +13,12 @@ Everything else (loop, DeepSpeed, checkpoint contents, schedulers, NEFTune) is t
 
 from __future__ import annotations
 
-import importlib
-import inspect
-
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
-from spectra.config import ConfigError
 from spectra.metrics.recorder import RoutingRecorder
 from spectra.moe.block import MoEBlock
+from spectra.train.callbacks import user_callbacks
 from spectra.train.checkpoint import AtomicCheckpointMixin
 from spectra.train.guards import NumericsGuardMixin
 
@@ -49,35 +46,6 @@ def param_groups(model: torch.nn.Module, router_lr: float, expert_lr: float, bas
         {"params": ps, "lr": lrs[kind], "weight_decay": weight_decay if decay else 0.0, "name": f"{kind}{'' if decay else '_no_decay'}"}
         for (kind, decay), ps in sorted(buckets.items(), key=lambda kv: kv[0])
     ]
-
-
-def callback_class(spec, key: str = "trainer.callbacks") -> tuple[type, dict]:
-    """One `trainer.callbacks` entry ("pkg.module.Class" or {_target_: ..., **kwargs}) as
-    (TrainerCallback subclass, keyword arguments), checked without constructing it: a ConfigError
-    naming `key` if it does not import, is no TrainerCallback, or does not take these arguments."""
-    kwargs = dict(spec) if isinstance(spec, dict) else {}
-    path = str(kwargs.pop("_target_", spec))
-    module, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(f"{key}: cannot import {path!r} ({type(e).__name__}: {e})") from None
-    if not (isinstance(cls, type) and issubclass(cls, TrainerCallback)):
-        raise ConfigError(f"{key}: {path!r} is not a transformers TrainerCallback subclass")
-    try:
-        inspect.signature(cls).bind(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{key}: {path}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {e}") from None
-    return cls, kwargs
-
-
-def user_callbacks(specs) -> list[TrainerCallback]:
-    """The `trainer.callbacks` entries, constructed (a ConfigError names the entry that fails)."""
-    out = []
-    for i, spec in enumerate(specs or []):
-        cls, kwargs = callback_class(spec, f"trainer.callbacks[{i}]")
-        out.append(cls(**kwargs))
-    return out
 
 
 class MoETrainer(AtomicCheckpointMixin, NumericsGuardMixin, Trainer):
