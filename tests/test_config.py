@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from spectra.config import ConfigError, load_config, validate
+from spectra.config import ConfigError, RouterConfig, load_config, validate
 
 
 def _error_of(overrides, kind=ConfigError):
@@ -116,7 +118,7 @@ def test_router_names_are_stated_once_in_the_catalog():
 @pytest.mark.parametrize(
     "router, overrides, group, expected",
     [
-        ("switch_top2", ["router.capacity_factor=1.5", "router.aux_loss_variant=all_slots"], "SwitchRouterConfig",
+        ("switch_top2", ["router.capacity_factor=1.5", "router.aux_loss_variant=all_slots"], "SwitchTop2RouterConfig",
          dict(top_k=2, aux_loss_coef=0.01, capacity_factor=1.5, aux_loss_variant="all_slots")),
         ("expert_choice", ["moe.top_k=3", "router.ec_inference=causal"], "ExpertChoiceRouterConfig",
          dict(top_k=3, ec_capacity_factor=None, capacity_factor=3.0, ec_inference="causal")),
@@ -140,6 +142,7 @@ def test_each_router_receives_its_typed_group_built_from_the_flat_keys(router, o
         assert g.osr.epsilon == 0.2 and g.quota.capacity_factor == 1.5
     # a group carries only its family's knobs
     assert not hasattr(g, "name") and (router == "switch_top2" or not hasattr(g, "z_loss_coef"))
+    assert config.ROUTER_GROUPS[router] is cls
 
 
 def test_router_groups_keep_defaults_for_keys_older_saved_models_lack():
@@ -171,3 +174,69 @@ def test_router_choice_enums_read_and_save_as_plain_strings():
     assert "recurrence: depth" in OmegaConf.to_yaml(cfg) and "ec_inference: causal" in OmegaConf.to_yaml(cfg)
     typed = validate(cfg)
     assert typed.router.ec_inference is ECInference.causal and f"{typed.router.recurrence}" == "depth"
+
+
+# ----------------------------------------------------------------- router keys stated once (#17 D1)
+
+
+def test_flat_router_keys_are_the_union_of_the_groups_fields_each_stated_once():
+    from spectra import config
+
+    flat = {f.name: f for f in dataclasses.fields(RouterConfig)}
+    group_fields = {}
+    for group in set(config.ROUTER_GROUPS.values()) | set(config._GROUPS):
+        for f in dataclasses.fields(group):
+            if f.name not in ("osr", "quota"):
+                group_fields.setdefault(f.name, set()).add((repr(f.default), group.__name__))
+    assert set(flat) == {"name"} | set(group_fields)
+    for name, stated in group_fields.items():
+        defaults = {d for d, _ in stated}
+        assert defaults == {repr(flat[name].default)}, (name, stated)  # one default, the group's
+    # the schema composes and type-checks the generated keys like any structured config
+    cfg = load_config(["router=switch_top2", "router.drop_policy=probs", "router.score_function=sigmoid"])
+    assert cfg.router.drop_policy == "probs" and cfg.router.score_function == "sigmoid"
+    with pytest.raises(ConfigCompositionException):
+        load_config(["router.num_groups=many"])
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["router=switch_top2", "router.drop_policy=sometimes"], "drop_policy"),
+        (["router=topk", "router.score_function=tanh"], "score_function"),
+    ],
+)
+def test_new_router_choices_are_enums_refused_at_composition(overrides, key):
+    with pytest.raises(ConfigCompositionException) as e:
+        load_config(overrides)
+    assert key in str(e.value.__cause__ or e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["router=topk", "router.num_groups=3"], "router.num_groups"),  # 3 does not divide E = 8
+        (["router=topk", "router.num_groups=0"], "router.num_groups"),
+        (["router=topk", "router.num_groups=4", "router.group_topk=5"], "router.group_topk"),
+        (["router=topk", "moe.top_k=4", "router.num_groups=4", "router.group_topk=1"], "router.group_topk"),  # 2 < k
+        (["router=switch_top2", "router.num_groups=4", "router.group_topk=0"], "router.group_topk"),
+        (["router=switch_top1", "router.top_k=2"], "router.top_k"),
+        (["router=switch_top2", "router.top_k=1"], "router.top_k"),
+        (["router=spectra", "moe.top_k=1"], "router.top_k"),
+    ],
+)
+def test_router_checks_that_need_num_experts_are_stated_once_in_the_group(overrides, key):
+    """SpectraConfig validation and the router constructor both run the group's `check_for`."""
+    from types import SimpleNamespace
+
+    from spectra import config
+    from spectra.routing import build_router
+
+    cfg = load_config(overrides)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+    group = config.ROUTER_GROUPS[cfg.router.name]
+    if group is not config.SpectraRouterConfig:  # spectra.py's constructor is another module's
+        raw = SimpleNamespace(router=SimpleNamespace(**OmegaConf.to_container(cfg.router, resolve=True)))
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            build_router(raw, hidden_size=8, num_experts=cfg.moe.num_experts)

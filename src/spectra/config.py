@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import typing
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,6 +44,20 @@ class DistillTarget(StrEnum):
 
     plan = "plan"
     selected = "selected"
+
+
+class ScoreFunction(StrEnum):
+    """router.score_function: how a token-choice gate turns logits into scores (see GateRouterConfig)."""
+
+    softmax = "softmax"
+    sigmoid = "sigmoid"
+
+
+class DropPolicy(StrEnum):
+    """router.drop_policy: which assignments an over-full expert keeps (see AuxLossRouterConfig)."""
+
+    probs = "probs"
+    position = "position"
 
 
 class AuxLossVariant(StrEnum):
@@ -138,74 +153,6 @@ class MoEConfig:
 
 
 @dataclass
-class RouterConfig:
-    """Router choice and its knobs: the flat `router.*` keys of the user's API. A router never
-    sees this object: `build_router` gives each router family its own typed group built from these
-    keys (GateRouterConfig, SwitchRouterConfig, ExpertChoiceRouterConfig, HashRouterConfig,
-    SpectraRouterConfig, below), and those groups hold every check, so knobs a router does not
-    use are still checked here, at composition.
-
-    Shared: name, top_k (k), entropy_coef (lambda_ent, positive sharpens routing), jitter.
-    Switch: aux_loss_coef, z_loss_coef, capacity_factor (null = no token dropping),
-    aux_loss_variant: which assignments f_e of the balance loss E * sum_e f_e P_e counts for
-    top-2 (identical for top-1):
-        first_choice  f_e = share of tokens whose *first* choice is e (default). The paper (5.3)
-                      gives Switch top-2 "the same load balancing as Top-1", and Switch's f_e
-                      (Fedus et al. 2021, eq. 5) counts each token's argmax; GShard (where top-2
-                      gating comes from), fairscale and DeepSpeed count first choices too.
-        all_slots     f_e = share of all N * k assignments that go to e (Megatron-Core).
-    Expert Choice: ec_capacity_factor (cf; null = top_k, i.e. compute-matched with token-choice
-    top-k: each expert takes ceil(N * cf / E) tokens, so cf expert applications per token, the
-    EC paper's c = k), ec_inference: how an eval-mode forward routes (batch = a teacher-forced
-    forward of the trainer / monitor routes as in training, over the whole batch; generation and
-    other calls use the causal token-choice top-k fallback. causal = every eval-mode forward
-    uses the fallback).
-    Hash: hash_per_layer (true = each layer hashes with its own constants, salted by its layer
-    index, as Roller et al. draw one random hash per layer; the yaml sets it. The dataclass
-    default false only keeps models saved before this key rebuilding the hash they trained with).
-    SPECTRA: recurrence, gru_hidden_size, router_dim (D), use_expression, newton_schulz_steps,
-    ortho_loss, srip_enabled, so_warmup_steps, so_lambda_max.
-    """
-
-    name: str = "topk"
-    top_k: int = 2
-    entropy_coef: float = 0.0
-    jitter: float = 0.0
-    aux_loss_coef: float = 0.0
-    z_loss_coef: float = 0.0
-    capacity_factor: float | None = None
-    aux_loss_variant: AuxLossVariant = AuxLossVariant.first_choice  # Switch top-2's f_e; see above
-    ec_capacity_factor: float | None = None  # null = top_k (compute-matched)
-    ec_inference: ECInference = ECInference.batch  # Expert Choice in eval mode; see above
-    hash_per_layer: bool = False  # conf/router/hash.yaml sets true (see above)
-    recurrence: Recurrence = Recurrence.token_and_depth
-    gru_hidden_size: int = 128
-    router_dim: int = 32
-    use_expression: bool = True
-    newton_schulz_steps: int = 0
-    ortho_loss: bool = True
-    srip_enabled: bool = True
-    so_warmup_steps: int = 100
-    so_lambda_max: float = 1e-2
-    gram_ema_decay: float = 0.99  # running expert directions for the inference-time (causal) cost
-    balance_distill_coef: float = 0.0  # SPECTRA: pull softmax(-C/eps) toward the balanced plan (0 = off)
-    balance_distill_target: DistillTarget = DistillTarget.plan
-    balance_bias_rate: float = 0.0  # SPECTRA: expert-side bias on -C learned from quota overflow (0 = off)
-
-    def __post_init__(self) -> None:
-        _check(self.name in ROUTER_NAMES, "router.name", f"unknown router {self.name!r}; choose one of {list(ROUTER_NAMES)}")
-        # Every knob is checked by the typed group of the router family that reads it (below),
-        # whichever router is chosen, so a wrong value fails at composition, naming its key.
-        switch, expert_choice, _, spectra = (group.from_router_keys(self) for group in (
-            SwitchRouterConfig, ExpertChoiceRouterConfig, HashRouterConfig, SpectraRouterConfig))
-        # choices given as strings (a config built in Python) become the groups' Enum members
-        self.aux_loss_variant = switch.aux_loss_variant
-        self.ec_inference = expert_choice.ec_inference
-        self.recurrence = spectra.recurrence
-        self.balance_distill_target = spectra.balance_distill_target
-
-
-@dataclass
 class OSRConfig:
     """Orthogonal Sinkhorn Routing (METHOD.md §2 steps 5-6)."""
 
@@ -255,7 +202,8 @@ class QuotaConfig:
 # ---------------------------------------------------------------- typed router groups
 # Each router family receives its own typed group, built by `build_router` from the flat user keys
 # (`router.*`, and `osr.*` / `quota.*` for SPECTRA): the keys stay the user's API, a router sees
-# only its knobs, and each knob's check is written once, in the group that reads it.
+# only its knobs, and each knob's check and default is written once, in the group that reads it.
+# The flat `RouterConfig` (the `router.*` schema) is generated from these groups' fields (below).
 
 
 def _keys_of(source, cls, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -275,7 +223,11 @@ def _keys_of(source, cls, skip: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 class _RouterGroup:
-    """How a typed router group is built from the flat user keys."""
+    """How a typed router group is built from the flat user keys, and its checks that need the
+    number of experts (`check_for`, called by `SpectraConfig` validation and by the router's
+    constructor, so each is stated once)."""
+
+    top_k: int
 
     @classmethod
     def from_router_keys(cls, router, **groups):
@@ -294,11 +246,18 @@ class _RouterGroup:
         (routers accept either: `build_router` passes the group, older callers a run config)."""
         return config if isinstance(config, cls) else cls.from_run_config(config)
 
+    def check_for(self, num_experts: int) -> _RouterGroup:
+        """The checks that need E = moe.num_experts (k <= E here; subclasses add theirs).
+        Returns self, so a constructor can write `rc = Group.of(config).check_for(E)`."""
+        _check(self.top_k <= num_experts, "router.top_k", f"k={self.top_k} exceeds moe.num_experts={num_experts}")
+        return self
+
 
 @dataclass
-class GateRouterConfig(_RouterGroup):
-    """topk: a linear softmax gate (routing/softmax_gate.py). router.top_k (k), router.jitter
-    (multiplicative U(1-j, 1+j) input noise in training), router.entropy_coef (positive sharpens)."""
+class LinearGateConfig(_RouterGroup):
+    """The linear gate shared by every learned gate router (routing/softmax_gate.py): router.top_k
+    (k), router.jitter (multiplicative U(1-j, 1+j) input noise in training), router.entropy_coef
+    (lambda_ent; positive sharpens routing)."""
 
     top_k: int = 2
     entropy_coef: float = 0.0
@@ -310,14 +269,52 @@ class GateRouterConfig(_RouterGroup):
 
 
 @dataclass
-class SwitchRouterConfig(GateRouterConfig):
-    """switch_top1 / switch_top2: the gate's knobs plus the balance loss, z-loss and capacity
-    (see RouterConfig). capacity_factor null = no token dropping."""
+class GateRouterConfig(LinearGateConfig):
+    """topk (and the base of every token-choice gate router): the gate's knobs plus
+    score_function: softmax (default) | sigmoid. sigmoid (DeepSeek-V3): s = sigmoid(logits),
+                    combine weights = s at the selected experts / their sum (k > 1; the raw s for
+                    k = 1), `probs` = s / sum_e s (what balance losses and metrics read).
+    num_groups, group_topk: group-limited top-k (DeepSeek-V3): the E experts form num_groups
+                    groups of E / num_groups; a group scores the sum of its top-2 selection scores;
+                    each token keeps its best group_topk groups and takes its top-k among their
+                    experts. num_groups = 1 = off (default)."""
+
+    score_function: ScoreFunction = ScoreFunction.softmax
+    num_groups: int = 1
+    group_topk: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.score_function = _choice(ScoreFunction, self.score_function, "router.score_function")
+        _check(self.num_groups >= 1, "router.num_groups", f"must be >= 1 (1 = no group-limited routing), got {self.num_groups}")
+        _check(1 <= self.group_topk <= self.num_groups, "router.group_topk",
+               f"must be in [1, router.num_groups={self.num_groups}], got {self.group_topk}")
+
+    def check_for(self, num_experts: int) -> GateRouterConfig:
+        super().check_for(num_experts)
+        _check(num_experts % self.num_groups == 0, "router.num_groups",
+               f"must divide moe.num_experts={num_experts}, got {self.num_groups}")
+        reachable = self.group_topk * (num_experts // self.num_groups)
+        _check(self.top_k <= reachable, "router.group_topk",
+               f"router.group_topk={self.group_topk} groups of {num_experts // self.num_groups} experts hold "
+               f"{reachable} < k={self.top_k} experts")
+        return self
+
+
+@dataclass
+class AuxLossRouterConfig(GateRouterConfig):
+    """Token-choice gate routers with a balance loss and optional capacity (switch_top1/2, seq_aux,
+    global_aux): aux_loss_coef (alpha of the router's balance loss), z_loss_coef (ST-MoE router
+    z-loss), capacity_factor (null = no token dropping; else each expert takes at most
+    ceil(cf * N * k / E) assignments) and drop_policy, which assignments an over-full expert keeps:
+        position  slot-major position order, GShard's (every token's first choice before any
+                  token's second choice, in token order); the default, and the behaviour before the key.
+        probs     the highest combine weights (Megatron-Core's moe_token_drop_policy=probs)."""
 
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     capacity_factor: float | None = None
-    aux_loss_variant: AuxLossVariant = AuxLossVariant.first_choice  # the default of models saved before the key
+    drop_policy: DropPolicy = DropPolicy.position
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -325,13 +322,86 @@ class SwitchRouterConfig(GateRouterConfig):
         _check(self.z_loss_coef >= 0.0, "router.z_loss_coef", f"must be >= 0, got {self.z_loss_coef}")
         if self.capacity_factor is not None:
             _check(self.capacity_factor > 0.0, "router.capacity_factor", f"must be > 0 (or null for no dropping), got {self.capacity_factor}")
-        self.aux_loss_variant = _choice(AuxLossVariant, self.aux_loss_variant, "router.aux_loss_variant")
+        self.drop_policy = _choice(DropPolicy, self.drop_policy, "router.drop_policy")
 
 
 @dataclass
-class ExpertChoiceRouterConfig(GateRouterConfig):
-    """expert_choice: the gate's knobs plus ec_capacity_factor (null = top_k, compute-matched) and
-    ec_inference (see RouterConfig)."""
+class SwitchRouterConfig(AuxLossRouterConfig):
+    """switch_top1 / switch_top2: the balance loss E * sum_e f_e P_e with
+    aux_loss_variant: which assignments f_e counts for top-2 (identical for top-1):
+        first_choice  f_e = share of tokens whose *first* choice is e (default). The paper (5.3)
+                      gives Switch top-2 "the same load balancing as Top-1", and Switch's f_e
+                      (Fedus et al. 2021, eq. 5) counts each token's argmax; GShard (where top-2
+                      gating comes from), fairscale and DeepSpeed count first choices too.
+        all_slots     f_e = share of all N * k assignments that go to e (Megatron-Core).
+    The subclasses fix k (`fixed_k`)."""
+
+    aux_loss_variant: AuxLossVariant = AuxLossVariant.first_choice  # the default of models saved before the key
+    fixed_k: ClassVar[int | None] = None
+    router_name: ClassVar[str] = "switch"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.aux_loss_variant = _choice(AuxLossVariant, self.aux_loss_variant, "router.aux_loss_variant")
+
+    def check_for(self, num_experts: int) -> SwitchRouterConfig:
+        if self.fixed_k is not None:
+            s = "" if self.fixed_k == 1 else "s"
+            _check(self.top_k == self.fixed_k, "router.top_k",
+                   f"{self.router_name} routes to exactly {self.fixed_k} expert{s}, got {self.top_k}")
+        super().check_for(num_experts)
+        return self
+
+
+@dataclass
+class SwitchTop1RouterConfig(SwitchRouterConfig):
+    """switch_top1: k = 1."""
+
+    fixed_k: ClassVar[int | None] = 1
+    router_name: ClassVar[str] = "switch_top1"
+
+
+@dataclass
+class SwitchTop2RouterConfig(SwitchRouterConfig):
+    """switch_top2: k = 2."""
+
+    fixed_k: ClassVar[int | None] = 2
+    router_name: ClassVar[str] = "switch_top2"
+
+
+@dataclass
+class AuxFreeRouterConfig(GateRouterConfig):
+    """aux_free (routing/aux_free.py): the gate's knobs plus bias_update_rate (u, DeepSeek-V3's
+    bias update speed gamma = 1e-3): each optimizer step moves every expert's selection bias by
+    u * sign(mean load - load). conf/router/aux_free.yaml sets score_function: sigmoid (DeepSeek-V3)."""
+
+    bias_update_rate: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.bias_update_rate >= 0.0, "router.bias_update_rate", f"must be >= 0, got {self.bias_update_rate}")
+
+
+@dataclass
+class SinkhornBaseRouterConfig(LinearGateConfig):
+    """sinkhorn_base (routing/sinkhorn_base.py): the linear gate's knobs plus sinkhorn_iterations,
+    the column + row sweeps of the training-time balanced assignment."""
+
+    sinkhorn_iterations: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.sinkhorn_iterations >= 1, "router.sinkhorn_iterations", f"must be >= 1, got {self.sinkhorn_iterations}")
+
+
+@dataclass
+class ExpertChoiceRouterConfig(LinearGateConfig):
+    """expert_choice: the linear gate's knobs plus
+    ec_capacity_factor: cf; null = top_k, i.e. compute-matched with token-choice top-k: each expert
+        takes ceil(N * cf / E) tokens, so cf expert applications per token, the EC paper's c = k.
+    ec_inference: how an eval-mode forward routes. batch = a teacher-forced forward of the trainer /
+        monitor routes as in training, over the whole batch; generation and other calls use the
+        causal token-choice top-k fallback. causal = every eval-mode forward uses the fallback."""
 
     ec_capacity_factor: float | None = None
     ec_inference: ECInference = ECInference.batch  # the default of models saved before the key
@@ -350,8 +420,10 @@ class ExpertChoiceRouterConfig(GateRouterConfig):
 
 @dataclass
 class HashRouterConfig(_RouterGroup):
-    """hash: router.top_k and router.hash_per_layer (false = the unsalted hash of models saved
-    before the key; conf/router/hash.yaml sets true)."""
+    """hash: router.top_k and router.hash_per_layer (true = each layer hashes with its own
+    constants, salted by its layer index, as Roller et al. draw one random hash per layer;
+    conf/router/hash.yaml sets it. The default false keeps models saved before the key rebuilding
+    the unsalted hash they trained with)."""
 
     top_k: int = 2
     hash_per_layer: bool = False
@@ -362,7 +434,10 @@ class HashRouterConfig(_RouterGroup):
 
 @dataclass
 class SpectraRouterConfig(_RouterGroup):
-    """spectra: its `router.*` knobs (see RouterConfig) and the `osr` and `quota` groups."""
+    """spectra: its `router.*` knobs and the `osr` and `quota` groups. recurrence, gru_hidden_size,
+    router_dim (D), use_expression, newton_schulz_steps, ortho_loss, srip_enabled, so_warmup_steps,
+    so_lambda_max: METHOD.md §2-3; gram_ema_decay: running expert directions for the
+    inference-time (causal) cost."""
 
     top_k: int = 2
     entropy_coef: float = 0.0
@@ -401,11 +476,93 @@ class SpectraRouterConfig(_RouterGroup):
         self.balance_distill_target = _choice(DistillTarget, self.balance_distill_target, "router.balance_distill_target")
         _check(self.balance_bias_rate >= 0.0, "router.balance_bias_rate", f"must be >= 0, got {self.balance_bias_rate}")
 
+    def check_for(self, num_experts: int) -> SpectraRouterConfig:
+        # w = Q_sel / Σ Q_sel over the k selected experts is identically 1 when k = 1, so the LM
+        # loss would send the router no gradient at all (it would learn from aux losses only).
+        _check(self.top_k >= 2, "router.top_k",
+               f"router=spectra needs k >= 2 (set moe.top_k, which router.top_k reads): with k={self.top_k} "
+               "the renormalised weight is always 1 and the router gets no gradient from the LM loss")
+        super().check_for(num_experts)
+        return self
+
     @classmethod
     def from_run_config(cls, cfg):
         """The group from a run config's `router`, `osr` and `quota` groups."""
         osr, quota = OSRConfig.of(cfg.osr), QuotaConfig.of(cfg.quota)
         return cls.from_router_keys(cfg.router, osr=osr, quota=quota)
+
+
+# router.name -> the typed group its router receives (`Router.config_class` must be this class;
+# spectra.routing checks it when it registers the routers). `dense` has no router.
+ROUTER_GROUPS: dict[str, type[_RouterGroup]] = {
+    "topk": GateRouterConfig,
+    "spectra": SpectraRouterConfig,
+    "switch_top1": SwitchTop1RouterConfig,
+    "switch_top2": SwitchTop2RouterConfig,
+    "expert_choice": ExpertChoiceRouterConfig,
+    "hash": HashRouterConfig,
+}
+# Every group, in the order their keys appear in RouterConfig.
+_GROUPS = (GateRouterConfig, AuxLossRouterConfig, SwitchRouterConfig, AuxFreeRouterConfig, SinkhornBaseRouterConfig,
+           ExpertChoiceRouterConfig, HashRouterConfig, SpectraRouterConfig)
+
+
+def router_group(cfg) -> _RouterGroup:
+    """The typed group of the router `cfg.router.name` names, built from run config `cfg`."""
+    return ROUTER_GROUPS[cfg.router.name].from_run_config(cfg)
+
+
+_WHOLE_GROUPS = ("osr", "quota")  # SpectraRouterConfig fields that are their own top-level groups
+
+
+def _router_keys() -> list[tuple[str, Any, Any]]:
+    """(key, type, dataclasses.field) of every `router.*` key: `name`, then the union of the
+    groups' fields, each stated once. Two groups sharing a key must agree on its type and default
+    (checked here, at import)."""
+    keys: dict[str, tuple[Any, Any]] = {}
+    for group in _GROUPS:
+        hints = typing.get_type_hints(group)
+        for f in dataclasses.fields(group):
+            if f.name in _WHOLE_GROUPS:
+                continue
+            if f.name in keys:
+                t, default = keys[f.name]
+                if (t, default) != (hints[f.name], f.default):
+                    raise TypeError(f"router.{f.name}: {group.__name__} states type/default "
+                                    f"{hints[f.name]}/{f.default!r}, another group {t}/{default!r}")
+                continue
+            keys[f.name] = (hints[f.name], f.default)
+    out: list[tuple[str, Any, Any]] = [("name", str, field(default="topk"))]
+    out += [(name, t, field(default=default)) for name, (t, default) in keys.items()]
+    return out
+
+
+def _router_config_post_init(self) -> None:
+    _check(self.name in ROUTER_NAMES, "router.name", f"unknown router {self.name!r}; choose one of {list(ROUTER_NAMES)}")
+    # Every knob is checked by the typed group of the router family that reads it, whichever
+    # router is chosen, so a wrong value fails at composition, naming its key.
+    for group in _GROUPS:
+        built = group.from_router_keys(self)
+        for f in dataclasses.fields(group):  # choices given as strings become the groups' Enum members
+            if isinstance(getattr(built, f.name), StrEnum):
+                setattr(self, f.name, getattr(built, f.name))
+
+
+RouterConfig = dataclasses.make_dataclass(
+    "RouterConfig",
+    _router_keys(),
+    namespace={"__post_init__": _router_config_post_init, "__module__": __name__},
+)
+RouterConfig.__doc__ = """Router choice and its knobs: the flat `router.*` keys of the user's API.
+
+Generated from the typed groups (ROUTER_GROUPS: GateRouterConfig, AuxLossRouterConfig,
+SwitchRouterConfig, AuxFreeRouterConfig, SinkhornBaseRouterConfig, ExpertChoiceRouterConfig,
+HashRouterConfig, SpectraRouterConfig): `name` plus the union of their fields, so each key, its
+type and default are stated once, in the group that reads it (see those groups for what each
+key means). A router never sees this object: `build_router` gives each router its own group built
+from these keys, and those groups hold every check; knobs a router does not use are still
+checked here, at composition (`__post_init__` builds every group).
+"""
 
 
 @dataclass
@@ -564,17 +721,7 @@ class SpectraConfig:
         r, m = self.router, self.moe
         if r.name != NO_ROUTER:
             _check(m.num_experts >= 2, "moe.num_experts", f"an MoE router needs >= 2 experts, got {m.num_experts}")
-            _check(r.top_k <= m.num_experts, "router.top_k", f"k={r.top_k} exceeds moe.num_experts={m.num_experts}")
-        if r.name == "spectra":
-            # w = Q_sel / Σ Q_sel over the k selected experts is identically 1 when k = 1, so the LM
-            # loss would send the router no gradient at all (it would learn from aux losses only).
-            _check(r.top_k >= 2, "router.top_k",
-                   f"router=spectra needs k >= 2 (set moe.top_k, which router.top_k reads): with k={r.top_k} "
-                   "the renormalised weight is always 1 and the router gets no gradient from the LM loss")
-        if r.name == "switch_top1":
-            _check(r.top_k == 1, "router.top_k", f"switch_top1 routes to exactly 1 expert, got {r.top_k}")
-        if r.name == "switch_top2":
-            _check(r.top_k == 2, "router.top_k", f"switch_top2 routes to exactly 2 experts, got {r.top_k}")
+            router_group(self).check_for(m.num_experts)  # k and the router's other E-dependent checks
         if self.trainer.bf16 and self.deepspeed.stage > 0:
             pass  # DeepSpeed bf16 is configured from trainer.bf16 (see train/deepspeed.py)
         _check(len(self.objectives) >= 1, "objectives", "needs at least one metric name")

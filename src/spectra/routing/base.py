@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from spectra.config import ROUTER_GROUPS
 from spectra.routers_catalog import NO_ROUTER, ROUTER_NAMES
 
 
@@ -193,6 +194,10 @@ def check_registry_matches_catalog() -> None:
     missing = set(ROUTER_NAMES) - {NO_ROUTER} - set(ROUTERS)
     if missing:
         raise RuntimeError(f"spectra.routers_catalog lists routers no module registers: {sorted(missing)}")
+    # The group a router receives is the one config validation checks (spectra.config.ROUTER_GROUPS).
+    wrong = {name: f.config_class.__name__ for name, f in ROUTERS.items() if ROUTER_GROUPS.get(name) is not f.config_class}
+    if wrong:
+        raise RuntimeError(f"routers whose config_class is not spectra.config.ROUTER_GROUPS[name]: {wrong}")
 
 
 def build_router(cfg, hidden_size: int, num_experts: int, layer_idx: int | None = None) -> Router:

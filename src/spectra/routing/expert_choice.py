@@ -88,12 +88,7 @@ class ExpertChoiceRouter(SoftmaxGateRouter):
     config_class = ExpertChoiceRouterConfig
 
     def __init__(self, config: ExpertChoiceRouterConfig, hidden_size: int, num_experts: int):
-        rc = ExpertChoiceRouterConfig.of(config)
-        if not 1 <= rc.top_k <= num_experts:
-            raise ValueError(
-                f"router.top_k: expert_choice's inference fallback routes each token to top_k experts; "
-                f"need 1 <= top_k <= num_experts={num_experts}, got {rc.top_k}"
-            )
+        rc = ExpertChoiceRouterConfig.of(config).check_for(num_experts)  # the fallback's k <= E
         super().__init__(hidden_size, num_experts, rc.top_k, jitter=rc.jitter, entropy_coef=rc.entropy_coef,
                          gate_init="switch")  # same init as the Switch router
         self.capacity_factor = rc.capacity_factor  # null ec_capacity_factor = top_k (compute-matched)

@@ -88,12 +88,8 @@ class HashRouter(Router):
     config_class = HashRouterConfig
 
     def __init__(self, config: HashRouterConfig, hidden_size: int, num_experts: int, layer_idx: int = 0):
-        rc = HashRouterConfig.of(config)
+        rc = HashRouterConfig.of(config).check_for(num_experts)  # k distinct experts: k <= E
         k = rc.top_k
-        if not 1 <= k <= num_experts:
-            raise ValueError(
-                f"router.top_k: hash routing needs k distinct experts, 1 <= k <= num_experts={num_experts}, got {k}"
-            )
         super().__init__(hidden_size, num_experts, k)
         # Salted by the layer with hash_per_layer (absent in configs saved before the key: unsalted).
         self.salt = layer_idx if rc.hash_per_layer else 0

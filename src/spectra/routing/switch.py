@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from spectra.config import AuxLossVariant, SwitchRouterConfig
+from spectra.config import AuxLossVariant, SwitchRouterConfig, SwitchTop1RouterConfig, SwitchTop2RouterConfig
 from spectra.routing.base import RoutingInputs, RoutingOutput, register_router
 from spectra.routing.losses import load_balancing_loss, router_z_loss
 from spectra.routing.selection import expert_capacity
@@ -67,22 +67,15 @@ def capacity_keep_mask(
 class SwitchRouter(SoftmaxGateRouter):
     """Softmax top-k router with load-balancing loss, z-loss, jitter and optional capacity.
 
-    Subclasses fix k (`switch_top1`, `switch_top2`); `cfg.router.top_k` must agree.
+    Subclasses fix k through their config group (`switch_top1`, `switch_top2`: the group's
+    `check_for` refuses another `router.top_k`).
     """
 
-    k: int = 1
-    router_name: str = "switch"
-
-    config_class = SwitchRouterConfig
+    config_class: type[SwitchRouterConfig] = SwitchRouterConfig
 
     def __init__(self, config: SwitchRouterConfig, hidden_size: int, num_experts: int):
-        rc = SwitchRouterConfig.of(config)
-        if rc.top_k != self.k:
-            raise ValueError(f"router.top_k: {self.router_name} routes to exactly {self.k} expert(s), got {rc.top_k}")
-        if num_experts < self.k:
-            raise ValueError(
-                f"router.top_k: {self.router_name} needs at least {self.k} experts, got num_experts={num_experts}"
-            )
+        rc = self.config_class.of(config).check_for(num_experts)
+        self.k = rc.top_k
         # Switch init: truncated normal, std = sqrt(0.1 / fan_in), cut at 2 std -> near-uniform probs.
         super().__init__(hidden_size, num_experts, self.k, jitter=rc.jitter, entropy_coef=rc.entropy_coef,
                          gate_init="switch")
@@ -129,13 +122,11 @@ class SwitchRouter(SoftmaxGateRouter):
 class SwitchTop1Router(SwitchRouter):
     """Switch Transformer routing: one expert per token, gate weight = its softmax probability."""
 
-    k = 1
-    router_name = "switch_top1"
+    config_class = SwitchTop1RouterConfig
 
 
 @register_router("switch_top2")
 class SwitchTop2Router(SwitchRouter):
     """GShard / Mixtral top-2 routing: two experts per token, weights renormalised to sum 1."""
 
-    k = 2
-    router_name = "switch_top2"
+    config_class = SwitchTop2RouterConfig

@@ -24,7 +24,7 @@ class TopKRouter(SoftmaxGateRouter):
     config_class = GateRouterConfig
 
     def __init__(self, config: GateRouterConfig, hidden_size: int, num_experts: int):
-        rc = GateRouterConfig.of(config)
+        rc = GateRouterConfig.of(config).check_for(num_experts)
         super().__init__(hidden_size, num_experts, rc.top_k, jitter=rc.jitter, entropy_coef=rc.entropy_coef,
                          gate_init="normal")
 
