@@ -21,7 +21,7 @@ SWEEP = $(PYTHON) train.py -m +sweep=$(1) scale=$(SCALE) hydra/launcher=$(LAUNCH
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP)  ## create .venv and install the committed lock (torch first, by exact version, unless one is there)
+setup: $(STAMP)  ## create .venv and install the committed lock: spectra[dev,eval] (torch first, by exact version, unless one is there)
 
 # The lock (requirements/lock.txt) pins every package the suite passed with, transitive ones
 # included, as pip constraints; torch is pinned here by TORCH_VERSION instead, because a GPU host
@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	@# A GPU host installs its own CUDA torch into .venv first; then this line installs nothing.
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q -c $(LOCK) torch==$(TORCH_VERSION)
 	@$(PYTHON) -m pip install -q -c $(LOCK) setuptools wheel
-	$(PYTHON) -m pip install -q --no-build-isolation -c $(LOCK) -e '.[dev]'
+	$(PYTHON) -m pip install -q --no-build-isolation -c $(LOCK) -e '.[dev,eval]'
 	@$(PYTHON) requirements/check_lock.py $(LOCK)
 	@touch $(STAMP)
 
@@ -45,13 +45,13 @@ latest-venv:
 	python3 -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
 	$(LATEST_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
-	$(LATEST_VENV)/bin/python -m pip install -q --no-build-isolation -e '.[dev]'
+	$(LATEST_VENV)/bin/python -m pip install -q --no-build-isolation -e '.[dev,eval]'
 
 test-latest: latest-venv  ## the whole suite on the newest upstream releases (in .venv-latest; the lock is untouched)
 	SPECTRA_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest -q
 
 lock: latest-venv  ## re-resolve the newest releases into requirements/lock.txt; then run `make test`
-	@{ echo "# pip constraints: every package of spectra[dev], transitive ones included, at the versions the"; \
+	@{ echo "# pip constraints: every package of spectra[dev,eval], transitive ones included, at the versions the"; \
 	  echo "# suite passed with. Written by \`make lock\` ($$(date -u +%Y-%m-%d), Python $$($(LATEST_VENV)/bin/python -c 'import platform; print(platform.python_version())'))."; \
 	  echo "# torch is pinned by TORCH_VERSION in the Makefile ($(TORCH_VERSION)), not here: GPU hosts bring their own build."; \
 	  $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i '^torch==' | LC_ALL=C sort -f; } > $(LOCK).tmp
@@ -102,6 +102,20 @@ SWEEPS ?= $(shell test -x $(PYTHON) && $(PYTHON) -m spectra.analysis latest outp
 report: setup  ## tables (md/tex/csv) + figures of the latest sweeps -> outputs/report/index.md
 	@test -n "$(strip $(SWEEPS))" || { echo "no sweep under outputs/: run make demo or a sweep, or pass SWEEPS=dir..." >&2; exit 2; }
 	$(PYTHON) -m spectra.analysis report $(SWEEPS) --out outputs/report
+
+# Downstream evaluation (lm-evaluation-harness, the `eval` extra) of a saved model; the results go
+# to the run directory (MODEL's parent when MODEL is a run's model/) as eval_harness.json.
+# TASKS=bundled (default: local tasks from the corpus's held-out split) | paper | any lm-eval names;
+# EVAL_ARGS passes more options, e.g. EVAL_ARGS="--device cuda --batch-size auto --allow-code-execution".
+MODEL ?=
+TASKS ?= bundled
+LIMIT ?=
+VIA ?= moe
+EVAL_ARGS ?=
+.PHONY: eval
+eval: setup  ## lm-eval on a saved model -> <run dir>/eval_harness.json (MODEL=outputs/demo/spectra/model TASKS=bundled|paper LIMIT= VIA=moe|hf)
+	@test -n "$(MODEL)" || { echo "usage: make eval MODEL=<run dir>/model [TASKS=bundled|paper|task,...] [LIMIT=n] [VIA=moe|hf]" >&2; exit 2; }
+	$(PYTHON) -m spectra.eval $(MODEL) --tasks $(TASKS) --via $(VIA) $(if $(LIMIT),--limit $(LIMIT)) $(EVAL_ARGS)
 
 test: setup  ## the whole suite (slow end-to-end tests included)
 	$(PYTHON) -m pytest -q
