@@ -1,6 +1,7 @@
 """Expert selection from routing scores (METHOD.md §2 step 7).
 
 `topk_select`   plain per-token top-k.
+`group_limited_topk`  per-token top-k inside the token's best expert groups (DeepSeek-V3).
 `quota_topk`    top-k under a HARD per-expert capacity: every real token gets k distinct experts,
                 no expert serves more than `capacity` real tokens, no token is dropped.
 
@@ -64,7 +65,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["QuotaResult", "expert_capacity", "quota_capacity", "quota_topk", "topk_select"]
+__all__ = ["QuotaResult", "expert_capacity", "group_limited_topk", "quota_capacity", "quota_topk", "topk_select"]
 
 _BIG = 1e30  # scores are clamped to ±_BIG; forbidden (−inf) pairs are tracked by a mask
 _TOL = 1e-6  # polish accepts a move only if it gains more than _TOL · max|score| (fp32 rounding)
@@ -73,6 +74,30 @@ _TOL = 1e-6  # polish accepts a move only if it gains more than _TOL · max|scor
 def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Per-token top-k: scores [N, E] -> expert index [N, k] (long), best first."""
     return scores.topk(k, dim=-1).indices
+
+
+def group_limited_topk(scores: torch.Tensor, k: int, num_groups: int = 1, group_topk: int = 1) -> torch.Tensor:
+    """Group-limited top-k (DeepSeek-V3's node-limited routing; Megatron-Core's
+    moe_router_num_groups / moe_router_group_topk), scores [N, E] -> expert index [N, k], best first.
+
+    The E experts form `num_groups` consecutive groups of g = E / num_groups (expert e is in group
+    e // g). Per token:
+        group score  = sum of the group's top-min(2, g) scores                    [N, G]
+                       (DeepSeek-V3's `scores_for_choice.topk(2).sum`)
+        kept groups  = the token's `group_topk` best groups                        [N, group_topk]
+        experts      = top-k of the scores, experts outside the kept groups excluded
+    num_groups = 1 is plain top-k. Needs k <= group_topk · g (config: GateRouterConfig.check_for).
+    Ties in either top-k fall to torch.topk's order.
+    """
+    if num_groups == 1:
+        return scores.topk(k, dim=-1).indices
+    n, e = scores.shape
+    g = e // num_groups
+    group_score = scores.view(n, num_groups, g).topk(min(2, g), dim=-1).values.sum(-1)  # [N, G]
+    kept = group_score.topk(group_topk, dim=-1).indices  # [N, group_topk]
+    mask = torch.zeros(n, num_groups, dtype=torch.bool, device=scores.device).scatter_(1, kept, True)  # [N, G]
+    allowed = mask.repeat_interleave(g, dim=1)  # [N, E]
+    return scores.masked_fill(~allowed, float("-inf")).topk(k, dim=-1).indices
 
 
 def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:

@@ -1,0 +1,191 @@
+"""Megatron-Core / DeepSeek-V3 router options (#21): score function, group-limited top-k, drop
+policy, and the routers seq_aux, global_aux, aux_free, sinkhorn_base.
+
+Every expected value is computed here independently — Python loops over lists, `math.exp`,
+numpy, brute force over all choices — never copied from the routers' output. Routers get an
+identity gate (H = E, W = I) wherever a test dictates the logits: then logits = hidden.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from spectra.config import RouterConfig
+from spectra.routing import build_router
+from spectra.routing.base import RoutingInputs
+from spectra.routing.selection import expert_capacity, group_limited_topk
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_router(name: str, num_experts: int, **router_kw):
+    """Router `name` from the registry with an identity gate (logits = hidden, H = E)."""
+    router = build_router(SimpleNamespace(router=RouterConfig(name=name, **router_kw)), hidden_size=num_experts,
+                          num_experts=num_experts)
+    if hasattr(router, "gate"):
+        with torch.no_grad():
+            router.gate.weight.copy_(torch.eye(num_experts))
+    return router
+
+
+def inputs_of(hidden: torch.Tensor, valid: torch.Tensor | None = None, doc_start: torch.Tensor | None = None):
+    """RoutingInputs for hidden [B, S, H] (or [N, H], one row)."""
+    if hidden.dim() == 2:
+        hidden = hidden.unsqueeze(0)
+    b, s = hidden.shape[:2]
+    if valid is None:
+        valid = torch.ones(b, s, dtype=torch.bool)
+    if doc_start is None:
+        doc_start = torch.zeros(b, s, dtype=torch.bool)
+        doc_start[:, 0] = True
+    return RoutingInputs(hidden=hidden, valid=valid, doc_start=doc_start, teacher_forced=True)
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def py_softmax(row: list[float]) -> list[float]:
+    ex = [math.exp(v) for v in row]
+    return [v / sum(ex) for v in ex]
+
+
+def ranked(row: list[float], allowed=None) -> list[int]:
+    """Experts by descending score (ties: lower index), only `allowed` ones."""
+    idx = [e for e in range(len(row)) if allowed is None or e in allowed]
+    return sorted(idx, key=lambda e: (-row[e], e))
+
+
+def brute_group_limited(row: list[float], k: int, num_groups: int, group_topk: int) -> list[int]:
+    """DeepSeek-V3 group-limited top-k by enumeration: the group_topk groups of largest
+    (top-2 sum) score, then the best k experts inside them."""
+    g = len(row) // num_groups
+    gscore = [sum(sorted(row[i * g:(i + 1) * g], reverse=True)[:2]) for i in range(num_groups)]
+    best_groups = max(itertools.combinations(range(num_groups), group_topk), key=lambda c: sum(gscore[i] for i in c))
+    allowed = {e for i in best_groups for e in range(i * g, (i + 1) * g)}
+    return ranked(row, allowed)[:k]
+
+
+# ----------------------------------------------------------------------------- score function, groups
+
+
+@pytest.mark.parametrize("num_groups, group_topk, k", [(4, 2, 3), (4, 1, 2), (2, 1, 2), (8, 3, 2), (1, 1, 3)])
+def test_group_limited_topk_matches_brute_force(num_groups, group_topk, k):
+    gen = torch.Generator().manual_seed(num_groups * 10 + group_topk)
+    scores = torch.randn(50, 8, generator=gen)
+    got = group_limited_topk(scores, k, num_groups, group_topk)
+    for t, row in enumerate(scores.tolist()):
+        assert got[t].tolist() == brute_group_limited(row, k, num_groups, group_topk), t
+
+
+def test_group_limited_topk_by_hand():
+    # 4 experts in 2 groups {0,1}, {2,3}; group scores (top-2 sums): 0.9 + 0.0 = 0.9 vs 0.5 + 0.5 = 1.0,
+    # so the token keeps group {2,3} although expert 0 has the single best score.
+    scores = torch.tensor([[0.9, 0.0, 0.5, 0.5]])
+    assert group_limited_topk(scores, 1, num_groups=2, group_topk=1).tolist() == [[2]]
+    assert group_limited_topk(scores, 1, num_groups=1, group_topk=1).tolist() == [[0]]
+
+
+@pytest.mark.parametrize("name", ["topk", "switch_top2"])
+def test_sigmoid_scores_weights_and_probs_by_hand(name):
+    logits = [[2.0, -1.0, 0.5, 1.0], [0.0, 0.3, -2.0, 0.2]]
+    r = make_router(name, 4, top_k=2, score_function="sigmoid")
+    out = r(inputs_of(torch.tensor(logits)))
+    for t, row in enumerate(logits):
+        s = [sigmoid(v) for v in row]
+        top = ranked(s)[:2]
+        assert out.expert_index[t].tolist() == top
+        assert out.expert_weight[t].tolist() == pytest.approx([s[e] / (s[top[0]] + s[top[1]]) for e in top], rel=1e-6)
+        assert out.probs[t].tolist() == pytest.approx([v / sum(s) for v in s], rel=1e-6)
+
+
+def test_switch_top1_sigmoid_weight_is_the_raw_sigmoid():
+    logits = [[0.2, 1.5, -0.3]]
+    out = make_router("switch_top1", 3, top_k=1, score_function="sigmoid")(inputs_of(torch.tensor(logits)))
+    assert out.expert_index.tolist() == [[1]]
+    assert out.expert_weight.item() == pytest.approx(sigmoid(1.5), rel=1e-6)  # not 1: the LM loss reaches the gate
+
+
+@pytest.mark.parametrize("name", ["topk", "switch_top2"])
+def test_routers_use_group_limited_topk(name):
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 8, generator=gen)
+    r = make_router(name, 8, top_k=2, num_groups=4, group_topk=2)
+    out = r(inputs_of(logits))
+    for t, row in enumerate(logits.softmax(-1).tolist()):
+        assert out.expert_index[t].tolist() == brute_group_limited(row, 2, 4, 2), t
+
+
+# ----------------------------------------------------------------------------- drop policy
+
+
+def brute_capacity_keep(index: list[list[int]], weight: list[list[float]], valid: list[bool], capacity: int,
+                        policy: str) -> list[list[bool]]:
+    """Per expert, keep `capacity` of the real tokens' assignments: by slot-major position
+    (position) or by descending weight, ties by position (probs)."""
+    n, k = len(index), len(index[0])
+    keep = [[False] * k for _ in range(n)]
+    experts = {e for row in index for e in row}
+    for e in experts:
+        queue = [(t, j) for j in range(k) for t in range(n) if valid[t] and index[t][j] == e]  # position order
+        if policy == "probs":
+            queue.sort(key=lambda tj: -weight[tj[0]][tj[1]])  # stable: ties keep position order
+        for t, j in queue[:capacity]:
+            keep[t][j] = True
+    return keep
+
+
+@pytest.mark.parametrize("policy", ["position", "probs"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_drop_policy_matches_brute_force(policy, seed):
+    gen = torch.Generator().manual_seed(seed)
+    e, cf = 4, 0.75
+    logits = torch.randn(2, 9, e, generator=gen) * 2
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, :3] = False  # left padding takes no capacity
+    r = make_router("switch_top2", e, top_k=2, capacity_factor=cf, drop_policy=policy)
+    out = r(inputs_of(logits, valid))
+    flat_valid = valid.reshape(-1).tolist()
+    n_valid = sum(flat_valid)
+    capacity = math.ceil(cf * n_valid * 2 / e)  # ceil(0.75 * 15 * 2 / 4) = 6
+    assert capacity == expert_capacity(n_valid, 2, e, cf) == 6
+    index = out.expert_index.tolist()
+    # the combine weights before dropping: softmax renormalised over the 2 choices
+    weight = []
+    for row, idx in zip(logits.reshape(-1, e).tolist(), index, strict=True):
+        p = py_softmax(row)
+        weight.append([p[i] / (p[idx[0]] + p[idx[1]]) for i in idx])
+    keep = brute_capacity_keep(index, weight, flat_valid, capacity, policy)
+    served = (out.valid.unsqueeze(-1) & ~out.dropped).tolist()
+    assert served == keep
+    assert sum(map(sum, keep)) < 2 * n_valid  # something was dropped: the test exercises the policy
+
+
+def test_drop_policy_probs_keeps_the_heaviest_by_hand():
+    # 3 tokens all choose expert 0 (top-1, capacity ceil(0.5 * 3 * 1 / 2) = 1 slot per expert).
+    # position keeps token 0; probs keeps the token with the largest weight: token 2.
+    logits = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])
+    for policy, kept in (("position", 0), ("probs", 2)):
+        out = make_router("switch_top1", 2, top_k=1, capacity_factor=0.5, drop_policy=policy)(inputs_of(logits))
+        served = (~out.dropped[:, 0]).tolist()
+        assert served == [t == kept for t in range(3)], policy
+
+
+def test_defaults_keep_the_routing_of_before_the_keys():
+    """softmax, one group, position policy: the routers route as before the keys existed."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(30, 6, generator=gen)
+    out = make_router("switch_top2", 6, top_k=2, capacity_factor=1.0)(inputs_of(logits))
+    p = logits.softmax(-1)
+    top = p.topk(2, -1)
+    assert torch.equal(out.expert_index, top.indices)
+    served = out.valid.unsqueeze(-1) & ~out.dropped
+    expected = torch.where(served, top.values / top.values.sum(-1, keepdim=True), 0.0)
+    assert torch.allclose(out.expert_weight, expected)
+
+
