@@ -15,7 +15,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from spectra.config import RouterConfig
+from conftest import tiny_causal_lm
+from spectra.config import RouterConfig, load_config, validate
+from spectra.moe import load_moe_model, save_moe_model, upcycle
+from spectra.moe.loading import load_weights
+from spectra.moe.upcycle import routers
 from spectra.routing import build_router
 from spectra.routing.base import RoutingInputs
 from spectra.routing.selection import expert_capacity, group_limited_topk
@@ -189,3 +193,85 @@ def test_defaults_keep_the_routing_of_before_the_keys():
     assert torch.allclose(out.expert_weight, expected)
 
 
+
+
+# ----------------------------------------------------------------------------- aux_free
+
+
+def test_aux_free_bias_update_rule_by_hand():
+    # E = 4, k = 1, u = 0.1, sigmoid scores; two micro-batches of one optimizer step.
+    r = make_router("aux_free", 4, top_k=1, bias_update_rate=0.1, score_function="sigmoid").train()
+    mb1 = torch.tensor([[3.0, 0, 0, 0], [3.0, 0, 0, 0], [0, 3.0, 0, 0]])  # experts 0, 0, 1
+    mb2 = torch.tensor([[3.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 3.0], [9.0, 0, 0, 0]])  # 0, 2, 3, padding
+    r(inputs_of(mb1))
+    valid2 = torch.tensor([[True, True, True, False]])
+    r(inputs_of(mb2, valid2))
+    assert r.expert_bias.tolist() == [0.0, 0.0, 0.0, 0.0]  # forwards only collect
+    r.on_optimizer_step(1)
+    # load over the step: e0 = 3, e1 = 1, e2 = 1, e3 = 1 (padding not counted); mean = 1.5
+    # b = 0.1 * sign(1.5 - load) = [-0.1, +0.1, +0.1, +0.1]
+    assert r.expert_bias.tolist() == pytest.approx([-0.1, 0.1, 0.1, 0.1])
+    # no forward since: nothing collected, nothing changes
+    r.on_optimizer_step(2)
+    assert r.expert_bias.tolist() == pytest.approx([-0.1, 0.1, 0.1, 0.1])
+    # an expert exactly at the mean keeps its bias: loads (2, 0, 1, 1), mean 1 -> sign (-, +, 0, 0)
+    r(inputs_of(torch.tensor([[3.0, 0, 0, 0], [3.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 3.0]])))
+    r.on_optimizer_step(3)
+    assert r.expert_bias.tolist() == pytest.approx([-0.2, 0.2, 0.1, 0.1])
+
+
+def test_aux_free_eval_and_skipped_steps_collect_nothing():
+    r = make_router("aux_free", 3, top_k=1, bias_update_rate=0.5)
+    x = torch.tensor([[2.0, 0, 0], [2.0, 0, 0]])
+    r.eval()
+    r(inputs_of(x))
+    r.on_optimizer_step(1)
+    assert r.expert_bias.tolist() == [0.0, 0.0, 0.0]
+    r.train()
+    r(inputs_of(x))
+    r.on_skipped_step()
+    r.on_optimizer_step(2)
+    assert r.expert_bias.tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("score_function", ["sigmoid", "softmax"])
+def test_aux_free_bias_steers_selection_but_never_the_weights(score_function):
+    logits = [[1.0, 0.5, -0.5, 0.0], [0.2, 2.0, 0.1, -1.0]]
+    r = make_router("aux_free", 4, top_k=2, score_function=score_function).eval()
+    bias = [0.0, 0.0, 5.0, 0.0]  # large enough to force expert 2 into every token's top-2
+    with torch.no_grad():
+        r.expert_bias.copy_(torch.tensor(bias))
+    out = r(inputs_of(torch.tensor(logits)))
+    for t, row in enumerate(logits):
+        s = [sigmoid(v) for v in row] if score_function == "sigmoid" else py_softmax(row)
+        top = ranked([s[e] + bias[e] for e in range(4)])[:2]
+        assert top[0] == 2 and out.expert_index[t].tolist() == top
+        expected = [s[e] / (s[top[0]] + s[top[1]]) for e in top]  # unbiased scores only
+        assert out.expert_weight[t].tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_aux_free_gradient_does_not_reach_the_bias():
+    r = make_router("aux_free", 4, top_k=2).train()
+    out = r(inputs_of(torch.randn(6, 4)))
+    out.expert_weight.sum().backward()
+    assert r.gate.weight.grad is not None and not r.expert_bias.requires_grad
+    assert "expert_bias" in r.state_dict()  # persistent: saved with the weights
+
+
+def test_aux_free_bias_survives_save_and_load_bit_for_bit(tmp_path):
+    cfg = validate(load_config(["router=aux_free", "moe.num_experts=4", "moe.top_k=2"]))
+    model = upcycle(tiny_causal_lm("llama", seed=0), cfg)
+    gen = torch.Generator().manual_seed(0)
+    trained = [torch.randn(4, generator=gen) * 1e-3 for _ in routers(model)]  # not representable in few bits
+    with torch.no_grad():
+        for r, b in zip(routers(model), trained, strict=True):
+            r.expert_bias.copy_(b)
+    save_moe_model(model, tmp_path / "m")
+    loaded = load_moe_model(tmp_path / "m")
+    assert [r.expert_bias for r in routers(loaded)] and all(
+        torch.equal(r.expert_bias, b) for r, b in zip(routers(loaded), trained, strict=True))
+    # the Trainer's resume path: weights loaded into a freshly upcycled model (bias starting at 0)
+    fresh = upcycle(tiny_causal_lm("llama", seed=0), cfg)
+    assert all(float(r.expert_bias.abs().sum()) == 0 for r in routers(fresh))
+    load_weights(fresh, tmp_path / "m")
+    assert all(torch.equal(r.expert_bias, b) for r, b in zip(routers(fresh), trained, strict=True))

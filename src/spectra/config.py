@@ -501,6 +501,7 @@ ROUTER_GROUPS: dict[str, type[_RouterGroup]] = {
     "switch_top2": SwitchTop2RouterConfig,
     "expert_choice": ExpertChoiceRouterConfig,
     "hash": HashRouterConfig,
+    "aux_free": AuxFreeRouterConfig,
 }
 # Every group, in the order their keys appear in RouterConfig.
 _GROUPS = (GateRouterConfig, AuxLossRouterConfig, SwitchRouterConfig, AuxFreeRouterConfig, SinkhornBaseRouterConfig,

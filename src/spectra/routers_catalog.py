@@ -22,6 +22,7 @@ DISPLAY_NAMES: dict[str, str] = {
     "switch_top2": "Switch Top-2",
     "expert_choice": "Expert Choice",
     "hash": "Hash",
+    "aux_free": "Aux-Loss-Free",
     NO_ROUTER: "Dense",
 }
 
