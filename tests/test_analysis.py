@@ -469,6 +469,32 @@ def test_snapshots_loader_and_stability_by_hand(tmp_path):
     assert math.isnan(st["kendall_tau"])  # a flat load has no ranking
 
 
+def test_stability_from_snapshots_averages_like_the_monitor(tmp_path):
+    """Per layer over pairs, then over layers (summary.json's definition), by hand. Layer 0's third
+    snapshot has no real token (a per-layer valid mask) and an all-zero load: its pair has no
+    comparable tokens, no τ, no usage variance, and is left out of layer 0's mean rather than of a
+    pooled mean over all (layer, pair) values (which would give 7/12 and 1/3)."""
+    idx0 = [[[0, 1], [2, 3]], [[0, 2], [2, 3]], [[0, 1], [2, 3]]]
+    idx1 = [[[0, 1], [2, 3]], [[1, 0], [3, 2]], [[2, 3], [0, 1]]]
+    load0 = [[1.0, 2, 3, 4], [1.0, 2, 3, 4], [0.0, 0, 0, 0]]
+    load1 = [[1.0, 2, 3, 4], [1.0, 2, 3, 4], [4.0, 3, 2, 1]]
+    (tmp_path / "routing").mkdir()
+    for j, step in enumerate((10, 20, 30)):
+        valid0 = torch.tensor([j < 2, j < 2])
+        layer = {0: {"expert_index": torch.tensor(idx0[j]), "valid": valid0, "load": torch.tensor(load0[j])},
+                 1: {"expert_index": torch.tensor(idx1[j]), "load": torch.tensor(load1[j])}}
+        torch.save({"format": 1, "step": step, "valid": torch.ones(2, dtype=torch.bool), "layers": layer},
+                   tmp_path / "routing" / f"step{step:06d}.pt")
+    st = stability_from_snapshots(load_routing_snapshots(tmp_path))
+    # layer 0: pair 1 keeps {0} of {0, 1} and {2, 3}: (1/2 + 1) / 2; pair 2 nan. Layer 1: 1, then 0.
+    assert st["consistency"] == pytest.approx((0.75 + 0.5) / 2)
+    # τ: layer 0 [1, nan] -> 1; layer 1 [1, -1] -> 0
+    assert st["kendall_tau"] == pytest.approx(0.5)
+    # usage variance: layer 0 nan (a zero load has no shares); layer 1 per-expert variances of
+    # shares (.1, .1, .4), (.2, .2, .3), (.3, .3, .2), (.4, .4, .1): .02, 1/450, 1/450, .02
+    assert st["usage_variance"] == pytest.approx(1 / 90)
+
+
 # Hand-built slice for the TF-IDF keywords (k = 1, E = 2, N = 10 = 2 rows x 5):
 #   expert 0 serves  a a b z   (domain 0)      expert 1 serves  c c d z   (domain 1)
 #   row 8: token a routed to expert 1 but dropped; row 9: token d routed to expert 0, padding.

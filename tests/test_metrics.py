@@ -13,6 +13,7 @@ import torch
 from scipy import stats
 
 from spectra import metrics as M
+from spectra.metrics.stability import SnapshotLayer, snapshot_stability
 from spectra.routing.base import RoutingOutput
 
 SEEDS = [0, 1, 2, 3]
@@ -410,6 +411,42 @@ def test_kendall_tau_constant_load_is_nan():
     assert math.isnan(M.expert_rank_kendall_tau(torch.full((4,), 3.0), torch.full((4,), 3.0)))
     with pytest.raises(ValueError):
         M.expert_rank_kendall_tau(torch.tensor([1.0]), torch.tensor([1.0]))
+
+
+def test_snapshot_stability_averages_pairs_per_layer_then_layers():
+    """Table 12 over snapshots, by hand. Layer 0: the third snapshot has no real token, so the
+    pair (2, 3) and last-vs-first have no comparable tokens (nan) and its load is all zero
+    (no shares, a flat load: no τ, no usage variance). Layer 1: every pair defined.
+    Per layer, each metric is the nan-aware mean over pairs; then the nan-aware mean over layers
+    (a pooled mean over all (layer, pair) values would give 7/12 and 1/3 instead)."""
+    yes, no = torch.ones(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool)
+    lay0 = [SnapshotLayer(yes, torch.tensor([[0, 1], [2, 3]]), load=torch.tensor([1.0, 2, 3, 4])),
+            SnapshotLayer(yes, torch.tensor([[0, 2], [2, 3]]), load=torch.tensor([1.0, 2, 3, 4])),
+            SnapshotLayer(no, torch.tensor([[0, 1], [2, 3]]), load=torch.zeros(4))]
+    lay1 = [SnapshotLayer(yes, np.array([[0, 1], [2, 3]]), load=np.array([1.0, 2, 3, 4])),
+            SnapshotLayer(yes, np.array([[1, 0], [3, 2]]), load=np.array([1.0, 2, 3, 4])),
+            SnapshotLayer(yes, np.array([[2, 3], [0, 1]]), load=np.array([4.0, 3, 2, 1]))]
+    st = snapshot_stability({0: lay0, 1: lay1, 2: lay1[:1]})  # layer 2: one snapshot, nothing to compare
+    l0, l1 = st["layers"]["0"], st["layers"]["1"]
+    assert set(st["layers"]) == {"0", "1"}
+    # layer 0, pair (1, 2): token 0 keeps {0} of {0, 1}, token 1 keeps {2, 3}: (1/2 + 1) / 2
+    assert l0["consistency_consecutive"][0] == pytest.approx(0.75) and math.isnan(l0["consistency_consecutive"][1])
+    assert l0["consistency_consecutive_mean"] == pytest.approx(0.75)
+    assert math.isnan(l0["consistency_last_vs_first"])
+    assert l0["kendall_tau_consecutive"][0] == pytest.approx(1.0) and math.isnan(l0["kendall_tau_consecutive"][1])
+    assert math.isnan(l0["usage_variance"])
+    # layer 1: same sets, then disjoint sets; ranks kept, then reversed
+    assert l1["consistency_consecutive"] == pytest.approx([1.0, 0.0])
+    assert l1["consistency_last_vs_first"] == pytest.approx(0.0)
+    assert l1["kendall_tau_consecutive"] == pytest.approx([1.0, -1.0])
+    # shares .1 .2 .3 .4 (twice), .4 .3 .2 .1: per-expert population variances .02, 1/450, 1/450, .02
+    assert l1["usage_variance"] == pytest.approx((0.02 + 0.02 + 2 / 450) / 4)
+    assert st["mean"]["consistency_consecutive_mean"] == pytest.approx((0.75 + 0.5) / 2)
+    assert st["mean"]["consistency_last_vs_first"] == pytest.approx(0.0)
+    assert st["mean"]["kendall_tau_mean"] == pytest.approx((1.0 + 0.0) / 2)
+    assert st["mean"]["usage_variance"] == pytest.approx(1 / 90)
+    empty = snapshot_stability({0: lay0[:1]})
+    assert empty["layers"] == {} and all(math.isnan(v) for v in empty["mean"].values())
 
 
 # ----------------------------------------------------------------------------- domain

@@ -25,7 +25,6 @@ gate rows `gate.weight` [E, H] otherwise.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 from safetensors import safe_open
 
 from spectra.contracts.snapshots import read_snapshots
-from spectra.metrics import checkpoint_consistency, expert_rank_kendall_tau, usage_variance
+from spectra.metrics.stability import SnapshotLayer, snapshot_stability
 
 _LAYER_KEY = re.compile(r"^(?:layer[_]?)?(\d+)$")
 _FLAT_KEY = re.compile(r"^layer[_]?(\d+)[/.](.+)$")
@@ -143,29 +142,22 @@ def load_routing_snapshots(run_dir: str | Path) -> list[RoutingSnapshot]:
 
 
 def stability_from_snapshots(snaps: list[RoutingSnapshot]) -> dict[str, float]:
-    """Table 12 from snapshots: consistency and Kendall τ between consecutive snapshots (mean
-    over layers and pairs), usage variance across all snapshots (mean over layers)."""
-    cons, taus, var = [], [], []
+    """Table 12 from snapshots, computed as the monitor computes summary.json's "stability"
+    (`spectra.metrics.stability.snapshot_stability`): consistency and Kendall τ between
+    consecutive snapshots (nan-aware mean over pairs, then over layers), usage variance across
+    all snapshots (nan-aware mean over layers). Keys: consistency, usage_variance, kendall_tau."""
     layers = sorted(set().union(*[s.layers for s in snaps])) if snaps else []
-    for layer in layers:
-        seq = [s for s in snaps if layer in s.layers]
-        loads = [s.load_after(layer) for s in seq]
-        loads = [x for x in loads if x is not None]
-        if len(loads) >= 2 and len({x.shape for x in loads}) == 1 and all(x.sum() > 0 for x in loads):
-            var.append(usage_variance(np.stack(loads)))
-            taus += [expert_rank_kendall_tau(a, b) for a, b in zip(loads, loads[1:])]
-        for a, b in zip(seq, seq[1:]):
-            la, lb = a.layers[layer], b.layers[layer]
-            ia, ib = la.get("expert_index"), lb.get("expert_index")
-            ca, cb = la.get("chosen"), lb.get("chosen")  # Expert Choice: widths may differ
-            if ia is not None and ib is not None and (np.shape(ia) == np.shape(ib) or ca is not None or cb is not None):
-                cons.append(checkpoint_consistency(ia, ib, a.valid(layer) & b.valid(layer), ca, cb))
+    seqs = {layer: [_stability_layer(s, layer) for s in snaps if layer in s.layers] for layer in layers}
+    mean = snapshot_stability(seqs)["mean"]
+    return {"consistency": mean["consistency_consecutive_mean"], "usage_variance": mean["usage_variance"],
+            "kendall_tau": mean["kendall_tau_mean"]}
 
-    def mean(v):
-        v = [x for x in v if x is not None and math.isfinite(x)]
-        return float(np.mean(v)) if v else math.nan
 
-    return {"consistency": mean(cons), "usage_variance": mean(var), "kendall_tau": mean(taus)}
+def _stability_layer(snap: RoutingSnapshot, layer: int) -> SnapshotLayer:
+    """What the stability metrics read of one layer of a parsed snapshot."""
+    d = snap.layers[layer]
+    return SnapshotLayer(valid=snap.valid(layer), expert_index=d.get("expert_index"), chosen=d.get("chosen"),
+                         load=snap.load_after(layer))
 
 
 _REPR_KEY = re.compile(r"layers\.(\d+)\..*router\.(expert_repr_ema|expert_keys|gate\.weight)$")

@@ -5,6 +5,7 @@
     specialization.py   Gram orthogonality, expert similarity, Jaccard overlap, alignment, projector
     decision.py         per-token routing entropy, confidence
     stability.py        sequential / checkpoint overlap, usage variance, Kendall τ of expert ranks
+                        (and `snapshot_stability`: Table 12 over a run's routing snapshots)
     domain.py           P(expert | domain), purity, TF-IDF keywords per expert
     summary.py          `routing_metrics(out)`: everything computable from one RoutingOutput
 

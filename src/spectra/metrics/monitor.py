@@ -69,7 +69,14 @@ from spectra.data.sft import ROUTING_MASK
 from spectra.metrics.balance import expert_load, served_mask
 from spectra.metrics.domain import domain_affinity, expert_purity
 from spectra.metrics.specialization import projector_orthogonality
-from spectra.metrics.stability import checkpoint_consistency, expert_rank_kendall_tau, usage_variance
+from spectra.metrics.stability import (
+    SnapshotLayer,
+    nanmean,
+    pair_consistency,
+    pair_kendall_tau,
+    snapshot_stability,
+    snapshots_usage_variance,
+)
 from spectra.metrics.summary import routing_metrics
 from spectra.moe.timing import StageTimer
 from spectra.moe.upcycle import moe_blocks
@@ -102,11 +109,6 @@ def snapshot_steps(fractions, max_steps: int) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # Pure metric assembly (unit-testable without a model)
 # --------------------------------------------------------------------------------------------
-
-
-def _nanmean(values) -> float:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else math.nan
 
 
 def domain_served(valid: torch.Tensor, dropped: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tensor:
@@ -166,14 +168,8 @@ def flatten(per_layer: dict[int, dict[str, float]]) -> dict[str, float]:
             flat[f"layer{layer}/{k}"] = float(v)
             names.setdefault(k, []).append(float(v))
     for k, vs in names.items():
-        flat[f"{k}_mean"] = _nanmean(vs)
+        flat[f"{k}_mean"] = nanmean(vs)
     return flat
-
-
-def _consistency(layer_a: dict, layer_b: dict, valid: torch.Tensor) -> float:
-    """checkpoint_consistency of two snapshot layers, over their chosen sets where marked."""
-    return checkpoint_consistency(layer_a["expert_index"], layer_b["expert_index"], valid,
-                                  layer_a.get("chosen"), layer_b.get("chosen"))
 
 
 def snapshot_layer(out: RoutingOutput, valid: torch.Tensor, quota_out: RoutingOutput | None = None) -> dict[str, torch.Tensor]:
@@ -203,46 +199,22 @@ def snapshot_layer(out: RoutingOutput, valid: torch.Tensor, quota_out: RoutingOu
 # --------------------------------------------------------------------------------------------
 
 
-def _safe(fn, *args) -> float:
-    try:
-        return fn(*args)
-    except ValueError:  # e.g. an all-zero load: no share / ranking defined
-        return math.nan
+def _stability_layer(snapshot: dict, layer: int) -> SnapshotLayer:
+    """What the stability metrics read of one layer of a monitor snapshot (format 1)."""
+    d = snapshot["layers"][layer]
+    return SnapshotLayer(valid=snapshot["valid"], expert_index=d["expert_index"], chosen=d.get("chosen"), load=d["load"])
 
 
 def stability(snapshots: list[dict]) -> dict:
-    """Table 12 from a step-ordered list of snapshots of the same slice.
-
-    Per layer:
-        consistency_consecutive   [C−1] fraction of top-k sets kept between consecutive snapshots
-        consistency_consecutive_mean, consistency_last_vs_first
-        usage_variance            mean over experts of the variance of their load share across snapshots
-        kendall_tau_consecutive   [C−1] Kendall τ-b of expert loads between consecutive snapshots
-        kendall_tau_mean          nan-aware mean (τ is nan when a load is perfectly flat)
-    "mean": the scalar entries averaged over layers. Fewer than 2 snapshots -> only "steps".
+    """Table 12 from a step-ordered list of snapshots of the same slice (`snapshot_stability`,
+    metrics/stability.py, which the analysis report shares): {"steps", "layers": {"<layer>": ...},
+    "mean": the scalar entries nan-aware averaged over layers}. Fewer than 2 snapshots -> only "steps".
     """
     result: dict = {"steps": [int(s["step"]) for s in snapshots]}
     if len(snapshots) < 2:
         return result
-    layers: dict[str, dict] = {}
-    for layer in sorted(snapshots[0]["layers"]):
-        seq = [s["layers"][layer] for s in snapshots]
-        valids = [s["valid"] for s in snapshots]
-        cons = [_consistency(a, b, va & vb)
-                for a, b, va, vb in zip(seq, seq[1:], valids, valids[1:])]
-        taus = [_safe(expert_rank_kendall_tau, a["load"], b["load"]) for a, b in zip(seq, seq[1:])]
-        layers[str(layer)] = {
-            "consistency_consecutive": cons,
-            "consistency_consecutive_mean": _nanmean(cons),
-            "consistency_last_vs_first": _consistency(seq[-1], seq[0], valids[-1] & valids[0]),
-            "usage_variance": _safe(usage_variance, torch.stack([x["load"] for x in seq])),
-            "kendall_tau_consecutive": taus,
-            "kendall_tau_mean": _nanmean(taus),
-        }
-    scalar = [k for k, v in next(iter(layers.values())).items() if not isinstance(v, list)]
-    result["layers"] = layers
-    result["mean"] = {k: _nanmean(lv[k] for lv in layers.values()) for k in scalar}
-    return result
+    layers = {i: [_stability_layer(s, i) for s in snapshots] for i in sorted(snapshots[0]["layers"])}
+    return {**result, **snapshot_stability(layers)}
 
 
 def _stability_logs(snapshots: list[dict]) -> dict[str, float]:
@@ -252,12 +224,12 @@ def _stability_logs(snapshots: list[dict]) -> dict[str, float]:
     per_layer = {}
     a, b, first = snapshots[-2], snapshots[-1], snapshots[0]
     for layer in sorted(b["layers"]):
-        la, lb, lf = a["layers"][layer], b["layers"][layer], first["layers"][layer]
+        la, lb, lf = (_stability_layer(s, layer) for s in (a, b, first))
         per_layer[layer] = {
-            "consistency_prev": _consistency(la, lb, a["valid"] & b["valid"]),
-            "consistency_first": _consistency(lf, lb, first["valid"] & b["valid"]),
-            "kendall_tau_prev": _safe(expert_rank_kendall_tau, la["load"], lb["load"]),
-            "usage_variance": _safe(usage_variance, torch.stack([s["layers"][layer]["load"] for s in snapshots])),
+            "consistency_prev": pair_consistency(la, lb),
+            "consistency_first": pair_consistency(lf, lb),
+            "kendall_tau_prev": pair_kendall_tau(la, lb),
+            "usage_variance": snapshots_usage_variance([_stability_layer(s, layer) for s in snapshots]),
         }
     return flatten(per_layer)
 
@@ -295,13 +267,11 @@ def compare_routing(run_dir_a, run_dir_b, step: int | None = None) -> dict:
     a, b = load_snapshot(snapshot_path(run_dir_a, step)), load_snapshot(snapshot_path(run_dir_b, step))
     if a["fingerprint"] != b["fingerprint"]:
         raise ValueError("the two runs' snapshots are of different held-out tokens (data configs differ)")
-    valid = a["valid"] & b["valid"]
-    cons = {int(i): _consistency(a["layers"][i], b["layers"][i], valid)
-            for i in sorted(a["layers"])}
-    taus = {int(i): _safe(expert_rank_kendall_tau, a["layers"][i]["load"], b["layers"][i]["load"])
-            for i in sorted(a["layers"])}
-    return {"step": step, "consistency": _nanmean(cons.values()), "per_layer": cons,
-            "kendall_tau": _nanmean(taus.values()), "per_layer_kendall_tau": taus}
+    pairs = {int(i): (_stability_layer(a, i), _stability_layer(b, i)) for i in sorted(a["layers"])}
+    cons = {i: pair_consistency(la, lb) for i, (la, lb) in pairs.items()}
+    taus = {i: pair_kendall_tau(la, lb) for i, (la, lb) in pairs.items()}
+    return {"step": step, "consistency": nanmean(cons.values()), "per_layer": cons,
+            "kendall_tau": nanmean(taus.values()), "per_layer_kendall_tau": taus}
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,12 +5,21 @@ post-selection decision; a capacity drop does not change which experts were chos
 k, so 1 = identical sets, 0 = disjoint. Padding is excluded; no eligible token -> nan. Where a
 router marks which slots are choices (`RoutingOutput.chosen`, Expert Choice), the sets hold
 those slots only (see `checkpoint_consistency`).
+
+`snapshot_stability` is paper Table 12 over a run's routing snapshots, the one computation that
+both the routing monitor (summary.json's "stability") and the analysis report (runs without that
+block) use: per layer, each metric averaged nan-aware over the consecutive snapshot pairs, then
+averaged nan-aware over the layers. A pair with no comparable tokens (nan) is left out of its
+layer's mean; a layer with no defined value is left out of the mean over layers.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from scipy import stats
@@ -146,3 +155,94 @@ def expert_rank_kendall_tau(load_a, load_b) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(stats.kendalltau(a.cpu().numpy(), b.cpu().numpy()).statistic)
+
+
+# ----------------------------------------------------------------------------- across snapshots
+
+
+def nanmean(values: Iterable[float | None]) -> float:
+    """Mean of the values that are neither None nor nan; nan when none is left."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def _or_nan(fn, *args) -> float:
+    """fn(*args), or nan where the inputs define no value (an all-zero load, mismatched shapes)."""
+    try:
+        return fn(*args)
+    except ValueError:
+        return math.nan
+
+
+@dataclass(frozen=True)
+class SnapshotLayer:
+    """One MoE layer of one routing snapshot, as the stability metrics read it (torch or numpy)."""
+
+    valid: Any  # [N] bool: real tokens of the held-out slice
+    expert_index: Any = None  # [N, k] selected experts; None when not stored
+    chosen: Any = None  # [N, k] bool slots that are choices (Expert Choice); None = every slot
+    load: Any = None  # [E] dispatched load; None when not stored
+
+
+def pair_consistency(a: SnapshotLayer, b: SnapshotLayer) -> float:
+    """`checkpoint_consistency` of two snapshots of a layer over the tokens real in both;
+    nan when they have no comparable tokens or selections (missing, different shapes)."""
+    if a.expert_index is None or b.expert_index is None:
+        return math.nan
+    va, vb = _tensor(a.valid, torch.bool), _tensor(b.valid, torch.bool)  # [N] each
+    if va.shape != vb.shape:
+        return math.nan
+    return _or_nan(checkpoint_consistency, a.expert_index, b.expert_index, va & vb, a.chosen, b.chosen)
+
+
+def pair_kendall_tau(a: SnapshotLayer, b: SnapshotLayer) -> float:
+    """`expert_rank_kendall_tau` of two snapshots' loads; nan when a load is missing or flat."""
+    if a.load is None or b.load is None:
+        return math.nan
+    return _or_nan(expert_rank_kendall_tau, a.load, b.load)
+
+
+def snapshots_usage_variance(seq: list[SnapshotLayer]) -> float:
+    """`usage_variance` over the snapshots that store a load; nan with fewer than 2 or a zero load."""
+    loads = [_tensor(x.load) for x in seq if x.load is not None]  # each [E]
+    if len({tuple(x.shape) for x in loads}) > 1:
+        return math.nan  # snapshots of different expert counts: no share compares
+    return _or_nan(usage_variance, torch.stack(loads) if loads else torch.zeros(0, 0))  # [C, E]
+
+
+def layer_stability(seq: list[SnapshotLayer]) -> dict:
+    """Table 12 for one layer from its step-ordered snapshots (at least 2):
+
+        consistency_consecutive   [C−1] fraction of top-k sets kept between consecutive snapshots
+        consistency_consecutive_mean   nan-aware mean of those
+        consistency_last_vs_first      the last snapshot against the first
+        usage_variance            mean over experts of the variance of their load share
+        kendall_tau_consecutive   [C−1] Kendall τ-b of expert loads between consecutive snapshots
+        kendall_tau_mean          nan-aware mean (τ is nan when a load is perfectly flat)
+    """
+    if len(seq) < 2:
+        raise ValueError(f"stability needs at least 2 snapshots of a layer, got {len(seq)}")
+    cons = [pair_consistency(a, b) for a, b in zip(seq, seq[1:])]
+    taus = [pair_kendall_tau(a, b) for a, b in zip(seq, seq[1:])]
+    return {
+        "consistency_consecutive": cons,
+        "consistency_consecutive_mean": nanmean(cons),
+        "consistency_last_vs_first": pair_consistency(seq[-1], seq[0]),
+        "usage_variance": snapshots_usage_variance(seq),
+        "kendall_tau_consecutive": taus,
+        "kendall_tau_mean": nanmean(taus),
+    }
+
+
+STABILITY_SCALARS = ("consistency_consecutive_mean", "consistency_last_vs_first", "usage_variance", "kendall_tau_mean")
+
+
+def snapshot_stability(layers: dict[int, list[SnapshotLayer]]) -> dict:
+    """Table 12 over a run's snapshots: {layer: step-ordered snapshots of that layer} ->
+    {"layers": {"<layer>": layer_stability(...)}, "mean": {scalar: nan-aware mean over layers}}.
+
+    Layers with fewer than 2 snapshots have nothing to compare and are left out; with none left,
+    "layers" is {} and every mean is nan.
+    """
+    per_layer = {str(i): layer_stability(seq) for i, seq in sorted(layers.items()) if len(seq) >= 2}
+    return {"layers": per_layer, "mean": {k: nanmean(lv[k] for lv in per_layer.values()) for k in STABILITY_SCALARS}}
