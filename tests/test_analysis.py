@@ -225,6 +225,16 @@ def test_labels_baseline_and_sweep_tables(tmp_path):
     assert tabs[0].best["eval loss"].tolist() == [True, False]
 
 
+def test_variant_leaves_out_seed_and_the_contracts_volatile_overrides(tmp_path):
+    """The variant label is the overrides minus seed and every key the cell fingerprint ignores
+    (contracts.rundir.VOLATILE_KEYS, trainer.resume) and Hydra's own settings."""
+    ovr = ["router=topk", "seed=1", "+tags=[a]", "trainer.resume=never", "hydra.run.dir=x", "output_dir=y",
+           "skip_complete=false", "seeds=[0,1]", "sweep_name=s", "osr.epsilon=0.05"]
+    runs, _ = collect([make_run(tmp_path / "r", overrides=ovr)])
+    assert runs.loc[0, "variant"] == "osr.epsilon=0.05,router=topk"
+    assert runs.loc[0, "seed"] == 0 and runs.loc[0, "ov:tags"] == "[a]"  # the config's seed; overrides kept as columns
+
+
 def _drop_final(run, key):
     """Delete one final metric from a run's summary.json (a run that did not log it)."""
     s = json.loads((run / "summary.json").read_text())

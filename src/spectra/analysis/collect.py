@@ -34,9 +34,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from spectra.contracts.rundir import METRICS, SUMMARY, read_jsonl, read_summary
+from spectra.contracts.rundir import METRICS, SUMMARY, is_volatile_override, read_jsonl, read_summary
 
-VOLATILE_OVERRIDE_KEYS = ("seed", "output_dir", "hydra.", "trainer.resume")
 # summary.json keys that are not metric blocks (kept as plain columns or ignored)
 _SUMMARY_SCALARS = ("status", "error", "steps", "tokens_per_s", "started", "wall_time_s", "train_time_s",
                     "train_loss", "world_size", "router", "seed", "resumed_from")
@@ -135,6 +134,13 @@ def _short(value) -> str:
     return f"{f:.6g}" if len(text) > 8 and "." in text and math.isfinite(f) else text
 
 
+def _names_variant(key: str) -> bool:
+    """Whether an override is part of a run's variant label: not a volatile key (the contract's
+    list, the same the cell fingerprint leaves out), and not `seed`, which does change what a run
+    computes but is the replicate axis: a variant's runs differ only in seed."""
+    return key != "seed" and not is_volatile_override(key)
+
+
 def collect_run(run_dir: Path, records: list[dict] | None = None) -> dict:
     """One row describing one run directory (see the module docstring for the columns)."""
     run_dir = Path(run_dir)
@@ -145,7 +151,7 @@ def collect_run(run_dir: Path, records: list[dict] | None = None) -> dict:
     status = s.get("status", "incomplete")
     if status not in ("completed", "failed"):
         status = "incomplete"  # no summary, an unreadable one, or "running" (killed mid-run)
-    variant = ",".join(f"{k}={_short(v)}" for k, v in sorted(ovr.items()) if not k.startswith(VOLATILE_OVERRIDE_KEYS))
+    variant = ",".join(f"{k}={_short(v)}" for k, v in sorted(ovr.items()) if _names_variant(k))
     seed = cfg.get("seed", s.get("seed"))
     if seed is None and "seed" in ovr:
         seed = ovr["seed"]

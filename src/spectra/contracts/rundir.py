@@ -35,6 +35,18 @@ PROGRESS = "sweep_progress.jsonl"  # in the sweep directory
 # Keys that do not change what a run computes (where it writes, how it resumes, its labels).
 VOLATILE_KEYS = ("output_dir", "skip_complete", "tags", "sweep_name", "scale_name", "seeds", "sweep_values")
 VOLATILE_TRAINER_KEYS = ("resume",)
+# Hydra's own settings (`hydra.run.dir`, `hydra.launcher.*`): never part of the run config, so the
+# fingerprint never sees them; as command-line overrides they are volatile too.
+VOLATILE_OVERRIDE_PREFIXES = ("hydra.",)
+
+
+def is_volatile_override(key: str) -> bool:
+    """Whether a command-line override key (`trainer.resume`, `+tags`, `hydra.run.dir`) sets a
+    volatile key: one of VOLATILE_KEYS, `trainer.<VOLATILE_TRAINER_KEYS>`, something below one of
+    them, or a Hydra setting. Such an override changes nothing a run computes."""
+    key = key.lstrip("+~")
+    names = VOLATILE_KEYS + tuple(f"trainer.{k}" for k in VOLATILE_TRAINER_KEYS)
+    return key.startswith(VOLATILE_OVERRIDE_PREFIXES) or any(key == n or key.startswith(n + ".") for n in names)
 
 
 def _jsonable(x: Any) -> Any:
