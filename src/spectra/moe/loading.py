@@ -6,8 +6,11 @@ saves it once with `save_pretrained` into a cache directory keyed by the arch, a
 back with `from_pretrained` — the same code path a real checkpoint takes.
 
 Upcycled model: `save_moe_model` is `save_pretrained` (the config carries `spectra_moe`: E, k,
-router and its settings); `load_moe_model` rebuilds the MoE blocks from that record and loads
-the weights, giving identical logits. Weights are loaded by `load_weights` (also the Trainer's
+router and its settings) plus the modeling code that makes the directory a Hugging Face model
+(moe/hf_native.py: `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads the
+MoE without spectra installed; without trust_remote_code it raises). `load_moe_model` rebuilds
+the MoE blocks from that record with the same code (moe/rebuild.py) and loads the weights, giving
+identical logits; it also loads directories saved before the modeling code was written. Weights are loaded by `load_weights` (also the Trainer's
 resume, train/checkpoint.py) through transformers' own loader, so its key renames (GPT-NeoX
 saves `lm_head` as `embed_out`) and tied weights apply as in `from_pretrained`, and strictly: a
 missing, unexpected or mis-shaped key raises WeightsMismatchError naming it. The record's
@@ -32,7 +35,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from spectra.config import ModelConfig, SpectraConfig
+from spectra.config import ModelConfig
+from spectra.moe.hf_native import BASE_MODEL_TYPE_KEY, write_hf_native
+from spectra.moe.rebuild import rebuild_moe
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -100,14 +105,27 @@ def load_base_model(model_cfg: ModelConfig, vocab_size: int, cache_root: str | o
 
 
 def save_moe_model(model: nn.Module, path: str | os.PathLike) -> None:
-    """save_pretrained; `config.spectra_moe` records what load_moe_model needs."""
-    model.save_pretrained(path)
+    """save_pretrained; `config.spectra_moe` records what load_moe_model needs. An MoE model (one
+    with that record) is written as a Hugging Face model with its modeling code (moe/hf_native.py);
+    a dense one (router=dense) is the base model, saved as it is.
 
-
-def spec_to_config(spec: dict) -> SpectraConfig:
-    """The typed config of the routing groups recorded in `config.spectra_moe`."""
-    merged = OmegaConf.merge(OmegaConf.structured(SpectraConfig), {k: spec[k] for k in ("moe", "router", "osr", "quota")})
-    return OmegaConf.to_object(merged)
+    The weights are saved under the model's own module names: transformers would otherwise rename
+    some on save (GPT-NeoX's `lm_head` as `embed_out`, the legacy per-expert layout of Mixtral and
+    Qwen-MoE experts) and rename them back on load, which it does not do for custom code.
+    """
+    if getattr(model.config, "spectra_moe", None) is None:
+        model.save_pretrained(path)
+        return
+    conversions = getattr(model, "_weight_conversions", None)
+    model._weight_conversions = []  # save the module's own keys (see above)
+    try:
+        model.save_pretrained(path)
+    finally:
+        if conversions is None:
+            del model._weight_conversions
+        else:
+            model._weight_conversions = conversions
+    write_hf_native(model, path)
 
 
 class WeightsMismatchError(ValueError):
@@ -189,23 +207,33 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         raise WeightsMismatchError(f"{path}: the saved weights do not match {type(model).__name__}: " + "; ".join(problems))
 
 
+def saved_base_config(path: str | os.PathLike):
+    """The base model's transformers config of a directory `save_moe_model` wrote: read as it is
+    from a directory saved before the modeling code was written; from a Hugging Face MoE directory
+    (model_type 'spectra_moe', which transformers loads only through the saved code) rebuilt with
+    the config class of `spectra_base_model_type`, the same values."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_dict = json.loads((Path(path) / "config.json").read_text())
+    base_type = config_dict.get(BASE_MODEL_TYPE_KEY)
+    if base_type is None:
+        return AutoConfig.from_pretrained(path)
+    for key in ("model_type", "auto_map", "architectures", BASE_MODEL_TYPE_KEY):
+        config_dict.pop(key, None)
+    return CONFIG_MAPPING[base_type].from_dict(config_dict)
+
+
 def load_moe_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild an upcycled model saved with `save_moe_model` and load its weights (strictly)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from spectra.moe.replace import replace_routers
-    from spectra.moe.upcycle import upcycle
-
-    config = AutoConfig.from_pretrained(path)
+    config = saved_base_config(path)
     spec = getattr(config, "spectra_moe", None)
     if spec is None:
         raise ValueError(f"{path}: config.json has no `spectra_moe` record; not a model saved by spectra")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    cfg = spec_to_config(spec)
-    if spec.get("mode") == "replace":  # an MoE model whose gates were replaced: same again
-        replace_routers(model, cfg)
-    elif cfg.router.name != "dense":  # records without `mode` predate router replacement
-        upcycle(model, cfg)
+    rebuild_moe(model, spec)
     load_weights(model, path)
     model.eval()
     return model
