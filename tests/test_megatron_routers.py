@@ -275,3 +275,75 @@ def test_aux_free_bias_survives_save_and_load_bit_for_bit(tmp_path):
     assert all(float(r.expert_bias.abs().sum()) == 0 for r in routers(fresh))
     load_weights(fresh, tmp_path / "m")
     assert all(torch.equal(r.expert_bias, b) for r, b in zip(routers(fresh), trained, strict=True))
+
+
+# ----------------------------------------------------------------------------- seq_aux
+
+
+def brute_seq_aux(logits: list[list[list[float]]], valid: list[list[bool]], doc_start: list[list[bool]], k: int):
+    """(loss, [(sequence positions, f)]) by loops: sequences split at rows and document starts,
+    padding excluded, f_i = E/(k S) * count, P_i = mean softmax, mean over sequences of sum f P."""
+    e = len(logits[0][0])
+    seqs = []
+    for b, row in enumerate(logits):
+        cur = []
+        for s in range(len(row)):
+            if s > 0 and doc_start[b][s]:
+                seqs.append(cur)
+                cur = []
+            cur.append((b, s))
+        seqs.append(cur)
+    losses, fs = [], []
+    for seq in seqs:
+        real = [(b, s) for b, s in seq if valid[b][s]]
+        if not real:
+            continue
+        n = len(real)
+        count = [0] * e
+        psum = [0.0] * e
+        for b, s in real:
+            p = py_softmax(logits[b][s])
+            for i in ranked(p)[:k]:
+                count[i] += 1
+            psum = [a + v for a, v in zip(psum, p, strict=True)]
+        f = [e / (k * n) * c for c in count]
+        fs.append((real, f))
+        losses.append(sum(fi * pi / n for fi, pi in zip(f, psum, strict=True)))
+    return sum(losses) / len(losses), fs
+
+
+def test_seq_aux_loss_matches_the_per_sequence_brute_force_and_its_gradient_flows_through_p_only():
+    gen = torch.Generator().manual_seed(5)
+    e, k, alpha = 4, 2, 0.1
+    logits = torch.randn(2, 6, e, generator=gen) * 2
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, :2] = False  # left padding
+    valid[0, 5] = False  # right padding inside the second document of row 0
+    doc_start = torch.zeros(2, 6, dtype=torch.bool)
+    doc_start[0, 0] = doc_start[0, 3] = doc_start[1, 2] = True  # row 0 packs two documents
+    expected, fs = brute_seq_aux(logits.tolist(), valid.tolist(), doc_start.tolist(), k)
+    assert len(fs) == 3  # row 0: 3 + 2 real tokens; row 1: 4 real tokens
+
+    r = make_router("seq_aux", e, top_k=k, aux_loss_coef=alpha)
+    x = logits.clone().requires_grad_(True)
+    out = r(inputs_of(x, valid, doc_start))
+    assert out.diagnostics["seq_load_balancing_loss"].item() == pytest.approx(expected, rel=1e-6)
+    assert out.aux_losses["seq_load_balancing"].item() == pytest.approx(alpha * expected, rel=1e-6)
+    out.aux_losses["seq_load_balancing"].backward()
+
+    # reference gradient: f held constant (a count), P differentiable
+    y = logits.clone().requires_grad_(True)
+    p = y.softmax(-1)
+    ref = 0
+    for real, f in fs:
+        pm = sum(p[b, s] for b, s in real) / len(real)
+        ref = ref + sum(f[i] * pm[i] for i in range(e))
+    (alpha * ref / len(fs)).backward()
+    assert torch.allclose(x.grad, y.grad, atol=1e-7)
+
+
+def test_seq_aux_is_one_for_perfectly_balanced_sequences():
+    # every sequence of E = 2 experts, k = 1 sends one token each way with probs (0.5 ± d): f = (1, 1), P = (0.5, 0.5)
+    logits = torch.tensor([[[0.3, 0.0], [0.0, 0.3]], [[0.0, 0.7], [0.7, 0.0]]])
+    out = make_router("seq_aux", 2, top_k=1, aux_loss_coef=1.0)(inputs_of(logits))
+    assert out.diagnostics["seq_load_balancing_loss"].item() == pytest.approx(1.0, rel=1e-6)

@@ -502,6 +502,7 @@ ROUTER_GROUPS: dict[str, type[_RouterGroup]] = {
     "expert_choice": ExpertChoiceRouterConfig,
     "hash": HashRouterConfig,
     "aux_free": AuxFreeRouterConfig,
+    "seq_aux": AuxLossRouterConfig,
 }
 # Every group, in the order their keys appear in RouterConfig.
 _GROUPS = (GateRouterConfig, AuxLossRouterConfig, SwitchRouterConfig, AuxFreeRouterConfig, SinkhornBaseRouterConfig,

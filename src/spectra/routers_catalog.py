@@ -23,6 +23,7 @@ DISPLAY_NAMES: dict[str, str] = {
     "expert_choice": "Expert Choice",
     "hash": "Hash",
     "aux_free": "Aux-Loss-Free",
+    "seq_aux": "Seq-Aux",
     NO_ROUTER: "Dense",
 }
 
