@@ -26,21 +26,32 @@ E, K, DENSE = 8, 2, 1  # routed experts, the model's experts per token, dense-fi
 ALL_ROUTERS = [name for name in ROUTER_NAMES if name != NO_ROUTER]
 
 
-def tiny_deepseek(seed: int = 0, **overrides):
-    """A tiny DeepSeek-V3 (3 layers: 1 dense + 2 MoE; H=32, E=8 in 4 groups, top-2 groups, k=2, one
-    shared expert, MLA with tiny ranks) with a non-zero e_score_correction_bias and gate weights
-    drawn at random (transformers initialises the gate to zeros)."""
+_MLA = dict(q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+# The family's members in transformers: the same block (gate + experts + shared_experts, y = experts
+# with the gate's weights times routed_scaling_factor + shared_experts(x)), their own gates.
+_FAMILY_ARCH = {
+    "deepseek_v3": dict(norm_topk_prob=True, **_MLA),  # sigmoid, groups by top-2 sums, correction bias
+    "deepseek_v2": dict(topk_method="group_limited_greedy", **_MLA),  # softmax, groups by their max
+    "glm4_moe": dict(head_dim=8, norm_topk_prob=True),  # GLM-4.5: DeepSeek-V3's gate, plain attention
+}
+
+
+def tiny_deepseek(seed: int = 0, model_type: str = "deepseek_v3", **overrides):
+    """A tiny DeepSeek-V3 (or family member; 3 layers: 1 dense + 2 MoE; H=32, E=8 in 4 groups,
+    top-2 groups, k=2, one shared expert, MLA with tiny ranks) with gate weights drawn at random
+    (transformers initialises the gate to zeros) and a non-zero e_score_correction_bias where the
+    gate has one."""
     arch = dict(num_hidden_layers=3, first_k_dense_replace=DENSE, n_routed_experts=E, n_shared_experts=1,
-                num_experts_per_tok=K, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
-                moe_intermediate_size=16, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16,
-                qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+                num_experts_per_tok=K, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                moe_intermediate_size=16, num_key_value_heads=4, **_FAMILY_ARCH[model_type])
     arch.update(overrides)
-    model = tiny_causal_lm("deepseek_v3", seed=seed, **arch)
+    model = tiny_causal_lm(model_type, seed=seed, **arch)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in model.model.layers[DENSE:]:
             layer.mlp.gate.weight.normal_(0.0, 32**-0.5, generator=gen)
-            layer.mlp.gate.e_score_correction_bias.uniform_(-0.1, 0.1, generator=gen)
+            if hasattr(layer.mlp.gate, "e_score_correction_bias"):
+                layer.mlp.gate.e_score_correction_bias.uniform_(-0.1, 0.1, generator=gen)
     return model
 
 
@@ -302,3 +313,38 @@ def test_train_py_runs_tiny_deepseek_v3_with_spectra_and_the_run_model_reloads(t
     assert model.config.spectra_moe["router"]["name"] == "spectra"
     with torch.no_grad():
         assert torch.isfinite(model(_tokens(5, (1, 8))).logits).all()
+
+
+@pytest.mark.parametrize("router", ["topk", "spectra"])
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "glm4_moe"])
+def test_deepseek_v2_and_glm4_moe_are_replaced_as_deepseek_v3(tmp_path, model_type, router):
+    """DeepSeek-V2 and GLM-4.5 (glm4_moe) have DeepSeek-V3's block: the same checks, shorter. The
+    dense first layer stays; routed and shared experts are the model's own, bit-equal; each block
+    is the original HF block fed the router's decision (shared experts added unweighted, the
+    model's routed_scaling_factor); save / load gives equal logits."""
+    _require_router(router)
+    original = tiny_deepseek(model_type=model_type).eval()
+    model = copy.deepcopy(original)
+    dense = model.model.layers[0].mlp
+    upcycle(model, router_cfg(router), seed=2)
+    assert model.model.layers[0].mlp is dense and [b.layer_idx for b in moe_blocks(model)] == [1, 2]
+    assert model.config.spectra_moe["moe"]["num_shared_experts"] == 1
+    seen = {}
+    for b in moe_blocks(model):
+        orig = original.model.layers[b.layer_idx].mlp
+        for mine, theirs in ((b.experts, orig.experts), (b.shared_expert, orig.shared_experts)):
+            assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in mine.state_dict().items())
+        b.register_forward_hook(lambda m, args, out, idx=b.layer_idx: seen.__setitem__(idx, (args[0], out)))
+        b.router.register_forward_hook(lambda m, args, out, idx=b.layer_idx: seen.__setitem__(("r", idx), out))
+    x = _tokens(7)
+    with torch.no_grad():
+        logits = model(x).logits
+        for b in moe_blocks(model):
+            (hidden, got), decision = seen[b.layer_idx], seen[("r", b.layer_idx)]
+            ref_block = original.model.layers[b.layer_idx].mlp
+            ref_block.gate = _GateDecision(decision.expert_index, decision.expert_weight, 2.5)
+            torch.testing.assert_close(got, ref_block(hidden), rtol=1e-6, atol=0)
+    save_moe_model(model, tmp_path / "m")
+    again = load_moe_model(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, logits, rtol=0, atol=0)

@@ -1,7 +1,7 @@
 """Router replacement for models that are already MoE (METHOD.md §4, paper Table 10).
 
-A Qwen3-MoE, OLMoE, Mixtral, Qwen2-MoE, DeepSeek-V3 or GraniteMoe model keeps its experts
-exactly as they are (same module, same weights, same transformers experts kernels) and every
+A Qwen3-MoE, OLMoE, Mixtral, Qwen2-MoE, DeepSeek-V3 (and -V2, GLM-4.5) or GraniteMoe model keeps
+its experts exactly as they are (same module, same weights, same transformers experts kernels) and every
 sparse MoE block's gate is replaced by a router of this project:
 
     HF block:   gate (linear, scores, top-k) -> experts(x, top_k_index, top_k_weights) [+ shared]
@@ -22,8 +22,12 @@ call our MoEBlock makes, so the experts module is reused as is. What each family
   the routed part keeps the scale the pretrained layers after it expect (s = 1 leaves them as
   the router gives them). What leaves with the gate: its sigmoid scores, group-limited
   selection (n_group / topk_group), norm_topk_prob and the aux-free `e_score_correction_bias`
-  buffer; the new router scores, selects and balances by its own rules (`router.*`). The
-  first `first_k_dense_replace` layers are dense MLPs (DeepseekV3MLP) and stay dense.
+  buffer; the new router scores, selects and balances by its own rules (`router.*`;
+  `router=aux_free router.num_groups=... router.group_topk=...` is DeepSeek-V3's own rule, and
+  given the old gate's weight and bias it reproduces the original model). The first
+  `first_k_dense_replace` layers are dense MLPs (DeepseekV3MLP) and stay dense.
+  DeepSeek-V2 (`deepseek_v2`, softmax gate, groups by their best score) and GLM-4.5
+  (`glm4_moe`, DeepSeek-V3's gate) have this very block and are replaced the same way.
 - GraniteMoe (`granitemoe`): the block is the decoder layer's `block_sparse_moe` (not `mlp`),
   children `router` + `experts`; y = routed. Its residual / embedding / logits multipliers are
   outside the block and stay.
@@ -100,6 +104,9 @@ _FAMILIES: dict[str, _Family] = {
     "mixtral": _Family("Mixtral"),
     "qwen2_moe": _Family("Qwen2-MoE", shared="gated"),
     "deepseek_v3": _Family("DeepSeek-V3", shared="added", scaled=True),
+    # DeepSeek-V3's block in its predecessor and in GLM-4.5 (their gates differ; they are removed).
+    "deepseek_v2": _Family("DeepSeek-V2", shared="added", scaled=True),
+    "glm4_moe": _Family("GLM-4.5 (Glm4Moe)", shared="added", scaled=True),
     "granitemoe": _Family("GraniteMoe", attr="block_sparse_moe", gate="router"),
 }
 SUPPORTED_MOE = {t: f.name for t, f in _FAMILIES.items()}
@@ -218,6 +225,7 @@ def replace_routers(model: nn.Module, cfg, seed: int = 0) -> nn.Module:
     `model.config.spectra_moe` set as `upcycle` sets them.
     """
     check_supported_moe(model)
+    # (a model of no known family got here only if it is not MoE: "no sparse MoE block" below)
     family = _FAMILIES.get(getattr(model.config, "model_type", None), _Family("?"))
     path, layers = _decoder_layers(model, family.attr)
     found = [(i, getattr(layer, family.attr)) for i, layer in enumerate(layers)]
