@@ -53,6 +53,15 @@ times, so when distributed:
 - switching to eval mode does not fold: ranks need not switch together (rank-0-only evaluation or
   generation), and a collective there could hang. The Trainer evaluates after on_step_end, so
   nothing is pending then; anything still pending is folded at the next optimizer step.
+
+Learning the balance into the inference scores (routing/balance_learning.py, both off by default):
+- router.balance_distill_coef = γ > 0: training adds γ · KL(π ‖ softmax(−C/ε)) over real tokens,
+  π = the plan's rows (balance_distill_target=plan) or uniform over the quota's picks (selected).
+- router.balance_bias_rate = u > 0: a buffer `expert_bias` b [E] (registered only then, so models
+  saved without it still load) shifts the eval selection to top-k(−C + b), never the weights;
+  training forwards collect the load of that rule and `on_optimizer_step` moves b by −u · sign
+  (load − mean), all-reducing the step's load when distributed (one collective per step, entered
+  on every rank, as the fold above). Switching to eval mode never moves b.
 """
 
 from __future__ import annotations
@@ -62,6 +71,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectra.config import SpectraRouterConfig
+from spectra.routing.balance_learning import (
+    biased_topk_load,
+    distill_kl,
+    expert_bias_step,
+    plan_target,
+    selected_target,
+)
 from spectra.routing.base import Router, RoutingInputs, RoutingOutput, dispatch_counts_of, register_router
 from spectra.routing.gru import token_recurrence
 from spectra.routing.orthogonality import gram_matrix, newton_schulz, ortho_loss, srip_lambda
@@ -160,6 +176,11 @@ class SpectraRouter(Router):
         self.sinkhorn_inference = bool(oc.sinkhorn_inference)
         self.quota_enabled = bool(qc.enabled)
         self.capacity_factor = float(qc.capacity_factor)
+        self.balance_distill_coef = float(rc.balance_distill_coef)
+        self.balance_distill_target = str(rc.balance_distill_target)
+        if self.balance_distill_target not in ("plan", "selected"):
+            raise ValueError(f"router.balance_distill_target: unknown {self.balance_distill_target!r}; plan | selected")
+        self.balance_bias_rate = float(rc.balance_bias_rate)
 
         # Optimizer steps taken (SRIP warm-up); a buffer so checkpoints carry it across resume.
         self.register_buffer("srip_step", torch.zeros((), dtype=torch.long))
@@ -171,17 +192,41 @@ class SpectraRouter(Router):
         # DDP's buffer broadcast should carry them.
         self._ema_sum: torch.Tensor | None = None
         self._ema_count: torch.Tensor | None = None
+        # Expert bias on the inference selection (balance_learning.py (b)). Registered only when
+        # enabled: with u = 0 the state_dict keys are those of models saved before the knob.
+        self.register_buffer("expert_bias", torch.zeros(e) if self.balance_bias_rate > 0 else None)  # [E] or None
+        self._bias_load: torch.Tensor | None = None  # [E] this step's inference-rule load (transient)
 
     # ----------------------------------------------------------------------------- schedules
     def on_optimizer_step(self, step: int) -> None:
         """After an optimizer step: fold the step's M's into the running Gram, record the step
         (it drives the SRIP warm-up of λ_ortho)."""
         self.fold_expert_repr()
+        self.fold_expert_bias()
         self.srip_step.fill_(int(step))
 
     def on_skipped_step(self) -> None:
-        """A skipped optimizer step contributes nothing to the running Gram."""
+        """A skipped optimizer step contributes nothing to the running Gram or the expert bias."""
         self._ema_sum = self._ema_count = None
+        self._bias_load = None
+
+    @torch.no_grad()
+    def fold_expert_bias(self) -> None:
+        """b ← b − u · sign(c − mean c), c = the step's inference-rule load (balance_learning.py
+        (b)); summed over ranks when distributed (an all_reduce entered on every rank, with zeros
+        when nothing was collected). No-op when the bias is off."""
+        if self.expert_bias is None:
+            return
+        load, self._bias_load = self._bias_load, None
+        if _data_parallel_world() > 1:
+            import torch.distributed as dist
+
+            packed = load if load is not None else torch.zeros(self.num_experts, dtype=torch.float32, device=self.expert_bias.device)
+            comm = packed.to("cuda" if dist.get_backend() == "nccl" else "cpu", torch.float32)
+            dist.all_reduce(comm, op=dist.ReduceOp.SUM)
+            load = comm.to(self.expert_bias.device)
+        if load is not None:
+            expert_bias_step(self.expert_bias, load, self.balance_bias_rate)
 
     def train(self, mode: bool = True):
         """Switching to eval folds what training collected (no optimizer step may have followed);
@@ -237,6 +282,11 @@ class SpectraRouter(Router):
         new = torch.where(self.expert_repr_ema_ready, blended, mean)  # `where`, not `if flag` (a host sync)
         self.expert_repr_ema.copy_(torch.where(ok, new, self.expert_repr_ema))
         self.expert_repr_ema_ready.logical_or_(ok)
+
+    @torch.no_grad()
+    def _collect_bias_load(self, load: torch.Tensor) -> None:
+        """Add a training micro-batch's inference-rule load [E] to this step's bias update."""
+        self._bias_load = load if self._bias_load is None else self._bias_load + load
 
     def lambda_ortho(self) -> torch.Tensor:
         """Current λ_ortho: linear 0 → so_lambda_max over so_warmup_steps (if srip_enabled)."""
@@ -312,6 +362,7 @@ class SpectraRouter(Router):
         cost = osr_cost(s, self.cost_gram(m), self.repulsion_weight, self.hinge_weight, self.hinge_threshold)  # [N, E]
         vmask = valid.unsqueeze(1)  # [N, 1]
         diag: dict[str, torch.Tensor] = {}
+        aux: dict[str, torch.Tensor] = {}
         load_before: torch.Tensor | None = None  # [E] pre-quota load (quota branch only)
 
         if not self.training and self.sinkhorn_inference and inputs.past_length > 0:
@@ -341,14 +392,22 @@ class SpectraRouter(Router):
                 index = topk_select(log_q, k)  # [N, k]
             weight = torch.softmax(log_q.gather(1, index), dim=-1)  # [N, k] = Q_sel / Σ Q_sel
             diag["sinkhorn_marginal_error"] = marginal_error(probs.detach(), valid)
+            if self.training and self.balance_distill_coef > 0:  # balance_learning.py (a)
+                target = (plan_target(log_q, valid) if self.balance_distill_target == "plan"
+                          else selected_target(index, e, valid))  # [N, E] detached
+                l_distill = distill_kl(-cost, self.epsilon, target, valid)
+                aux["balance_distill"] = self.balance_distill_coef * l_distill
+                diag["balance_distill"] = l_distill.detach()
         else:
             z = -cost / self.epsilon  # [N, E]
             probs = torch.softmax(z, dim=-1)  # [N, E]
-            index = topk_select(z, k)  # [N, k] per token, causal and batch-independent
+            if self.expert_bias is None:
+                index = topk_select(z, k)  # [N, k] per token, causal and batch-independent
+            else:  # selection only: top-k(−C + b); the weights below stay softmax(−C/ε)
+                index = topk_select(-cost.detach() + self.expert_bias.float(), k)
             weight = torch.softmax(z.gather(1, index), dim=-1)  # [N, k]
         weight = weight * vmask  # [N, k], 0 at padding
 
-        aux: dict[str, torch.Tensor] = {}
         ent = routing_entropy(probs, valid)
         if self.entropy_coef != 0.0:
             # Positive coefficient sharpens: minimising +coef · H lowers the routing entropy.
@@ -361,6 +420,11 @@ class SpectraRouter(Router):
         diag["ortho_loss"] = l_ortho.detach()
         diag["lambda_ortho"] = lam.detach()
         diag["max_abs_cost"] = cost.detach().abs().masked_fill(~vmask, 0.0).max()
+
+        if self.expert_bias is not None:
+            if self.training and not _in_backward():  # what eval would route: b's error signal
+                self._collect_bias_load(biased_topk_load(-cost, self.expert_bias, k, valid))
+            diag["expert_bias_absmax"] = self.expert_bias.detach().abs().max().float()
 
         served = vmask.expand(n, k)  # [N, k] quota never drops: every real assignment is served
         diag["expert_slots_per_token"] = expert_slots_per_token(served, valid)  # = k: the compute spent
