@@ -215,3 +215,17 @@ def test_eval_extra_is_locked_and_installed_by_setup():
     for req in map(Requirement, extra):
         assert req.specifier.contains(pins[req.name.lower().replace("_", "-")])
     assert "-e '.[dev,eval]'" in (ROOT / "Makefile").read_text()
+
+
+def test_shipped_tasks_are_what_lm_evals_own_cli_finds():
+    """`lm_eval --include_path $(python -m spectra.eval --tasks-dir)` sees every local task and
+    the `spectra_bundled` tag that names them all."""
+    from lm_eval.tasks import TaskManager
+
+    from spectra.eval import BUNDLED_TASKS
+
+    proc = run_cli(["-m", "spectra.eval", "--tasks-dir"])
+    assert proc.returncode == 0
+    manager = TaskManager(include_path=proc.stdout.strip(), include_defaults=False)
+    assert set(BUNDLED_TASKS) | {"spectra_bundled"} <= set(manager.all_tasks)
+    assert {f"spectra_bundled_ppl_{d}" for d in DOMAINS} <= set(BUNDLED_TASKS)

@@ -17,9 +17,21 @@ def _limit(text: str) -> int | float:
     return int(value) if value >= 1 and value.is_integer() else value
 
 
+class _PrintTasksDir(argparse.Action):
+    """--tasks-dir: print the shipped task directory (for lm_eval's own --include_path) and exit."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from spectra.eval.tasks import TASKS_DIR
+
+        print(TASKS_DIR)
+        parser.exit()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sets = "; ".join(f"{name}: {','.join(tasks)}" for name, tasks in TASK_SETS.items())
     p = argparse.ArgumentParser(prog="python -m spectra.eval", description="Run lm-evaluation-harness on a saved model; write eval_harness.json.")
+    p.add_argument("--tasks-dir", nargs=0, action=_PrintTasksDir,
+                   help="print the directory of spectra's lm-eval tasks (lm_eval --include_path) and exit")
     p.add_argument("model_dir", type=Path, help="a saved model: a run's model/ directory")
     p.add_argument("--tasks", default="bundled",
                    help=f"comma-separated lm-eval tasks or task sets ({sets})")
