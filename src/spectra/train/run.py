@@ -35,6 +35,7 @@ from spectra.data import PackedCollator, build_datasets, load_tokenizer
 from spectra.data.pipeline import get_domain_names
 from spectra.metrics.monitor import RoutingMonitor
 from spectra.moe import load_base_model, parameter_report, save_moe_model, upcycle
+from spectra.routers_catalog import NO_ROUTER
 from spectra.train.callbacks import (
     CompactProgressCallback,
     JsonlMetricsCallback,
@@ -176,12 +177,43 @@ def run(cfg: DictConfig | SpectraConfig):
 
 
 def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
+    """One process's share of a run, in order: checks and seeding, data, model, Trainer, resume
+    point, train, final evaluation, then the saved model and summary.json (rank 0)."""
     preflight(cfg)  # files, model config (no weights), max positions, DeepSpeed vs hardware
     if cfg.trainer.deterministic:
         enable_determinism()
     set_seed(cfg.seed)
+    tokenizer, train_ds, eval_ds = _build_data(cfg)
+    model, params = _build_model(cfg, tokenizer)
+    _logger_environment(cfg, run_dir)
+    args = training_arguments(cfg, run_dir)
+    monitor = _build_monitor(cfg, model, eval_ds, run_dir)
+    t = cfg.trainer
+    tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.data.max_seq_length * _world_size()
+    trainer = _build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, monitor, run_dir, tokens_per_step)
+    resume = _resume_point(cfg, run_dir, args.output_dir)
+
+    t0 = time.time()
+    train_out = trainer.train(resume_from_checkpoint=resume)
+    train_time = time.time() - t0
+    final = trainer.evaluate()
+    objective = _finish(cfg, run_dir, status, trainer, model, tokenizer, monitor, final=final, params=params,
+                        resume=resume, train_loss=train_out.training_loss, train_time=train_time,
+                        tokens_per_step=tokens_per_step)
+    values = tuple(objective.values())
+    return values[0] if len(values) == 1 else values
+
+
+def _build_data(cfg: SpectraConfig):
+    """The tokenizer and the (train, eval) row datasets of `cfg.data`."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     train_ds, eval_ds = build_datasets(cfg.data, tokenizer, seed=cfg.seed)
+    return tokenizer, train_ds, eval_ds
+
+
+def _build_model(cfg: SpectraConfig, tokenizer):
+    """The base model, upcycled to MoE unless `router.name` is NO_ROUTER; returns it with its
+    parameter report (logged on rank 0)."""
     model = load_base_model(cfg.model, vocab_size=len(tokenizer), cache_root=cache_root(), seed=cfg.seed)
     # Building a config model's cache entry draws from the global RNG, loading it does not: re-seed
     # so router initialisation (upcycle) is the same on a first and a later run of one seed.
@@ -189,7 +221,7 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and cfg.data.max_seq_length > max_pos:
         raise ValueError(f"data.max_seq_length={cfg.data.max_seq_length} exceeds the model's max_position_embeddings={max_pos}")
-    if cfg.router.name != "dense":
+    if cfg.router.name != NO_ROUTER:
         upcycle(model, cfg, seed=cfg.seed)
     # transformers 5 isolates packed documents via position_ids only when no KV cache is built;
     # with use_cache=True (the default) packed documents would attend to each other. generate()
@@ -200,20 +232,31 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
         log.info("parameters: " + ", ".join(f"{k}={v:,}" for k, v in params.items()))
     if cfg.deepspeed.stage == 3:
         mark_moe_blocks_as_zero3_leaves(model)
+    return model, params
 
+
+def _logger_environment(cfg: SpectraConfig, run_dir: Path) -> None:
+    """Point TensorBoard and wandb (when on) into the run directory, unless the caller already did."""
     if cfg.logger.tensorboard:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     if cfg.logger.wandb:
         os.environ.setdefault("WANDB_DIR", str(run_dir))
         os.environ.setdefault("WANDB_PROJECT", cfg.logger.wandb_project)
-    args = training_arguments(cfg, run_dir)
-    t = cfg.trainer
-    monitor = None
-    if cfg.monitor.enabled and getattr(model, "spectra_context", None) is not None:
-        domains = get_domain_names(eval_ds) if "domain_ids" in eval_ds.column_names else None
-        monitor = RoutingMonitor(model, eval_ds, run_dir, cfg.monitor, PackedCollator(include_domain_ids=True),
-                                 num_domains=len(domains) if domains else None, domain_names=domains)
-    tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.data.max_seq_length * _world_size()
+
+
+def _build_monitor(cfg: SpectraConfig, model, eval_ds, run_dir: Path) -> RoutingMonitor | None:
+    """The routing monitor on the eval split's held-out slice (None when off or the model is dense)."""
+    if not cfg.monitor.enabled or getattr(model, "spectra_context", None) is None:
+        return None
+    domains = get_domain_names(eval_ds) if "domain_ids" in eval_ds.column_names else None
+    return RoutingMonitor(model, eval_ds, run_dir, cfg.monitor, PackedCollator(include_domain_ids=True),
+                          num_domains=len(domains) if domains else None, domain_names=domains)
+
+
+def _build_trainer(cfg: SpectraConfig, args, model, tokenizer, train_ds, eval_ds, monitor, run_dir: Path,
+                   tokens_per_step: int) -> MoETrainer:
+    """The MoETrainer with the project's callbacks (JSONL metrics, router schedules, the monitor,
+    the compact progress line in place of the stock one)."""
     trainer = MoETrainer(
         model=model,
         args=args,
@@ -227,14 +270,20 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
         spectra_cfg=cfg,
         routing_context=getattr(model, "spectra_context", None),
     )
-
-    resume = None
-    if t.resume == "auto":
-        resume = find_resumable_checkpoint(args.output_dir)  # newest *complete* one; skipped ones are warned about
-    elif t.resume != "never":
-        resume = t.resume
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(CompactProgressCallback())
+    return trainer
+
+
+def _resume_point(cfg: SpectraConfig, run_dir: Path, checkpoint_dir: str) -> str | None:
+    """The checkpoint to resume from (`trainer.resume`: auto = the newest complete one, never, or
+    a path), with metrics.jsonl rewound to it on rank 0."""
+    t = cfg.trainer
+    resume = None
+    if t.resume == "auto":
+        resume = find_resumable_checkpoint(checkpoint_dir)  # newest *complete* one; skipped ones are warned about
+    elif t.resume != "never":
+        resume = t.resume
     if resume and _rank() == 0:
         log.info(f"resuming from {resume}")
     if _rank() == 0 and t.resume != "never":
@@ -243,40 +292,43 @@ def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
         dropped = rewind_metrics(run_dir / METRICS, resume)
         if dropped:
             log.info(f"{METRICS}: dropped {dropped} records logged after {resume or 'the start'}")
+    return resume
 
-    t0 = time.time()
-    train_out = trainer.train(resume_from_checkpoint=resume)
-    train_time = time.time() - t0
-    final = trainer.evaluate()
+
+def _finish(cfg: SpectraConfig, run_dir: Path, status: dict, trainer: MoETrainer, model, tokenizer, monitor, *,
+            final: dict, params: dict, resume: str | None, train_loss: float, train_time: float,
+            tokens_per_step: int) -> dict[str, float]:
+    """After training: the objective and the checksums across ranks (every rank takes part), then
+    on rank 0 the saved model + tokenizer and summary.json (written last, atomically). Returns the
+    objective values."""
     best_eval = min((r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r), default=None)
     objective = objective_values(cfg, final)
     checksums = _checksums_across_ranks(model.parameters()) if cfg.deepspeed.stage < 3 else None
     buffer_checksums = _checksums_across_ranks(model.buffers())  # ZeRO-3 partitions parameters, not buffers
-
-    if trainer.is_world_process_zero():
-        model.config.use_cache = True  # the saved model is for inference: generate with the cache
-        save_moe_model(trainer.model if cfg.deepspeed.stage == 0 else model, run_dir / "model")
-        tokenizer.save_pretrained(run_dir / "model")
-        summary = {
-            **status,
-            "status": "completed",
-            "router": cfg.router.name,
-            "seed": cfg.seed,
-            "steps": trainer.state.global_step,
-            "train_loss": trainer.whole_run_train_loss() or train_out.training_loss,  # all steps, across resumes
-            "train_time_s": train_time,
-            "wall_time_s": time.time() - status["started"],
-            "tokens_per_s": trainer.state.global_step * tokens_per_step / max(train_time, 1e-9),
-            "final": final,
-            "best": {"eval_loss": best_eval},
-            "objective": objective,
-            "parameters": params,
-            "world_size": _world_size(),
-            "resumed_from": resume,
-            "param_checksum_per_rank": checksums,
-            "buffer_checksum_per_rank": buffer_checksums,
-            **(monitor.summary() if monitor else {}),  # "monitor": final slice metrics, "stability": Table 12
-        }
-        write_json_atomic(run_dir / SUMMARY, summary)
-    values = tuple(objective.values())
-    return values[0] if len(values) == 1 else values
+    if not trainer.is_world_process_zero():
+        return objective
+    model.config.use_cache = True  # the saved model is for inference: generate with the cache
+    save_moe_model(trainer.model if cfg.deepspeed.stage == 0 else model, run_dir / "model")
+    tokenizer.save_pretrained(run_dir / "model")
+    summary = {
+        **status,
+        "status": "completed",
+        "router": cfg.router.name,
+        "seed": cfg.seed,
+        "steps": trainer.state.global_step,
+        "train_loss": trainer.whole_run_train_loss() or train_loss,  # all steps, across resumes
+        "train_time_s": train_time,
+        "wall_time_s": time.time() - status["started"],
+        "tokens_per_s": trainer.state.global_step * tokens_per_step / max(train_time, 1e-9),
+        "final": final,
+        "best": {"eval_loss": best_eval},
+        "objective": objective,
+        "parameters": params,
+        "world_size": _world_size(),
+        "resumed_from": resume,
+        "param_checksum_per_rank": checksums,
+        "buffer_checksum_per_rank": buffer_checksums,
+        **(monitor.summary() if monitor else {}),  # "monitor": final slice metrics, "stability": Table 12
+    }
+    write_json_atomic(run_dir / SUMMARY, summary)
+    return objective
