@@ -274,3 +274,37 @@ def test_a_model_saved_before_the_knobs_still_loads(tmp_path):
     x = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(again(x).logits, model(x).logits)
+
+
+# ------------------------------------------------------------------------- ablation and sweep files
+@pytest.mark.parametrize(
+    ("ablation", "coef", "target", "rate"),
+    [
+        ("balance_distill", 0.1, "plan", 0.0),
+        ("balance_distill_selected", 0.1, "selected", 0.0),
+        ("balance_bias", 0.0, "plan", 1e-3),
+        ("balance_both", 0.1, "plan", 1e-3),
+    ],
+)
+def test_ablation_files_build_the_knobs(ablation, coef, target, rate):
+    r = make(ablation)
+    assert (r.balance_distill_coef, r.balance_distill_target, r.balance_bias_rate) == (coef, target, rate)
+    assert (r.expert_bias is not None) == (rate > 0)
+
+
+def test_balance_learning_sweep_composes_beside_the_ablations():
+    from hydra import compose, initialize_config_dir
+
+    from spectra.config import config_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir())):
+        cfg = compose("config", ["+sweep=balance_learning", "seeds=[0]"], return_hydra_config=True)
+        old = compose("config", ["+sweep=ablations", "seeds=[0]"], return_hydra_config=True)
+    assert cfg.sweep_name == "balance_learning" and cfg.router.name == "spectra"
+    cells = cfg.hydra.sweeper.params["ablation"].split(",")
+    assert cells == ["full", "balance_distill", "balance_distill_selected", "balance_bias", "balance_both"]
+    # the paper's grid is unchanged (sweep resume keys on its cells)
+    assert old.hydra.sweeper.params["ablation"] == "full,no_expression,no_gru,no_repulsion,no_quota,no_ortho,no_all"
+    for a in cells:
+        validate(load_config(["+sweep=balance_learning", f"ablation={a}"]))
