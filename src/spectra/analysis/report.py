@@ -185,85 +185,23 @@ def _domain_names(run_dir: str, snap: RoutingSnapshot, n: int) -> list[str]:
 
 def _snapshot_figures(rep: Report, runs: pd.DataFrame, snaps: dict[str, list[RoutingSnapshot]], fig_dir: Path) -> None:
     """Per variant (its lowest counted seed): usage histograms, usage over training, selection
-    heatmap, domain heatmap; across variants: served usage per layer and t-SNE of expert vectors."""
+    heatmap, domain heatmap and keyword table; across variants: served usage per layer and t-SNE
+    of expert vectors."""
     labels = variant_labels(sorted(runs["variant"].unique()))
     reps = _representatives(runs, {r: bool(s) for r, s in snaps.items()})
     if not reps:
         rep.notes.append("no routing snapshots (`<run_dir>/routing/step*.pt`, written by the routing monitor): usage "
                          "histograms, usage over training, selection and domain heatmaps skipped")
-    across: dict[str, dict[int, np.ndarray]] = {}
+    across: dict[str, dict[int, np.ndarray]] = {}  # variant label -> {layer: [E] served load}
     keywords_missing = False
     for variant, run_dir in sorted(reps.items()):
         s_all = snaps[run_dir]
-        last = s_all[-1]
         tag, lab = _slug(labels[variant]), labels[variant]
-        layers = sorted(last.layers)
-        series: dict[str, dict[int, np.ndarray]] = {}
-        explicit = any(k in last.layers[i] for i in layers for k in BEFORE_QUOTA_KEYS)
-        before = {i: v for i in layers if (v := last.load_before(i)) is not None}
-        after = {i: v for i in layers if (v := last.load_after(i)) is not None}
-        quota_after = {i: v for i in layers if (v := last.load_after_quota(i)) is not None}
-        if explicit and quota_after:
-            # the monitor's quota pass (training-style routing of the slice) next to eval routing
-            series["before quota (top-k of the plan)"] = before
-            series["after quota"] = quota_after
-            if after:
-                series["served at eval (no quota)"] = after
-        elif before:
-            series["before quota" if explicit else "selected (before drops)"] = before
+        after = _usage_figures(rep, s_all, tag, lab, fig_dir)
         if after:
-            if not (explicit and quota_after):
-                series["served (after quota / drops)"] = after
             across[lab] = after
-        if series:
-            rep.figures[f"usage_hist_{tag}"] = F.plot_usage_histograms(
-                series, fig_dir / f"usage_hist_{tag}", title=f"Expert usage per layer — {lab} (step {last.step})")
-        if len(s_all) >= 2 and layers:
-            loads = [s.load_after(layers[0]) for s in s_all]
-            if all(x is not None for x in loads) and len({x.shape for x in loads}) == 1:
-                rep.figures[f"usage_over_training_{tag}"] = F.plot_usage_over_training(
-                    [s.step for s in s_all], np.stack(loads), fig_dir / f"usage_over_training_{tag}",
-                    title=f"Expert usage over training — {lab}, layer {layers[0]}")
-        pos = last.positions()
-        e = next((last.num_experts(i) for i in layers if last.num_experts(i)), None)
-        sel = {i: np.asarray(last.layers[i]["expert_index"])[last.valid(i)] for i in layers if "expert_index" in last.layers[i]}
-        if pos is not None and sel and e:
-            valid = last.valid(layers[0])
-            rep.figures[f"selection_heatmap_{tag}"] = F.plot_selection_heatmap(
-                sel, pos[valid], e, fig_dir / f"selection_heatmap_{tag}", title=f"Expert selection over positions — {lab}")
-        dom = last.shared.get("domain_ids")
-        texts, source = token_texts(run_dir, last)
-        keywords_missing |= texts is None
-        if texts is not None and source.startswith("token ids"):
-            rep.notes.append(f"{lab}: no tokenizer for the run, TF-IDF keywords are token ids")
-        kw_rows: list[dict] = []  # one per (layer, expert): the keyword table
-        dom = None if dom is None else np.asarray(dom).ravel()  # [N]
-        for i in layers if dom is not None and e else []:
-            d = last.layers[i]
-            if "expert_index" not in d:
-                continue
-            ok = (dom >= 0) & last.valid(i)  # [N] real tokens with a domain
-            names = _domain_names(run_dir, last, int(dom.max()) + 1 if dom.size else 0)
-            idx = np.asarray(d["expert_index"])[ok]
-            served = np.asarray(d.get("served", np.ones_like(d["expert_index"], dtype=bool)))[ok]
-            aff = domain_affinity(idx, served, dom[ok], e, len(names)).numpy()  # [D, E]
-            pur = expert_purity(idx, served, dom[ok], e, len(names)).per_expert.numpy()  # [E]
-            kw = expert_keywords(last, i, texts, e) if texts is not None else None
-            if kw is not None:
-                counts = domain_expert_counts(idx, served, dom[ok], e, len(names)).numpy()  # [D, E]
-                top, load = counts.argmax(0), counts.sum(0)  # [E] each: the expert's top domain, its load
-                kw_rows += [{"layer": i, "expert": x, "load": float(load[x]), "purity": float(pur[x]),
-                             "top_domain": names[top[x]] if load[x] else MISSING, "keywords": kw.get(x, [])}
-                            for x in range(e)]
-            if i == layers[0]:
-                rep.figures[f"domain_heatmap_{tag}"] = F.plot_domain_heatmap(
-                    aff, pur, names, fig_dir / f"domain_heatmap_{tag}", keywords=kw,
-                    title=f"Domain affinity and purity — {lab}, layer {i}")
-        if kw_rows:
-            t = keyword_table(f"keywords_{tag}", f"TF-IDF keywords per expert — {lab} (step {last.step}, "
-                              f"tokens decoded with {source})", kw_rows)
-            t.write(fig_dir.parent / "tables")
-            rep.tables.append(t)
+        _selection_figure(rep, s_all[-1], tag, lab, fig_dir)
+        keywords_missing |= not _domain_figures(rep, run_dir, s_all[-1], tag, lab, fig_dir)
     if len(across) >= 2:
         rep.figures["usage_hist_variants"] = F.plot_usage_histograms(
             across, fig_dir / "usage_hist_variants", title="Served expert usage per layer, by variant (last snapshot)")
@@ -273,8 +211,106 @@ def _snapshot_figures(rep: Report, runs: pd.DataFrame, snaps: dict[str, list[Rou
         rep.notes.append("snapshots carry no `domain_ids`: domain heatmaps skipped")
     if keywords_missing:
         rep.notes.append("snapshots carry no `input_ids` / `token_texts`: domain heatmaps drawn without TF-IDF keywords")
+    _tsne_figure(rep, runs, snaps, labels, fig_dir)
 
-    # t-SNE of expert vectors: snapshot `expert_repr` if any, else the final model's router vectors
+
+def _usage_series(last: RoutingSnapshot) -> tuple[dict[str, dict[int, np.ndarray]], dict[int, np.ndarray]]:
+    """The last snapshot's usage histograms: ({series name: {layer: [E] load}}, {layer: [E] served
+    load at eval}). With the monitor's quota pass, before / after the quota next to eval routing;
+    otherwise what was selected before drops and what was served."""
+    layers = sorted(last.layers)
+    series: dict[str, dict[int, np.ndarray]] = {}
+    explicit = any(k in last.layers[i] for i in layers for k in BEFORE_QUOTA_KEYS)
+    before = {i: v for i in layers if (v := last.load_before(i)) is not None}
+    after = {i: v for i in layers if (v := last.load_after(i)) is not None}
+    quota_after = {i: v for i in layers if (v := last.load_after_quota(i)) is not None}
+    if explicit and quota_after:
+        # the monitor's quota pass (training-style routing of the slice) next to eval routing
+        series["before quota (top-k of the plan)"] = before
+        series["after quota"] = quota_after
+        if after:
+            series["served at eval (no quota)"] = after
+    elif before:
+        series["before quota" if explicit else "selected (before drops)"] = before
+    if after and not (explicit and quota_after):
+        series["served (after quota / drops)"] = after
+    return series, after
+
+
+def _usage_figures(rep: Report, s_all: list[RoutingSnapshot], tag: str, lab: str, fig_dir: Path) -> dict[int, np.ndarray]:
+    """One variant's usage histograms (last snapshot) and usage over training (first MoE layer);
+    returns the last snapshot's served load per layer."""
+    last = s_all[-1]
+    layers = sorted(last.layers)
+    series, after = _usage_series(last)
+    if series:
+        rep.figures[f"usage_hist_{tag}"] = F.plot_usage_histograms(
+            series, fig_dir / f"usage_hist_{tag}", title=f"Expert usage per layer — {lab} (step {last.step})")
+    if len(s_all) >= 2 and layers:
+        loads = [s.load_after(layers[0]) for s in s_all]
+        if all(x is not None for x in loads) and len({x.shape for x in loads}) == 1:
+            rep.figures[f"usage_over_training_{tag}"] = F.plot_usage_over_training(
+                [s.step for s in s_all], np.stack(loads), fig_dir / f"usage_over_training_{tag}",
+                title=f"Expert usage over training — {lab}, layer {layers[0]}")
+    return after
+
+
+def _selection_figure(rep: Report, last: RoutingSnapshot, tag: str, lab: str, fig_dir: Path) -> None:
+    """One variant's expert selection over positions (needs the snapshot's shape / positions)."""
+    layers = sorted(last.layers)
+    pos = last.positions()
+    e = next((last.num_experts(i) for i in layers if last.num_experts(i)), None)
+    sel = {i: np.asarray(last.layers[i]["expert_index"])[last.valid(i)] for i in layers if "expert_index" in last.layers[i]}
+    if pos is not None and sel and e:
+        valid = last.valid(layers[0])
+        rep.figures[f"selection_heatmap_{tag}"] = F.plot_selection_heatmap(
+            sel, pos[valid], e, fig_dir / f"selection_heatmap_{tag}", title=f"Expert selection over positions — {lab}")
+
+
+def _domain_figures(rep: Report, run_dir: str, last: RoutingSnapshot, tag: str, lab: str, fig_dir: Path) -> bool:
+    """One variant's domain heatmap (first MoE layer) and TF-IDF keyword table (every layer);
+    returns whether the snapshot's tokens could be decoded for keywords."""
+    layers = sorted(last.layers)
+    e = next((last.num_experts(i) for i in layers if last.num_experts(i)), None)
+    dom = last.shared.get("domain_ids")
+    texts, source = token_texts(run_dir, last)
+    if texts is not None and source.startswith("token ids"):
+        rep.notes.append(f"{lab}: no tokenizer for the run, TF-IDF keywords are token ids")
+    kw_rows: list[dict] = []  # one per (layer, expert): the keyword table
+    dom = None if dom is None else np.asarray(dom).ravel()  # [N]
+    for i in layers if dom is not None and e else []:
+        d = last.layers[i]
+        if "expert_index" not in d:
+            continue
+        ok = (dom >= 0) & last.valid(i)  # [N] real tokens with a domain
+        names = _domain_names(run_dir, last, int(dom.max()) + 1 if dom.size else 0)
+        idx = np.asarray(d["expert_index"])[ok]
+        served = np.asarray(d.get("served", np.ones_like(d["expert_index"], dtype=bool)))[ok]
+        aff = domain_affinity(idx, served, dom[ok], e, len(names)).numpy()  # [D, E]
+        pur = expert_purity(idx, served, dom[ok], e, len(names)).per_expert.numpy()  # [E]
+        kw = expert_keywords(last, i, texts, e) if texts is not None else None
+        if kw is not None:
+            counts = domain_expert_counts(idx, served, dom[ok], e, len(names)).numpy()  # [D, E]
+            top, load = counts.argmax(0), counts.sum(0)  # [E] each: the expert's top domain, its load
+            kw_rows += [{"layer": i, "expert": x, "load": float(load[x]), "purity": float(pur[x]),
+                         "top_domain": names[top[x]] if load[x] else MISSING, "keywords": kw.get(x, [])}
+                        for x in range(e)]
+        if i == layers[0]:
+            rep.figures[f"domain_heatmap_{tag}"] = F.plot_domain_heatmap(
+                aff, pur, names, fig_dir / f"domain_heatmap_{tag}", keywords=kw,
+                title=f"Domain affinity and purity — {lab}, layer {i}")
+    if kw_rows:
+        t = keyword_table(f"keywords_{tag}", f"TF-IDF keywords per expert — {lab} (step {last.step}, "
+                          f"tokens decoded with {source})", kw_rows)
+        t.write(fig_dir.parent / "tables")
+        rep.tables.append(t)
+    return texts is not None
+
+
+def _tsne_figure(rep: Report, runs: pd.DataFrame, snaps: dict[str, list[RoutingSnapshot]], labels: dict[str, str],
+                 fig_dir: Path) -> None:
+    """t-SNE of expert vectors: the last snapshot's `expert_repr` if any, else the final model's
+    router vectors; one panel per (variant, layer), at most MAX_TSNE_PANELS."""
     tsne: dict[str, np.ndarray] = {}
     vecs = {}
     for r in runs.loc[runs["counted"], "run_dir"]:
