@@ -20,11 +20,12 @@ activation sparsity). The experts would otherwise silently compute another funct
 The new blocks take the mode of the MLP they replace (`train()` / `eval()`): upcycling a model in
 eval mode leaves it entirely in eval mode.
 
-A model that is already MoE (Qwen3-MoE, OLMoE, Mixtral, Qwen2-MoE) is not upcycled: `upcycle`
-hands it to `moe.replace.replace_routers`, which keeps its experts and replaces its gates
-(METHOD.md §4), so `train.py model=tiny_qwen3_moe router=spectra` needs no special case.
-Any other MoE family (GraniteMoe, JetMoe, ...) raises `moe.replace.UnsupportedMoEError`
-("MoE not supported", naming the family and the supported ones), not a dense-MLP error.
+A model that is already MoE (Qwen3-MoE, OLMoE, Mixtral, Qwen2-MoE, DeepSeek-V2/V3, GLM-4.5,
+GraniteMoe) is not upcycled: `upcycle` hands it to `moe.replace.replace_routers`, which keeps its
+experts and replaces its gates (METHOD.md §4), so `train.py model=tiny_qwen3_moe router=spectra`
+needs no special case. Any other MoE family (JetMoe, GPT-OSS, ...) raises
+`moe.replace.UnsupportedMoEError` (a ValueError: "MoE family not supported: <model_type> (why);
+supported: [...]"), not a dense-MLP error.
 """
 
 from __future__ import annotations
