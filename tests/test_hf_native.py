@@ -91,6 +91,39 @@ def test_upcycled_llama_loads_through_transformers_as_the_same_moe(tmp_path, rou
     assert hf.state_dict().keys() == model.state_dict().keys()
 
 
+def _shift_tensor_data(path, offset: int = 56) -> None:
+    """Rewrite the saved safetensors with header padding so that its tensor data starts `offset`
+    bytes past a 64-byte boundary (as the demo run's file does), whatever the header's length."""
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    f = str(path / "model.safetensors")
+    state = load_file(f)
+    for n in range(64):
+        save_file(state, f, metadata={"format": "pt", "pad": "x" * n})
+        with open(f, "rb") as fh:
+            (header,) = struct.unpack("<Q", fh.read(8))
+        if (8 + header) % 64 == offset:
+            return
+    raise AssertionError("no padding gives that offset")
+
+
+def test_a_demo_sized_spectra_model_is_bit_equal_on_unaligned_file_data(tmp_path):
+    """conf/model/tiny.yaml's size (H=128, 4 layers, E=8). transformers' loader leaves CPU tensors
+    as views into the memory-mapped file; where the data is not 64-byte aligned the CPU kernels
+    round differently (here ~2e-7 on the logits without the fix); the loaded model gets aligned copies."""
+    model = tiny_causal_lm("llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4, tie_word_embeddings=True)
+    upcycle(model, validate(load_config(["router=spectra", "moe.num_experts=8", "router.top_k=2"])))
+    _perturb(model)
+    save_moe_model(model, tmp_path)
+    _shift_tensor_data(tmp_path)
+    hf = _hf_load(tmp_path)
+    assert all(t.data_ptr() % 64 == 0 for t in [*hf.parameters(), *hf.buffers()])
+    assert torch.equal(_logits(hf), _logits(model))
+    assert torch.equal(_generate(hf), _generate(load_moe_model(tmp_path)))
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "qwen2"])
 def test_upcycled_other_families_load_through_transformers(tmp_path, model_type):
     model = upcycled(model_type, "spectra")
@@ -112,6 +145,25 @@ def test_router_replaced_models_load_through_transformers(tmp_path, model_type, 
     assert torch.equal(_logits(ours), want)
     assert torch.equal(_logits(hf), want)
     assert torch.equal(_generate(hf), _generate(ours))
+
+
+def test_a_bfloat16_model_loads_with_its_float32_routers(tmp_path):
+    """As a bf16 run builds it: the base model (and experts) in bf16, the routers in float32;
+    transformers' loader constructs the model with bf16 as torch's default dtype."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    upcycle(model, _cfg("spectra"))
+    model.eval()
+    save_moe_model(model, tmp_path)
+    hf = _hf_load(tmp_path)
+    assert {p.dtype for p in hf.model.layers[0].mlp.router.parameters()} == {torch.float32}
+    assert hf.model.layers[0].mlp.experts.down_proj.dtype == torch.bfloat16
+    assert torch.equal(_logits(hf), _logits(model))
+    assert torch.equal(_logits(load_moe_model(tmp_path, dtype=torch.bfloat16)), _logits(model))
 
 
 def test_without_trust_remote_code_loading_raises_never_a_dense_model(tmp_path):

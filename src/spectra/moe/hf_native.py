@@ -56,6 +56,7 @@ from pathlib import Path
 from torch import nn
 
 import spectra
+import spectra.moe.rebuild  # noqa: F401  (the code the saved files copy: imported, so snapshot below)
 
 # Model type and class names written into config.json.
 MODEL_TYPE = "spectra_moe"
@@ -92,6 +93,30 @@ def _is_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
+
+
+# module -> its source text when it was imported (near enough: see `snapshot_sources`).
+_SOURCES: dict[str, str] = {}
+
+
+def snapshot_sources() -> None:
+    """Keep the source text of every spectra module imported so far (the first time each is seen).
+
+    The saved files must be the code the model was built and trained with, which is the code
+    Python imported, not what the files hold when the model is saved hours later (a researcher
+    may edit a router during a run). This module imports what it copies and takes the snapshot
+    when it is imported; a save takes one too, for modules imported since.
+    """
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if _root(name) == "spectra" and name not in _SOURCES and file and file.endswith(".py"):
+            _SOURCES[name] = Path(file).read_text()
+
+
+def _source(module: str) -> str:
+    if module not in _SOURCES:
+        _SOURCES[module] = _source_path(module).read_text()
+    return _SOURCES[module]
 
 
 def _source_path(module: str) -> Path:
@@ -270,7 +295,8 @@ def _package_source(module: str, source: str) -> str:
     if len(loops) != 1:
         raise HFNativeError(f"{module}: expected one `for ... in pkgutil.iter_modules(__path__)` loop, found {len(loops)}")
     loop = loops[0]
-    subs = sorted(p.stem for p in _source_path(module).parent.glob("*.py") if p.stem != "__init__")
+    # The modules the package imported (it imports them all when it is imported).
+    subs = sorted(name.rpartition(".")[2] for name in _SOURCES if name.rpartition(".")[0] == module)
     lines = source.splitlines(keepends=True)
     lines[loop.lineno - 1 : loop.end_lineno] = [
         f"from {module}.{sub} import __name__ as _{sub}  # noqa: F401  (importing it registers its routers)\n"
@@ -284,7 +310,7 @@ def _package_source(module: str, source: str) -> str:
 
 def _module_text(module: str, wanted: set[str] | None) -> str:
     """A module's source as copied, before its imports are rewritten."""
-    source = _source_path(module).read_text()
+    source = _source(module)
     if module in SLICED:
         source = slice_module(module, source, wanted or set())
     if _is_package(module):
@@ -365,7 +391,7 @@ works as for the base model; SPECTRA's recurrent routing state follows the KV ca
 from {base_module} import {base}
 
 from .configuration_spectra_moe import SpectraMoEConfig
-from .spectra_moe_rebuild import rebuild_moe, restore_unsaved_buffers
+from .spectra_moe_rebuild import realign_cpu_tensors, rebuild_moe, restore_unsaved_buffers
 from .spectra_routing import ROUTERS  # noqa: F401  (imports, and so registers, every router)
 
 
@@ -397,6 +423,7 @@ class SpectraMoEForCausalLM({base}):
         if problems:
             raise ValueError(f"the saved weights do not match {{cls.__name__}}: {{problems}}")
         restore_unsaved_buffers(model)  # built on the meta device: see there
+        realign_cpu_tensors(model)  # bit-equal to the model as trained: see there
         return (model, info) if output_loading_info else model
 '''
 
@@ -405,6 +432,7 @@ def write_hf_native(model: nn.Module, path: str | os.PathLike) -> None:
     """Make the `save_pretrained` directory `path` of the MoE model `model` a Hugging Face model
     (see the module docstring): write the modeling code and point config.json at it."""
     root = Path(path)
+    snapshot_sources()
     base_config = _transformers_class(type(model.config), "config class")
     base_model = _transformers_class(type(model), "model class")
     version = spectra.__version__
@@ -443,3 +471,6 @@ def check_loadable(root: Path, written: set[str]) -> None:
         extra = set(get_imports(str(root / name))) - ALLOWED_PACKAGES - set(sys.stdlib_module_names)
         if dangling or extra:
             raise HFNativeError(f"{root / name}: relative imports {dangling} without a file, packages {sorted(extra)} required")
+
+
+snapshot_sources()  # see there: the modules this one copies are imported by now

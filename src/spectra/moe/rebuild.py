@@ -64,14 +64,24 @@ def rebuild_moe(model: nn.Module, spec: dict) -> nn.Module:
     (in place; returns it). A record with router `dense` leaves the model as it is.
 
     How each router was constructed is kept on the model (`restore_unsaved_buffers` builds it
-    again from exactly that)."""
+    again from exactly that).
+
+    New modules are built under torch's default dtype float32, as training builds them (the base
+    model may be bf16; its routers are float32 then): transformers' `from_pretrained` sets the
+    default dtype to the model's while the model class is constructed.
+    """
     cfg = spec_config(spec)
     builds: dict[int, tuple] = {}
-    with _recording_router_builds(builds):
-        if spec.get("mode") == "replace":
-            replace_routers(model, cfg)
-        elif cfg.router.name != "dense":  # records without `mode` predate router replacement: upcycled
-            upcycle(model, cfg)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with _recording_router_builds(builds):
+            if spec.get("mode") == "replace":
+                replace_routers(model, cfg)
+            elif cfg.router.name != "dense":  # records without `mode` predate router replacement: upcycled
+                upcycle(model, cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
     object.__setattr__(model, "_spectra_router_builds",
                        {path: builds[id(m)] for path, m in model.named_modules() if id(m) in builds})
     return model
@@ -122,3 +132,22 @@ def restore_unsaved_buffers(model: nn.Module) -> None:
             module = router.get_submodule(sub)
             value = getattr(fresh.get_submodule(sub), leaf).to(getattr(module, leaf).device)
             module.register_buffer(leaf, value, persistent=False)
+
+
+def realign_cpu_tensors(model: nn.Module) -> None:
+    """Give every CPU parameter and buffer that is not 64-byte aligned memory of its own.
+
+    Why: transformers' `from_pretrained` can leave CPU tensors as views into the memory-mapped
+    safetensors file, at the file's offsets (8 bytes past a 64-byte boundary, say); the CPU matmul
+    and GRU kernels take another code path on such memory and round differently in the last bit
+    (~1e-6 on the logits of a small model), so the model would not compute what it computed when it
+    was trained, nor what `load_moe_model` gives. A copy made by torch is aligned. Tied tensors stay
+    tied (one Parameter object, changed in place)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.device.type == "cpu" and param.data_ptr() % 64:
+                param.data = param.data.clone()
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device.type == "cpu" and buf.data_ptr() % 64:
+                    module._buffers[name] = buf.clone()
