@@ -9,6 +9,7 @@ balance_learning functions' output for the same input.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,3 +309,45 @@ def test_balance_learning_sweep_composes_beside_the_ablations():
     assert old.hydra.sweeper.params["ablation"] == "full,no_expression,no_gru,no_repulsion,no_quota,no_ortho,no_all"
     for a in cells:
         validate(load_config(["+sweep=balance_learning", f"ablation={a}"]))
+
+
+# ------------------------------------------------------------------------- data parallel (2 gloo ranks)
+def _bias_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """Each rank routes its own batches; only rank 0 collects in step 2 (the other still joins)."""
+    import torch.distributed as dist
+
+    from test_distributed import _init_group
+
+    _init_group(rank, world, init_file)
+    router = make(router={"balance_bias_rate": 0.01}).train()  # same seed: identical weights
+    torch.manual_seed(100 + rank)  # different tokens per rank
+    logits = []
+    with torch.no_grad():
+        router.on_optimizer_step(0)  # train begin: nothing collected on any rank
+        logits.append(router(inputs(torch.randn(2, 6, H))).logits)
+        router.on_optimizer_step(1)
+        bias1 = router.expert_bias.clone()
+        if rank == 0:
+            logits.append(router(inputs(torch.randn(2, 6, H))).logits)
+        router.on_optimizer_step(2)
+    torch.save({"logits": logits, "bias1": bias1, "bias2": router.expert_bias.clone()}, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_bias_update_uses_the_load_summed_over_ranks(tmp_path):
+    from test_distributed import _spawn
+
+    _spawn(_bias_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["bias1"], r1["bias1"]) and torch.equal(r0["bias2"], r1["bias2"])
+    zero = np.zeros(E)
+    load1 = sum(_topk_load(r["logits"][0].double().numpy(), zero, 2) for r in (r0, r1))
+    want1 = -0.01 * np.sign(load1 - load1.mean())
+    assert np.allclose(r0["bias1"].double().numpy(), want1, atol=1e-7)
+    load2 = _topk_load(r0["logits"][1].double().numpy(), r0["bias1"].double().numpy(), 2)  # rank 0's only
+    assert np.allclose(r0["bias2"].double().numpy(), want1 - 0.01 * np.sign(load2 - load2.mean()), atol=1e-7)
+    # a rank alone would have moved by its own load: different here
+    alone = -0.01 * np.sign(_topk_load(r1["logits"][0].double().numpy(), zero, 2) - 2 * 12 / E)
+    assert not np.allclose(alone, want1) or not np.allclose(
+        -0.01 * np.sign(_topk_load(r0["logits"][0].double().numpy(), zero, 2) - 2 * 12 / E), want1
+    )
