@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import optuna
 
@@ -40,6 +40,16 @@ from optuna.trial import TrialState
 from spectra.sweep import study_hygiene as hygiene
 
 log = logging.getLogger(__name__)
+
+
+class _SearchSpace(NamedTuple):
+    """The parsed search space: what upstream's `create_params_from_overrides` returns, plus the
+    override strings it came from (they name the study)."""
+
+    params_conf: list[str]
+    distributions: dict
+    fixed_params: dict[str, Any]
+    fixed_overrides: list[str]
 
 
 class SweepFailed(RuntimeError):
@@ -104,23 +114,39 @@ class SpectraOptunaSweep(OptunaSweeperImpl):
 
     # ------------------------------------------------------------------------------- sweep
     def sweep(self, arguments: list[str]) -> None:
+        """Run the study up to its `n_trials` target (see the module docstring), then write the results."""
         assert self.config is not None and self.launcher is not None
+        space = self._search_space(arguments)
+        directions = self._get_directions()
+        self._check_directions(directions)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        self._mark_sweep_dir(sweep_dir)
+        target = int(self.n_trials)
+        study = self._open_study(space.params_conf, directions, sweep_dir, target)
+        ran = self._run_trials(study, space, target, len(directions))
+        self._write_results(study, directions, sweep_dir, ran)
+
+    def _search_space(self, arguments: list[str]) -> _SearchSpace:
+        """The sweeper's params plus the command line's overrides, parsed by upstream; a grid
+        sampler gets its grid (and caps `n_trials`); fixed values leave the distributions."""
         self._process_searchspace_config()
         params_conf = self._parse_sweeper_params_config() + list(arguments)
         distributions, fixed_params, fixed_overrides = create_params_from_overrides(params_conf)
         self._grid(distributions)
         for name in fixed_params:
             distributions.pop(name, None)
-        directions = self._get_directions()
-        self._check_directions(directions)
+        return _SearchSpace(params_conf, distributions, fixed_params, fixed_overrides)
 
-        sweep_dir = Path(self.config.hydra.sweep.dir)
+    def _mark_sweep_dir(self, sweep_dir: Path) -> None:
+        """As Hydra's BasicSweeper does: multirun.yaml marks the directory as a sweep for
+        spectra.analysis. Atomic, since several workers may share the directory."""
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        # As Hydra's BasicSweeper does: marks the directory as a sweep for spectra.analysis. Atomic,
-        # since several workers may share the directory.
         tmp = sweep_dir / f".multirun.yaml.{os.getpid()}"
         OmegaConf.save(self.config, tmp)
         tmp.replace(sweep_dir / "multirun.yaml")
+
+    def _open_study(self, params_conf: list[str], directions: list[str], sweep_dir: Path, target: int) -> optuna.Study:
+        """The sweep's study, created or loaded (`load_if_exists`), with a line on where it stands."""
         storage = hygiene.open_storage(self.storage, sweep_dir)
         study = optuna.create_study(
             study_name=self._study_name(params_conf),
@@ -129,14 +155,17 @@ class SpectraOptunaSweep(OptunaSweeperImpl):
             directions=cast(list[Literal["minimize", "maximize"]], directions),
             load_if_exists=True,
         )
-        target = int(self.n_trials)
         start = hygiene.progress(study)
         log.info(
             f"Optuna study '{study.study_name}' in {hygiene.describe_storage(self.storage, sweep_dir)}: "
             f"{start['counted']}/{target} trials finished, {start['running']} running elsewhere; "
             f"directions {directions}, sampler {type(self.sampler).__name__}"
         )
+        return study
 
+    def _run_trials(self, study: optuna.Study, space: _SearchSpace, target: int, n_obj: int) -> int:
+        """Ask, launch and tell batches of up to `n_jobs` trials until the study holds `target`
+        finished ones and none runs elsewhere; returns how many this worker ran."""
         ran, failures = 0, []
         with hygiene.Heartbeat(study, self.heartbeat_interval) as heart:
             while True:
@@ -145,34 +174,15 @@ class SpectraOptunaSweep(OptunaSweeperImpl):
                     log.warning(f"trials {recovered} had no live owner: marked FAIL and re-queued")
                 n = min(self.n_jobs, hygiene.remaining(study, target))
                 if n == 0:
-                    p = hygiene.progress(study)
-                    if p["running"] == 0:
+                    if hygiene.progress(study)["running"] == 0:
                         break
                     # Others' trials still run: wait, so their trials are retried here if they die.
                     time.sleep(min(self.heartbeat_interval, 5.0))
                     continue
-                trials = [study.ask() for _ in range(n)]
-                heart.claim(trials)
-                batch = []
-                for t in trials:
-                    if hygiene.is_surplus(study, t.number, target):
-                        hygiene.drop_surplus(study, t)  # another worker reached the target first
-                        heart.release([t])
-                    else:
-                        batch.append(t)
+                batch = self._ask(study, heart, n, target)
                 if not batch:
                     continue
-                overrides = []
-                for t in batch:
-                    if self.sampler_seed is not None:
-                        hygiene.reseed_sampler(study.sampler, int(self.sampler_seed) + t.number)
-                    overrides += self._configure_trials([t], distributions, fixed_params, fixed_overrides)
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-                self.job_idx += len(returns)
-                for t, ret in zip(batch, returns):
-                    err = self._tell(study, t, ret, len(directions))
-                    if err is not None:
-                        failures.append(err)
+                failures += self._launch(study, batch, space, n_obj)
                 heart.release(batch)
                 ran += len(batch)
                 p = hygiene.progress(study)
@@ -183,7 +193,34 @@ class SpectraOptunaSweep(OptunaSweeperImpl):
                         f"{len(failures)} of this worker's {ran} trials failed, above "
                         f"hydra.sweeper.max_failure_rate={self.max_failure_rate}; first error: {failures[0]}"
                     )
-        self._write_results(study, directions, sweep_dir, ran)
+        return ran
+
+    def _ask(self, study: optuna.Study, heart: hygiene.Heartbeat, n: int, target: int) -> list[optuna.Trial]:
+        """`n` new trials claimed by this worker, less those past the target (another worker got
+        there first: dropped and released)."""
+        trials = [study.ask() for _ in range(n)]
+        heart.claim(trials)
+        batch = []
+        for t in trials:
+            if hygiene.is_surplus(study, t.number, target):
+                hygiene.drop_surplus(study, t)  # another worker reached the target first
+                heart.release([t])
+            else:
+                batch.append(t)
+        return batch
+
+    def _launch(self, study: optuna.Study, batch: list[optuna.Trial], space: _SearchSpace, n_obj: int) -> list[Exception]:
+        """Launch one job per trial (a seeded sampler re-seeded per trial number) and record each
+        result; returns the failed jobs' exceptions."""
+        overrides = []
+        for t in batch:
+            if self.sampler_seed is not None:
+                hygiene.reseed_sampler(study.sampler, int(self.sampler_seed) + t.number)
+            overrides += self._configure_trials([t], space.distributions, space.fixed_params, space.fixed_overrides)
+        returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+        self.job_idx += len(returns)
+        errors = [self._tell(study, t, ret, n_obj) for t, ret in zip(batch, returns)]
+        return [e for e in errors if e is not None]
 
     def _write_results(self, study: optuna.Study, directions: list[str], sweep_dir: Path, ran: int) -> None:
         """optimization_results.yaml (best trial or Pareto front) and optuna_trials.csv."""
