@@ -20,22 +20,16 @@ from conftest import tiny_causal_lm
 from spectra.config import load_config, validate
 from spectra.moe import load_moe_model, save_moe_model, upcycle
 from spectra.moe.hf_native import MODEL_TYPE, HFNativeError, bundle_sources, slice_module
+from spectra.routers_catalog import NO_ROUTER, ROUTER_NAMES
 from test_router_replacement import tiny_moe
 from test_upcycle_models import one_thread  # noqa: F401 (fixture)
 
-# router -> the overrides that make it valid on E=4 experts
-ROUTERS = {
-    "topk": ["router.top_k=2"],
-    "spectra": ["router.top_k=2"],
-    "switch_top1": [],
-    "switch_top2": [],
-    "expert_choice": ["router.top_k=2"],
-    "hash": ["router.top_k=2"],
-}
+# Every router of the catalog (conf/router/<name>.yaml, k = moe.top_k = 2 unless it fixes its own).
+ROUTERS = [name for name in ROUTER_NAMES if name != NO_ROUTER]
 
 
 def _cfg(router: str, *overrides):
-    return validate(load_config([f"router={router}", "moe.num_experts=4", *ROUTERS[router], *overrides]))
+    return validate(load_config([f"router={router}", "moe.num_experts=4", *overrides]))
 
 
 def _perturb(model, seed: int = 0):
@@ -78,7 +72,7 @@ def _hf_load(path):
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
 
 
-@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("router", ROUTERS)
 def test_upcycled_llama_loads_through_transformers_as_the_same_moe(tmp_path, router):
     model = upcycled("llama", router)
     save_moe_model(model, tmp_path)
