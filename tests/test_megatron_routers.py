@@ -12,6 +12,7 @@ import itertools
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -347,3 +348,65 @@ def test_seq_aux_is_one_for_perfectly_balanced_sequences():
     logits = torch.tensor([[[0.3, 0.0], [0.0, 0.3]], [[0.0, 0.7], [0.7, 0.0]]])
     out = make_router("seq_aux", 2, top_k=1, aux_loss_coef=1.0)(inputs_of(logits))
     assert out.diagnostics["seq_load_balancing_loss"].item() == pytest.approx(1.0, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- sinkhorn_base
+
+
+def megatron_sinkhorn_numpy(logits: np.ndarray, tol: float = 1e-7) -> np.ndarray:
+    """Megatron-Core's `sinkhorn` (moe_utils.py), in float64 numpy, to a tighter tolerance than its
+    1e-4: d0 = 1/(N (K d1)), d1 = 1/(E (K^T d0)) until mean |d1 - d1_old| < tol; returns d1 * K * d0.
+    (Its +1e-8 in the denominators makes the common scale of d0, d1 drift by ~5e-8 per sweep, which
+    no row's top-k sees; hence tol 1e-7, not lower.)"""
+    cost = np.exp(logits)
+    d0, d1 = np.ones(cost.shape[0]), np.ones(cost.shape[1])
+    error, d1_old = 1e9, d1
+    for _ in range(100_000):
+        if error <= tol:
+            break
+        d0 = (1 / d0.shape[0]) / (np.sum(d1 * cost, 1) + 1e-8)
+        d1 = (1 / d1.shape[0]) / (np.sum(d0[:, None] * cost, 0) + 1e-8)
+        error = np.mean(np.abs(d1_old - d1))
+        d1_old = d1
+    return d1 * cost * d0[:, None]
+
+
+def np_topk(a: np.ndarray, k: int) -> list[list[int]]:
+    return [sorted(range(a.shape[1]), key=lambda e: (-row[e], e))[:k] for row in a]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sinkhorn_base_training_selection_matches_megatron_numpy(k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    e = 4
+    logits = torch.randn(2, 10, e, generator=gen) * 2
+    logits[:, :, 0] += 2.0  # every token leans to expert 0: plain top-k is far from balanced
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, :4] = False  # padding takes no part in the assignment
+    r = make_router("sinkhorn_base", e, top_k=k, sinkhorn_iterations=300).train()
+    out = r(inputs_of(logits, valid))
+    flat = logits.reshape(-1, e).double().numpy()
+    real = valid.reshape(-1).numpy()
+    q = megatron_sinkhorn_numpy(flat[real])
+    expected = np_topk(q, k)
+    got = out.expert_index[torch.from_numpy(real)]
+    assert [sorted(row) for row in got.tolist()] == [sorted(row) for row in expected]
+    # weights: sigmoid (k = 1) or softmax (k > 1) of the logits at the chosen experts, not renormalised
+    act = 1 / (1 + np.exp(-flat)) if k == 1 else np.exp(flat) / np.exp(flat).sum(1, keepdims=True)
+    idx = out.expert_index.numpy()
+    want = np.where(real[:, None], np.take_along_axis(act, idx, 1), 0.0)
+    assert np.allclose(out.expert_weight.detach().numpy(), want, rtol=1e-5)
+    assert np_topk(flat[real], k) != expected  # the balanced assignment changed something
+
+
+def test_sinkhorn_base_balances_by_hand_and_routes_plain_topk_at_inference():
+    # 4 tokens, 2 experts, all prefer expert 0 by margins 2.0, 1.9, 1.8, 1.7. The balanced plan
+    # scales column 1 by exp(c) with sum_t sigmoid(m_t - c) = 2, i.e. c between 1.8 and 1.9:
+    # the two tokens with the largest margins stay on e0, the others move to e1.
+    logits = torch.tensor([[2.0, 0.0], [1.9, 0.0], [1.8, 0.0], [1.7, 0.0]])
+    r = make_router("sinkhorn_base", 2, top_k=1, sinkhorn_iterations=200)
+    assert r.train()(inputs_of(logits)).expert_index.flatten().tolist() == [0, 0, 1, 1]
+    out = r.eval()(inputs_of(logits))
+    assert out.expert_index.flatten().tolist() == [0, 0, 0, 0]
+    assert out.expert_weight.flatten().tolist() == pytest.approx([sigmoid(v) for v in (2.0, 1.9, 1.8, 1.7)])
