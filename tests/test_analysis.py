@@ -15,7 +15,7 @@ import torch
 import yaml
 from scipy import stats
 
-from spectra.analysis import collect, comparison_table, problems, significance_table, to_markdown
+from spectra.analysis import collect, comparison_frame, problems, significance_table, to_markdown
 from spectra.analysis.__main__ import main as cli
 from spectra.analysis.figures import (
     pareto_front,
@@ -196,7 +196,7 @@ def test_latex_booktabs_and_legacy_comparison_table(sweep):
     assert tex.index(r"\toprule") < tex.index(r"\midrule") < tex.index(r"\bottomrule")
     assert r"\textbf{" in tex and r"$\pm$" in tex and r"Loss\_and 50\% drops" in tex
     assert tex.count(r" \\") == 1 + 2  # header + one line per variant
-    legacy = comparison_table(runs, columns=[("final:eval_loss", "eval loss", True)])
+    legacy = comparison_frame(runs, columns=[("final:eval_loss", "eval loss", True)])
     assert isinstance(legacy, pd.DataFrame) and list(legacy.columns)[:1] == ["eval loss"]
     assert "| variant | eval loss |" in to_markdown(legacy)
     paths = t.write(sweep.parent / "tables")
@@ -632,7 +632,7 @@ def test_cli_table_report_and_latest(sweep, tmp_path, capsys):
 def test_comparison_shows_the_experts_per_token_each_router_spent(tmp_path):
     """experts/token comes from the last training log's `train/expert_slots_per_token_mean`
     (compute spent in training), mean over seeds; a router that never logged it shows –."""
-    from spectra.analysis.tables import comparison
+    from spectra.analysis.tables import comparison_table
 
     slots = {"expert_choice": [2.0, 2.5], "switch_top2": [1.5, 1.75]}
     for router, values in slots.items():
@@ -642,7 +642,7 @@ def test_comparison_shows_the_experts_per_token_each_router_spent(tmp_path):
                     {"step": 2, "eval_loss": 2.0, "eval/cv_mean": 0.1}]
             make_run(tmp_path / f"{router}_s{seed}", router=router, seed=seed, records=recs)
     make_run(tmp_path / "dense_s0", router="dense", seed=0)
-    table = comparison(collect([tmp_path])[0])
+    table = comparison_table(collect([tmp_path])[0])
     md = table.markdown(title=False)
     header = next(line for line in md.splitlines() if line.startswith("|"))
     col = [c.strip() for c in header.strip("|").split("|")].index("experts/token")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from spectra.analysis.collect import collect, find_sweep_dirs, problems
-from spectra.analysis.tables import comparison, to_markdown
+from spectra.analysis.tables import comparison_table, to_markdown
 
 
 def _print_problems(runs) -> None:
@@ -31,7 +31,7 @@ def _table(args) -> int:
     if runs.empty:
         print(f"error: no run directories under {' '.join(args.dirs)}", file=sys.stderr)
         return 2
-    t = comparison(runs, by=args.by)
+    t = comparison_table(runs, by=args.by)
     print(to_markdown(t))
     _print_problems(runs)
     return 0

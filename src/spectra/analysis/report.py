@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 from spectra.analysis import figures as F
 from spectra.analysis.collect import collect, problems, seed_text
 from spectra.analysis.columns import resolve
+from spectra.analysis.rendered_table import MISSING, Table
 from spectra.analysis.snapshots import (
     BEFORE_QUOTA_KEYS,
     RoutingSnapshot,
@@ -37,13 +38,12 @@ from spectra.analysis.snapshots import (
     load_routing_snapshots,
     stability_from_snapshots,
 )
-from spectra.analysis.table import MISSING, Table
 from spectra.analysis.tables import (
     STABILITY_METRICS,
     TABLE7_METRICS,
     ablation_table,
     cell_stats,
-    comparison,
+    comparison_table,
     overhead_table,
     scaling_table,
     significance_table,
@@ -374,7 +374,7 @@ def build_report(paths, out: str | Path, baseline: str | None = None, figures: b
 
     sig_metrics = ["eval_loss"] + [m for m in ["cv", *TABLE7_METRICS[:4]] if resolve(runs, m)]
     rep.tables = [
-        comparison(runs),
+        comparison_table(runs),
         ablation_table(runs),
         overhead_table(runs),
         scaling_table(runs, "cfg:model.name", name="table10_model_sizes", title="Table 10: Performance across model sizes"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from spectra.analysis.collect import collect
-from spectra.analysis.tables import comparison_table, to_markdown
+from spectra.analysis.tables import comparison_frame, to_markdown
 from spectra.sweep.cells import SweepProgressCallback
 
 
@@ -22,6 +22,6 @@ class SweepReportCallback(SweepProgressCallback):
         try:
             runs, _ = collect([Path(config.hydra.sweep.dir)])
             if not runs.empty:
-                print(to_markdown(comparison_table(runs)))
+                print(to_markdown(comparison_frame(runs)))
         except Exception as e:  # a report must never turn a finished sweep into a failure
             print(f"[spectra] could not build the summary table: {e}")

@@ -1,6 +1,7 @@
 """The paper's tables from `collect`'s runs frame: mean ± std over seeds per cell.
 
     comparison_table(runs)      the Table-7-style comparison `python -m spectra.analysis table` prints
+    comparison_frame(runs)      its cells as a plain DataFrame (the sweep's progress line prints it)
     ablation_table(runs)        Table 7: expert entropy, overlap, Gram ortho, collapse rate, CV, loss
     overhead_table(runs)        Table 9: router / expert time per component (monitor's *_ms keys)
     scaling_table(runs, by)     Tables 10 (by model) and 11 (by number of experts)
@@ -20,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from spectra.analysis.columns import Metric, metric, missing_note, resolve
+from spectra.analysis.rendered_table import MISSING, STD_NOTE, Table, fmt_mean_std, fmt_value
 from spectra.analysis.stats import bootstrap_ci, bootstrap_diff_ci, format_p, stars, welch_ttest
-from spectra.analysis.table import MISSING, STD_NOTE, Table, fmt_mean_std, fmt_value
 from spectra.routers_catalog import DISPLAY_NAMES as ROUTER_NAMES  # router.name -> printed name
 
 ABLATION_NAMES = {"full": "SPECTRA-Full", "no_expression": "-Expression", "no_gru": "-GRU",
@@ -32,7 +33,7 @@ COMPARISON_METRICS = ["eval_loss", "cv", "maxvio", "usage_entropy", "expert_over
 STABILITY_METRICS = ["consistency", "usage_variance", "kendall_tau"]
 SWEEP_EXTRA_METRICS = ["usage_entropy", "expert_overlap", "gram_orthogonality", "collapse_rate", "consistency",
                        "sequential_overlap", "tokens_per_s"]
-# legacy (column, header, lower is better) triples still accepted by comparison_table
+# legacy (column, header, lower is better) triples still accepted by comparison_frame
 COMPARISON_COLUMNS = [(m, metric(m).header, metric(m).lower_is_better) for m in COMPARISON_METRICS]
 
 
@@ -170,8 +171,9 @@ def metric_table(runs: pd.DataFrame, metrics: list, by: str = "variant", *, name
     return Table(name, title, display, data, best, notes)
 
 
-def comparison_table(runs: pd.DataFrame, by: str = "variant", columns=None) -> pd.DataFrame:
-    """One row per variant: formatted mean ± std per metric plus run counts (a DataFrame).
+def comparison_frame(runs: pd.DataFrame, by: str = "variant", columns=None) -> pd.DataFrame:
+    """The comparison's cells as a DataFrame: one row per variant, formatted mean ± std per metric
+    plus run counts (no notes, no best-cell marks; `comparison_table` renders it as a Table).
 
     `columns`: metric names, or legacy (runs column, header, lower is better) triples.
     """
@@ -186,8 +188,9 @@ def comparison_table(runs: pd.DataFrame, by: str = "variant", columns=None) -> p
     return metric_table(runs, metrics, by, name="comparison", title="Comparison").display
 
 
-def comparison(runs: pd.DataFrame, by: str = "variant") -> Table:
-    """The comparison as a Table (with notes for metrics these runs did not log)."""
+def comparison_table(runs: pd.DataFrame, by: str = "variant") -> Table:
+    """The comparison as a rendered Table (best cells marked, notes for metrics these runs did not
+    log); `comparison_frame` gives its cells as a plain DataFrame."""
     return metric_table(runs, COMPARISON_METRICS, by, name="comparison", title="Comparison: mean ± sample std over seeds")
 
 
