@@ -351,3 +351,27 @@ def test_bias_update_uses_the_load_summed_over_ranks(tmp_path):
     assert not np.allclose(alone, want1) or not np.allclose(
         -0.01 * np.sign(_topk_load(r0["logits"][0].double().numpy(), zero, 2) - 2 * 12 / E), want1
     )
+
+
+# ------------------------------------------------------------------- the plan's column potential
+def test_plan_column_potential_recovers_the_expert_scaling_of_a_plan():
+    from spectra.routing.balance_learning import plan_column_potential
+    from spectra.routing.sinkhorn import sinkhorn
+
+    gen = torch.Generator().manual_seed(11)
+    eps = 0.1
+    neg_cost = torch.randn(9, 4, generator=gen)
+    f = torch.randn(9, 1, generator=gen)
+    g = torch.tensor([0.3, -0.1, 0.0, 0.4])  # mean 0.15
+    log_q = neg_cost / eps + f + g  # a plan with row potentials f and column potentials g
+    valid = torch.ones(9, dtype=torch.bool)
+    valid[4] = False
+    log_q[4] = 1e3  # a padding row says nothing
+    got = plan_column_potential(log_q, neg_cost, eps, valid)
+    assert torch.allclose(got, eps * torch.tensor([0.15, -0.25, -0.15, 0.25]), atol=1e-5)
+    # on a real Sinkhorn plan, top-k of (−C + b) is the plan's own top-k, token by token
+    cost = torch.randn(40, 6, generator=gen) * 0.3
+    _, lq = sinkhorn(cost, 0.05, 3, None, return_log=True)
+    b = plan_column_potential(lq, -cost, 0.05, torch.ones(40, dtype=torch.bool))
+    assert torch.equal((-cost + b).topk(2).indices.sort(1).values, lq.topk(2).indices.sort(1).values)
+    assert not torch.equal((-cost).topk(2).indices.sort(1).values, lq.topk(2).indices.sort(1).values)

@@ -134,3 +134,24 @@ def expert_bias_step(bias: torch.Tensor, load: torch.Tensor, rate: float) -> Non
     ok = torch.isfinite(load).all() & (load.sum() > 0)  # 0-dim, no host sync
     step = torch.sign(load - load.mean()).to(bias.dtype) * rate
     bias.sub_(torch.where(ok, step, torch.zeros_like(step)))
+
+
+@torch.no_grad()
+def plan_column_potential(
+    log_q: torch.Tensor, neg_cost: torch.Tensor, epsilon: float, valid: torch.Tensor
+) -> torch.Tensor:
+    """The Sinkhorn plan's per-expert log-scaling, in cost units, centred: [E] fp32.
+
+    A log-domain plan is log Q_{t,e} = −C_{t,e}/ε + f_t + g_e (row and column potentials), so
+    R = log Q + C/ε = f_t + g_e and g_e − mean(g) = mean over real tokens of R_{t,e} minus its
+    grand mean. Returns ε (g − mean g): with b = that vector, top-k(−C_t + b) = top-k(log Q_t)
+    for every token of this batch, i.e. the plan's own (pre-quota) choice. Entries that are not
+    finite (forbidden pairs) are left out of the means.
+    """
+    vmask = valid.reshape(-1).bool()
+    r = (log_q.detach().float() - neg_cost.detach().float() / epsilon)[vmask]  # [Nv, E] = f_t + g_e
+    ok = torch.isfinite(r)
+    r = torch.where(ok, r, torch.zeros_like(r))
+    f = r.sum(dim=1) / ok.sum(dim=1).clamp_min(1)  # [Nv] ≈ f_t + mean g
+    g = ((r - f.unsqueeze(1)) * ok).sum(dim=0) / ok.sum(dim=0).clamp_min(1)  # [E] g_e − mean g
+    return epsilon * (g - g.mean())
