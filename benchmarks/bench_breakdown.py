@@ -29,7 +29,7 @@ from spectra.routing.base import RoutingInputs, dispatch_counts_of
 from spectra.routing.orthogonality import gram_matrix, ortho_loss
 from spectra.routing.osr import osr_cost
 from spectra.routing.scores import cosine_scores, expert_directions
-from spectra.routing.selection import quota_capacity, quota_topk, topk_select
+from spectra.routing.selection import expert_capacity, quota_topk, topk_select
 from spectra.routing.sinkhorn import marginal_error, sinkhorn
 
 
@@ -88,7 +88,7 @@ def stages(shape: Shape, env: Env) -> tuple[dict[str, Callable[[], None]], Calla
         cost = osr_cost(s, gram_matrix(expert_directions(p, p_norm, valid)), router.repulsion_weight,
                         router.hinge_weight, router.hinge_threshold)
         _, log_q = sinkhorn(cost, router.epsilon, router.iterations, valid, log_domain=router.log_sinkhorn, return_log=True)
-        index = quota_topk(log_q, k, quota_capacity(n, k, e, router.capacity_factor), valid).index
+        index = quota_topk(log_q, k, expert_capacity(n, k, e, router.capacity_factor), valid).index
         weight = torch.softmax(log_q.gather(1, index), dim=-1)
 
     def routing_state(xx):
@@ -108,7 +108,7 @@ def stages(shape: Shape, env: Env) -> tuple[dict[str, Callable[[], None]], Calla
 
     def select(lq):
         n_valid = int(valid.sum())
-        res = quota_topk(lq, k, quota_capacity(n_valid, k, e, router.capacity_factor), valid, n_valid=n_valid)
+        res = quota_topk(lq, k, expert_capacity(n_valid, k, e, router.capacity_factor), valid, n_valid=n_valid)
         with torch.no_grad():
             dispatch_counts_of(topk_select(lq, k), valid.unsqueeze(1).expand(n, k), e)
         return torch.softmax(lq.gather(1, res.index), dim=-1)

@@ -30,7 +30,7 @@ from benchmarks.harness import (
 from benchmarks.layers import PAPER, QUICK, hidden, layer_step, make_block
 from spectra.routing.orthogonality import gram_matrix
 from spectra.routing.osr import osr_cost
-from spectra.routing.selection import quota_capacity, quota_topk
+from spectra.routing.selection import expert_capacity, quota_topk
 from spectra.routing.sinkhorn import sinkhorn
 
 TARGET_SHARE = 5.0  # % of the layer at N = 8k, E = 32
@@ -50,7 +50,7 @@ def routing_step(cost: torch.Tensor, k: int):
     n, e = cost.shape
     leaf = cost.detach().clone().requires_grad_()
     valid = torch.ones(n, dtype=torch.bool, device=cost.device)
-    cap = quota_capacity(n, k, e, ALPHA)
+    cap = expert_capacity(n, k, e, ALPHA)
     g = torch.randn(n, k, device=cost.device)
 
     def plan():

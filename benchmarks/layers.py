@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.harness import Env
-from spectra.config import SpectraConfig, load_config, validate
+from spectra.config import SpectraConfig, SwitchRouterConfig, load_config, validate
 from spectra.moe.block import MoEBlock
 from spectra.moe.context import RoutingContext
 from spectra.moe.experts import ExpertsImplConfig, GatedExperts
@@ -63,21 +63,19 @@ def config(router: str, shape: Shape, **router_overrides) -> SpectraConfig:
     return dataclasses.replace(cfg, router=rc)
 
 
-def switch_topk_class(k: int) -> type[SwitchRouter]:
-    """A Switch router (balancing loss, softmax top-k, renormalised weights) with any k.
-
-    The registered Switch routers fix k = 1 or 2; the comparison needs Switch at SPECTRA's k.
-    """
-    return type(f"SwitchTop{k}Router", (SwitchRouter,), {"k": k, "router_name": f"switch_top{k}"})
-
-
 def make_router(name: str, shape: Shape, **router_overrides) -> Router:
-    """'spectra', 'topk' or 'switch' (Switch at k = shape.k) for `shape`, fp32 parameters."""
+    """'spectra', 'topk' or 'switch' (Switch at k = shape.k) for `shape`, fp32 parameters.
+
+    Each router gets its own typed group, as in training (`build_router`). 'switch' is Switch's
+    balancing loss with softmax top-k and renormalised weights at SPECTRA's k: the registered
+    switch_top1/2 groups fix k = 1 or 2, so the unregistered `SwitchRouter` is built from the
+    `SwitchRouterConfig` group, which fixes no k.
+    """
     if name == "switch":
-        # conf/router/switch_top2.yaml's knobs (balancing loss 0.01, no z-loss, no dropping) at any k;
+        # conf/router/switch_top2.yaml's knobs (balancing loss 0.01, no z-loss, no dropping) at any k,
         # composed on router=topk because the config schema pins switch_top2 to k = 2.
         cfg = config("topk", shape, aux_loss_coef=0.01, z_loss_coef=0.0, capacity_factor=None, **router_overrides)
-        return switch_topk_class(shape.k)(cfg, hidden_size=shape.H, num_experts=shape.E)
+        return SwitchRouter(SwitchRouterConfig.from_run_config(cfg), hidden_size=shape.H, num_experts=shape.E)
     return build_router(config(name, shape, **router_overrides), hidden_size=shape.H, num_experts=shape.E)
 
 
