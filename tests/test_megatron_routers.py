@@ -410,3 +410,127 @@ def test_sinkhorn_base_balances_by_hand_and_routes_plain_topk_at_inference():
     out = r.eval()(inputs_of(logits))
     assert out.expert_index.flatten().tolist() == [0, 0, 0, 0]
     assert out.expert_weight.flatten().tolist() == pytest.approx([sigmoid(v) for v in (2.0, 1.9, 1.8, 1.7)])
+
+
+# ----------------------------------------------------------------------------- global_aux
+
+
+def brute_switch_loss(f: list[float], rows: list[list[float]]) -> float:
+    """E * sum_e f_e * P_e with P the mean softmax of `rows` (logits of real tokens)."""
+    e = len(f)
+    probs = [py_softmax(r) for r in rows]
+    return e * sum(f[i] * sum(p[i] for p in probs) / len(probs) for i in range(e))
+
+
+def brute_counts(rows: list[list[float]], k: int) -> list[int]:
+    e = len(rows[0])
+    c = [0] * e
+    for r in rows:
+        for i in ranked(py_softmax(r))[:k]:
+            c[i] += 1
+    return c
+
+
+def test_global_aux_accumulates_f_over_the_micro_batches_of_a_step():
+    gen = torch.Generator().manual_seed(11)
+    e, k = 4, 2
+    a = torch.randn(5, e, generator=gen) * 2
+    b = torch.randn(4, e, generator=gen) * 2
+    valid_b = torch.tensor([[True, True, False, True]])
+    real_b = [row for row, v in zip(b.tolist(), valid_b[0].tolist(), strict=True) if v]
+    r = make_router("global_aux", e, top_k=k, aux_loss_coef=1.0).train()
+    r.on_optimizer_step(0)  # train begin
+    key = "global_load_balancing"
+
+    ca, cb = brute_counts(a.tolist(), k), brute_counts(real_b, k)
+    loss_a = r(inputs_of(a)).aux_losses[key].item()
+    assert loss_a == pytest.approx(brute_switch_loss([c / (k * 5) for c in ca], a.tolist()), rel=1e-6)
+    loss_b = r(inputs_of(b, valid_b)).aux_losses[key].item()  # f over both micro-batches, P over b
+    f_ab = [(x + y) / (k * (5 + 3)) for x, y in zip(ca, cb, strict=True)]
+    assert loss_b == pytest.approx(brute_switch_loss(f_ab, real_b), rel=1e-6)
+    r.on_optimizer_step(1)  # a new global batch
+    loss_b2 = r(inputs_of(b, valid_b)).aux_losses[key].item()
+    assert loss_b2 == pytest.approx(brute_switch_loss([c / (k * 3) for c in cb], real_b), rel=1e-6)
+    assert loss_b2 != pytest.approx(loss_b)
+    r.eval()  # evaluation: the batch's own f, nothing accumulated
+    assert r(inputs_of(a)).aux_losses[key].item() == pytest.approx(loss_a, rel=1e-6)
+
+
+def _spawn(fn, tmp_path, world: int = 2, timeout: float = 120.0) -> None:
+    """fn(rank, world, init_file, out_dir) in `world` spawned processes; fail (not hang) after `timeout`."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} processes did not finish within {timeout} s (a collective hung?)")
+
+
+E_DP, K_DP = 4, 2
+
+
+def _batch(rank: int, micro: int) -> torch.Tensor:
+    return torch.randn(2, 5, E_DP, generator=torch.Generator().manual_seed(100 * rank + micro)) * 2
+
+
+def _dp_routers():
+    """(global_aux, aux_free) with the same random gates on every rank."""
+    ga = make_router("global_aux", E_DP, top_k=K_DP, aux_loss_coef=1.0).train()
+    af = make_router("aux_free", E_DP, top_k=K_DP, bias_update_rate=0.1).train()
+    with torch.no_grad():
+        ga.gate.weight.copy_(torch.randn(E_DP, E_DP, generator=torch.Generator().manual_seed(7)))
+    return ga, af
+
+
+def _dp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """A data-parallel rank: two micro-batches of its own tokens, then the optimizer step."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    ga, af = _dp_routers()
+    ga.on_optimizer_step(0)
+    af.on_optimizer_step(0)  # train begin: a collective with nothing collected, no change
+    losses = []
+    for micro in range(2):
+        x = _batch(rank, micro)
+        loss = ga(inputs_of(x)).aux_losses["global_load_balancing"]
+        loss.backward()
+        losses.append(loss.item())
+        af(inputs_of(x))
+    af.on_optimizer_step(1)
+    torch.save({"losses": losses, "grad": ga.gate.weight.grad, "bias": af.expert_bias.clone()}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_global_aux_and_aux_free_on_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
+    _spawn(_dp_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ga, af = _dp_routers()
+    ga.on_optimizer_step(0)
+    for micro in range(2):
+        x = torch.cat([_batch(0, micro), _batch(1, micro)])  # the global micro-batch
+        loss = ga(inputs_of(x)).aux_losses["global_load_balancing"]
+        loss.backward()
+        # DDP averages the ranks' losses' gradients; with equal tokens per rank the mean loss is this one
+        assert sum(rk["losses"][micro] for rk in ranks) / 2 == pytest.approx(loss.item(), rel=1e-5)
+        af(inputs_of(x))
+    assert torch.allclose((ranks[0]["grad"] + ranks[1]["grad"]) / 2, ga.gate.weight.grad, atol=1e-6)
+    af.on_optimizer_step(1)
+    assert torch.equal(ranks[0]["bias"], ranks[1]["bias"]) and torch.equal(ranks[0]["bias"], af.expert_bias)
+    assert float(af.expert_bias.abs().sum()) > 0
+    # and the one-process value is Switch's all-slots loss on the global batch (an independent function)
+    rows = torch.cat([torch.cat([_batch(0, m), _batch(1, m)]) for m in range(2)]).reshape(-1, E_DP)
+    probs = (rows @ ga.gate.weight.detach().T).softmax(-1)
+    last = probs[-20:]  # micro-batch 2's P, f over both micro-batches
+    f = [c / (K_DP * 40) for c in brute_counts(torch.log(probs).tolist(), K_DP)]
+    expected = E_DP * sum(f[i] * float(last[:, i].mean()) for i in range(E_DP))
+    assert ranks[0]["losses"][1] + ranks[1]["losses"][1] == pytest.approx(2 * expected, rel=1e-5)

@@ -503,6 +503,7 @@ ROUTER_GROUPS: dict[str, type[_RouterGroup]] = {
     "hash": HashRouterConfig,
     "aux_free": AuxFreeRouterConfig,
     "seq_aux": AuxLossRouterConfig,
+    "global_aux": AuxLossRouterConfig,
     "sinkhorn_base": SinkhornBaseRouterConfig,
 }
 # Every group, in the order their keys appear in RouterConfig.

@@ -24,6 +24,7 @@ DISPLAY_NAMES: dict[str, str] = {
     "hash": "Hash",
     "aux_free": "Aux-Loss-Free",
     "seq_aux": "Seq-Aux",
+    "global_aux": "Global-Aux",
     "sinkhorn_base": "S-BASE",
     NO_ROUTER: "Dense",
 }
