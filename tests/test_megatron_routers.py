@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import itertools
 import math
+import signal
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import tiny_causal_lm
+import faults
+from conftest import run_cli, tiny_causal_lm
 from spectra.config import RouterConfig, load_config, validate
 from spectra.moe import load_moe_model, save_moe_model, upcycle
 from spectra.moe.loading import load_weights
@@ -534,3 +537,51 @@ def test_global_aux_and_aux_free_on_two_ranks_equal_one_process_on_the_concatena
     f = [c / (K_DP * 40) for c in brute_counts(torch.log(probs).tolist(), K_DP)]
     expected = E_DP * sum(f[i] * float(last[:, i].mean()) for i in range(E_DP))
     assert ranks[0]["losses"][1] + ranks[1]["losses"][1] == pytest.approx(2 * expected, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- aux_free through train.py resume
+
+RESUME_RUN = [
+    "router=aux_free",
+    "moe.num_experts=4",
+    "data.max_seq_length=64",
+    "data.max_train_samples=40",
+    "data.max_eval_samples=8",
+    "trainer.max_steps=8",
+    "trainer.per_device_train_batch_size=4",
+    "trainer.per_device_eval_batch_size=8",
+    "trainer.router_lr=3e-3",
+    "trainer.logging_steps=2",
+    "trainer.eval_steps=8",
+    "trainer.save_steps=4",
+    "trainer.resume=auto",
+    "trainer.deterministic=true",
+    "monitor.enabled=false",
+    "router.bias_update_rate=0.01",
+    "seed=3",
+]
+
+
+def _final_bias(run_dir) -> dict[str, torch.Tensor]:
+    weights = load_file(str(run_dir / "model" / "model.safetensors"))
+    return {k: v for k, v in weights.items() if k.endswith("router.expert_bias")}
+
+
+@pytest.mark.slow
+def test_aux_free_bias_of_a_killed_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
+    def train(run_dir, *extra):
+        return run_cli(["train.py", *RESUME_RUN, *extra, f"hydra.run.dir={run_dir}"],
+                       env={"OMP_NUM_THREADS": "1", **faults.ENV}, timeout=600)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    pa = train(a)
+    assert pa.returncode == 0, pa.stderr[-3000:]
+    pb = train(b, faults.kill_at("step", 6))  # killed after step 6: checkpoint-4 is the resume point
+    assert pb.returncode == -signal.SIGKILL, pb.stderr[-3000:]
+    pb = train(b)
+    assert pb.returncode == 0 and "checkpoint-4" in pb.stdout + pb.stderr, pb.stderr[-3000:]
+    ba, bb = _final_bias(a), _final_bias(b)
+    assert ba and set(ba) == set(bb)
+    assert any(float(v.abs().sum()) > 0 for v in ba.values())  # the bias moved
+    for k in ba:
+        assert torch.equal(ba[k], bb[k]), k  # bit for bit
