@@ -19,7 +19,15 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks import bench_breakdown, bench_experts, bench_gru, bench_layer, bench_routing_scale, bench_sweep
+from benchmarks import (
+    bench_breakdown,
+    bench_experts,
+    bench_gru,
+    bench_hf_block,
+    bench_layer,
+    bench_routing_scale,
+    bench_sweep,
+)
 from benchmarks.harness import Env, Section, add_common_args, machine_description, make_env
 from spectra.contracts.rundir import write_atomic
 
@@ -31,6 +39,7 @@ SECTIONS = {  # key -> (module, title used when it fails)
     "routing_scale": (bench_routing_scale, "4. Sinkhorn + quota selection vs N and E"),
     "gru": (bench_gru, "5. Router GRU vs sequence length"),
     "sweep": (bench_sweep, "6. Sweep overhead per trial"),
+    "hf_block": (bench_hf_block, "7. Our MoE block vs Hugging Face's Qwen3-MoE block"),
 }
 
 

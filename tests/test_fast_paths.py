@@ -1,6 +1,6 @@
 """Fast implementations written for speed (issue #10) against their plain references.
 
-- routing/gru.py `gru_scan` (nn.GRU forward, hand-written backward) vs `nn_gru_states` (autograd
+- routing/gru.py `gru_scan` (own scan, hand-written backward) vs `nn_gru_states` (autograd
   through nn.GRU), values and every gradient, in float64;
 - routing/scores.py (cosines without normalised copies) vs F.normalize + orthogonality's
   `expert_representations`;

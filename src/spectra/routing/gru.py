@@ -15,16 +15,24 @@ Two implementations, one contract (`token_recurrence(..., fused=...)`):
   batch goes in directly; otherwise every (row, document) segment of real tokens becomes its own
   sequence of a hand-built `PackedSequence` (memory O(N), no [segments × longest] padding).
   Used on GPU (cuDNN) and as the reference.
-- `gru_scan` (CPU): the same forward under no_grad — ATen's GRU runs the time loop in C++ — and a
-  hand-written backward. Why: on CPU, nn.GRU's autograd records ~30 nodes per time step, so at the
-  router's sizes (a few rows, Dh = 128) backward costs per-node overhead × S, not arithmetic.
-  The hand-written backward works on the segments laid out as a time-major grid [L, Ns] (L = the
-  longest segment, so packed rows cost L steps, not S), in chunks of time steps taken latest first
-  (`_CHUNK_CELLS` cells each, so the working set stays in cache and the time per token does not
-  grow with S): per chunk it recomputes every gate from the saved states with two matmuls,
-  computes the coefficients that multiply the incoming gradient for all steps at once, and leaves
-  4 ops per step in the reverse loop; the chunk's weight gradients are one matmul each after it.
-  It keeps only the inputs and the output states: memory linear in S.
+- `gru_scan` (CPU): without autograd (inference, decoding) the same nn.GRU forward — ATen runs
+  the time loop in C++. In training, a scan of its own with a hand-written backward. Why: on CPU,
+  nn.GRU's autograd records ~30 nodes per time step, so at the router's sizes (a few rows,
+  Dh = 128) backward costs per-node overhead × S, not arithmetic. Both passes work on the segments
+  laid out as a time-major grid [L, Ns] (L = the longest segment, so packed rows cost L steps, not
+  S). The forward computes all input projections in one matmul (as ATen does), then runs ATen's
+  cell step by step — the same ops on the same layouts, so its states are bitwise nn.GRU's — into
+  preallocated buffers (one addmm and 10 elementwise ops per step), and keeps the gates,
+  so the backward recomputes nothing (the earlier version recomputed them: two more matmuls of the
+  forward's size). The backward takes the time steps in chunks, latest first (`_CHUNK_CELLS` cells
+  each, so the working set stays in cache and the time per token does not grow with S): per chunk
+  it computes the coefficients that multiply the incoming gradient for all steps at once, leaving
+  4 ops per step in the reverse loop, then the chunk's W_hh gradient in one matmul; the input-side
+  gradients (inputs, W_ih, b_ih) are one matmul each over all tokens at the end. It keeps the
+  inputs, the states and the gates (r, z, n, r ⊙ (W_hn h + b_hn)): memory linear in S.
+- Input width: `inp` may leave out trailing input columns that are zero (In' < In: the first MoE
+  layer, which has no previous layer's state), which saves their share of the input-side matmuls
+  in both passes; the result is that of the zero-padded input.
 """
 
 from __future__ import annotations
@@ -51,14 +59,17 @@ def token_recurrence(
 ) -> torch.Tensor:
     """Causal GRU over the token axis with document resets and padding carry-through.
 
-    gru: single-layer batch_first nn.GRU; inp: [B, S, In]; valid, doc_start: [B, S] bool;
-    h0: [B, Dh] state before the first position of each row (cached state or zeros).
+    gru: single-layer batch_first nn.GRU; inp: [B, S, In'] with In' ≤ In = gru.input_size: the
+    missing trailing In − In' input columns are zeros (the first MoE layer's absent previous-layer
+    state: passing x alone skips their share of the input matmuls, forward and backward);
+    valid, doc_start: [B, S] bool; h0: [B, Dh] state before the first position of each row
+    (cached state or zeros).
     Returns states [B, S, Dh]: at a real token t, h_t = GRU(inp_t, h_prev) where h_prev is the
     state after the previous real token of the row, 0 if a document started in between
     (doc_start at t or at padding since that token), h0 for the row's first real token otherwise.
     At padding positions the state of the last real token (or h0) is carried through.
-    fused: True = `gru_scan` (hand-written backward), False = `nn_gru_states` (plain autograd);
-    None = `gru_scan` on CPU, nn.GRU elsewhere (cuDNN).
+    fused: True = `gru_scan` (gate-keeping scan, hand-written backward), False = `nn_gru_states`
+    (plain autograd); None = `gru_scan` on CPU, nn.GRU elsewhere (cuDNN).
     """
     if fused if fused is not None else inp.device.type == "cpu":
         return gru_scan(gru, inp, valid, doc_start, h0)
@@ -69,6 +80,9 @@ def nn_gru_states(
     gru: nn.GRU, inp: torch.Tensor, valid: torch.Tensor, doc_start: torch.Tensor, h0: torch.Tensor
 ) -> torch.Tensor:
     """`token_recurrence` by one nn.GRU call (see the module docstring); differentiable by autograd."""
+    _check_input_width(gru, inp)
+    if inp.shape[-1] < gru.input_size:  # the missing trailing input columns are zeros
+        inp = F.pad(inp, (0, gru.input_size - inp.shape[-1]))
     b, s, d_in = inp.shape
     dh = gru.hidden_size
     valid = valid.to(torch.bool)
@@ -110,6 +124,11 @@ def nn_gru_states(
     full = h_valid.new_zeros(b * s, dh).index_put((seg.vidx,), h_valid)  # [B*S, Dh]
     states = full[seg.shows].reshape(b, s, dh)  # [B, S, Dh] padding takes the last real token's state
     return torch.where(seg.before_first.view(b, s, 1), h0.unsqueeze(1).to(states.dtype), states)
+
+
+def _check_input_width(gru: nn.GRU, inp: torch.Tensor) -> None:
+    if inp.shape[-1] > gru.input_size:
+        raise ValueError(f"token_recurrence: input has {inp.shape[-1]} features, the GRU takes {gru.input_size}")
 
 
 @dataclass
@@ -166,105 +185,147 @@ def segments(valid: torch.Tensor, doc_start: torch.Tensor) -> Segments:
 
 
 class _GRUScan(torch.autograd.Function):
-    """states = token_recurrence(inp, h0): nn.GRU's forward, hand-written backward.
+    """states = token_recurrence(inp, h0) with a scan forward that keeps its gates, and a
+    hand-written backward.
 
-    inp [B, S, In]; h0 [B, Dh]; w_ih [3Dh, In], b_ih, w_hh [3Dh, Dh], b_hh: the GRU's parameters
-    (passed explicitly so that autograd routes their gradients here); gru: the module itself, for
-    the forward call; valid, doc_start [B, S] bool. Returns states [B, S, Dh].
+    inp [B, S, In'] (In' ≤ In: missing trailing input columns are zeros); h0 [B, Dh];
+    w_ih [3Dh, In], b_ih, w_hh [3Dh, Dh], b_hh: the GRU's parameters (passed explicitly so that
+    autograd routes their gradients here); valid, doc_start [B, S] bool. Returns states [B, S, Dh].
 
-    The backward runs on the segment grid [L, Ns] (`segments`): every segment restarts from its
-    own initial state, so no reset masks are needed, and packed rows of several documents take
-    L steps (the longest document) instead of S.
+    Both passes run on the segment grid [L, Ns] (`segments`): every segment restarts from its own
+    initial state, so no reset masks are needed, and packed rows of several documents take L steps
+    (the longest document) instead of S. The forward computes every input projection in one matmul
+    and runs nn.GRU's cell per step (ATen's ops on ATen's layouts, so the states are bitwise
+    nn.GRU's: one addmm into a preallocated buffer, then in-place elementwise ops), keeping the gates: the backward then needs no
+    recomputation, and its input-side gradients are one matmul each over all tokens.
     """
 
     @staticmethod
-    def forward(ctx, inp, h0, w_ih, b_ih, w_hh, b_hh, gru, valid, doc_start):
+    def forward(ctx, inp, h0, w_ih, b_ih, w_hh, b_hh, valid, doc_start):
+        b, s, d_in = inp.shape
+        dh = h0.shape[-1]
+        dt = inp.dtype
+        seg = segments(valid, doc_start)
+        length, ns = seg.length, seg.num
+        ctx.seg, ctx.shape, ctx.w_shapes = seg, (b, s, d_in, dh), (w_ih.shape, w_hh.shape)
+        if length == 0:  # no real token at all: every position shows h0
+            ctx.save_for_backward(None, None, None, None, None, None, None)
+            return h0.unsqueeze(1).expand(b, s, dh).clone()
+        w_in = w_ih[:, :d_in].to(dt)  # [3Dh, In'] the columns the input has
+        w_hh_t = w_hh.to(dt).t()  # [Dh, 3Dh]
+        b_hh = b_hh.to(dt)
+        cell_pos = torch.full((length * ns,), -1, dtype=torch.long, device=inp.device)
+        cell_pos.index_copy_(0, seg.cell, seg.vidx)  # [L*Ns] flat token position per grid cell, -1 empty
+        # Empty cells (after a segment's end) read token 0: finite values no gradient ever reaches.
+        gi_tok = F.linear(inp.reshape(b * s, d_in), w_in, b_ih.to(dt))  # [B*S, 3Dh] all input projections
+        gi = gi_tok.index_select(0, cell_pos.clamp_min(0)).view(length, ns, 3 * dh)  # [L, Ns, 3Dh]
+        h = h0.to(dt)[seg.row] * seg.from_h0.unsqueeze(1).to(dt)  # [Ns, Dh] each segment's initial state
+        h_init = h
+        # gates[t] = [r | z | r ⊙ (W_hn h + b_hn)] of step t: the hidden projection's buffer, which the
+        # cell overwrites in place exactly as ATen's does (same ops on the same layouts, so the states
+        # are bitwise nn.GRU's).
+        gates = inp.new_empty(length, ns, 3 * dh)  # [L, Ns, 3Dh]
+        n = inp.new_empty(length, ns, dh)  # [L, Ns, Dh] candidate
+        hs = inp.new_empty(length, ns, dh)  # [L, Ns, Dh] state after each step
+        gi_r, gi_z, gi_n = (c.unbind(0) for c in gi.split(dh, dim=-1))
+        gates_t = gates.unbind(0)
+        r_t, z_t, q_t = (c.unbind(0) for c in gates.split(dh, dim=-1))
+        n_t, hs_t = n.unbind(0), hs.unbind(0)
         with torch.no_grad():
-            states = nn_gru_states(gru, inp, valid, doc_start, h0)  # [B, S, Dh]
-        ctx.save_for_backward(inp, h0, w_ih, b_ih, w_hh, b_hh, states, valid, doc_start)
+            for t in range(length):  # aten's GRU cell (RNN.cpp, GRUCell with precomputed input gates)
+                torch.addmm(b_hh, h, w_hh_t, out=gates_t[t])
+                r = r_t[t].add_(gi_r[t]).sigmoid_()
+                z = z_t[t].add_(gi_z[t]).sigmoid_()
+                torch.add(gi_n[t], q_t[t].mul_(r), out=n_t[t]).tanh_()
+                h = torch.sub(h, n_t[t], out=hs_t[t]).mul_(z).add_(n_t[t])  # n + z (h − n)
+            full = inp.new_zeros(b * s, dh).index_copy_(0, seg.vidx, hs.view(-1, dh).index_select(0, seg.cell))
+            states = full[seg.shows].view(b, s, dh)  # padding shows the last real token's state
+            states = torch.where(seg.before_first.view(b, s, 1), h0.to(dt).unsqueeze(1), states)
+        ctx.save_for_backward(inp, h_init, w_ih, w_hh, gates, n, hs)
+        ctx.cell_pos = cell_pos
         return states
 
     @staticmethod
     def backward(ctx, grad_states):
-        inp, h0, w_ih, b_ih, w_hh, b_hh, states, valid, doc_start = ctx.saved_tensors
-        b, s, d_in = inp.shape
-        dh = h0.shape[-1]
+        inp, h_init, w_ih, w_hh, gates, n, hs = ctx.saved_tensors
+        seg = ctx.seg
+        b, s, d_in, dh = ctx.shape
         dt = grad_states.dtype  # computed in the gradient's dtype (autocast is off in backward)
-        w_ih, b_ih, w_hh, b_hh, h0 = (t.to(dt) for t in (w_ih, b_ih, w_hh, b_hh, h0))
-        seg = segments(valid, doc_start)
-        length, ns = seg.length, seg.num
+        grad = grad_states.reshape(b * s, dh)  # [B*S, Dh]
+        pos_row = torch.arange(b * s, device=grad.device) // s  # [B*S]
+        d_h0 = grad.new_zeros(b, dh).index_add_(0, pos_row[seg.before_first], grad[seg.before_first])  # [B, Dh]
+        d_w_ih, d_w_hh = (grad.new_zeros(shape) for shape in ctx.w_shapes)  # [3Dh, In], [3Dh, Dh]
+        d_b_ih, d_b_hh = grad.new_zeros(3 * dh), grad.new_zeros(3 * dh)  # [3Dh]
+        if inp is None:  # no real token at all
+            d_inp = grad.new_zeros(b, s, d_in) if ctx.needs_input_grad[0] else None
+            return d_inp, d_h0, d_w_ih, d_b_ih, d_w_hh, d_b_hh, None, None
         with torch.no_grad():
-            grad = grad_states.reshape(b * s, dh)  # [B*S, Dh]
             # A padding position shows the state of the row's last real token (or h0): its gradient
             # goes there.
             shown = ~seg.before_first
             g_tok = torch.zeros_like(grad).index_add_(0, seg.shows[shown], grad[shown])  # [B*S, Dh]
-            pos_row = torch.arange(b * s, device=grad.device) // s  # [B*S]
-            d_h0 = torch.zeros_like(h0).index_add_(0, pos_row[seg.before_first], grad[seg.before_first])  # [B, Dh]
-            d_inp = inp.new_zeros(b * s, d_in, dtype=dt)  # [B*S, In]
-            d_w_ih, d_w_hh = torch.zeros_like(w_ih), torch.zeros_like(w_hh)  # [3Dh, In], [3Dh, Dh]
-            d_b_ih, d_b_hh = torch.zeros_like(b_ih), torch.zeros_like(b_hh)  # [3Dh]
-            if length == 0:  # no real token at all
-                return d_inp.view(b, s, d_in), d_h0, d_w_ih, d_b_ih, d_w_hh, d_b_hh, None, None, None
-
-            # The grid as an index: the flat position of the token in each cell, -1 where empty.
-            cell_pos = torch.full((length * ns,), -1, dtype=torch.long, device=grad.device)
-            cell_pos.index_copy_(0, seg.cell, seg.vidx)  # [L*Ns]
-            inp_flat, states_flat = inp.reshape(b * s, d_in), states.reshape(b * s, dh)
-            h_init = h0[seg.row] * seg.from_h0.unsqueeze(1).to(dt)  # [Ns, Dh] each segment's initial state
-            carry = torch.zeros_like(h_init)  # [Ns, Dh] gradient reaching the chunk's last state from later
+            saved = (h_init, gates, n, hs, w_hh.to(dt))
+            if dt != gates.dtype:
+                saved = tuple(t.to(dt) for t in saved)
+            d_gi_tok = grad.new_zeros(b * s, 3 * dh)  # [B*S, 3Dh] gradient of each token's input projection
+            length, ns = hs.shape[0], seg.num
+            carry = torch.zeros_like(saved[0])  # [Ns, Dh] gradient reaching the chunk's last state from later
+            dense = seg.vidx.numel() == length * ns  # every grid cell holds a token: no masks needed
             steps = max(1, _CHUNK_CELLS // ns)  # time steps per chunk
             for hi in range(length, 0, -steps):
                 lo = max(hi - steps, 0)
-                carry = _backward_chunk(lo, hi, ns, cell_pos, inp_flat, states_flat, g_tok, h_init, carry,
-                                        (w_ih, b_ih, w_hh, b_hh), (d_inp, d_w_ih, d_b_ih, d_w_hh, d_b_hh))
+                carry = _backward_chunk(lo, hi, ns, ctx.cell_pos, g_tok, carry, saved, dense,
+                                        (d_gi_tok, d_w_hh, d_b_hh))
             # Segments that continue h0 pass their initial state's gradient on to it.
             d_h0.index_add_(0, seg.row, carry * seg.from_h0.unsqueeze(1).to(dt))
-        return d_inp.view(b, s, d_in), d_h0, d_w_ih, d_b_ih, d_w_hh, d_b_hh, None, None, None
+            # Input side: one matmul each over all tokens (padding rows of d_gi_tok are 0).
+            w_in = w_ih[:, :d_in].to(dt)
+            d_inp = (d_gi_tok @ w_in).view(b, s, d_in) if ctx.needs_input_grad[0] else None
+            d_w_ih[:, :d_in].addmm_(d_gi_tok.t(), inp.reshape(b * s, d_in).to(dt))
+            d_b_ih.add_(d_gi_tok.sum(0))
+        return d_inp, d_h0, d_w_ih, d_b_ih, d_w_hh, d_b_hh, None, None
 
 
-def _backward_chunk(lo, hi, ns, cell_pos, inp_flat, states_flat, g_tok, h_init, carry, weights, grads):
+def _backward_chunk(lo, hi, ns, cell_pos, g_tok, carry, saved, dense, grads):
     """Backward through grid rows lo..hi-1 (time steps of every segment), latest first.
 
-    cell_pos [L*Ns]: flat token position per grid cell (-1 empty); inp_flat [B*S, In],
-    states_flat [B*S, Dh]: the forward's inputs and states; g_tok [B*S, Dh]: dL/d(state) per real
-    token; h_init [Ns, Dh]; carry [Ns, Dh]: dL/dh at step hi - 1 from the steps after it.
-    weights: (w_ih, b_ih, w_hh, b_hh); grads: (d_inp [B*S, In], d_w_ih, d_b_ih, d_w_hh, d_b_hh),
-    accumulated in place. Returns dL/dh_prev of step lo [Ns, Dh] (the new carry).
-    Only the chunk's gates are recomputed, so its working set stays in cache and the cost per
-    token does not grow with S.
+    cell_pos [L*Ns]: flat token position per grid cell (-1 empty); g_tok [B*S, Dh]: dL/d(state)
+    per real token; carry [Ns, Dh]: dL/dh at step hi - 1 from the steps after it.
+    saved: the forward's (h_init [Ns, Dh], gates [L, Ns, 3Dh] = [r | z | r ⊙ (W_hn h + b_hn)],
+    n [L, Ns, Dh], hs [L, Ns, Dh], w_hh [3Dh, Dh]); dense: no empty cell in the grid.
+    grads: (d_gi_tok [B*S, 3Dh], d_w_hh, d_b_hh), accumulated in place.
+    Returns dL/dh_prev of step lo [Ns, Dh] (the new carry). Per chunk, the coefficients that multiply
+    the incoming gradient are computed for all its steps at once, leaving 4 ops per step in the
+    reverse loop; the chunk's working set stays in cache, so the cost per token does not grow with S.
     """
-    w_ih, b_ih, w_hh, b_hh = weights
-    d_inp, d_w_ih, d_b_ih, d_w_hh, d_b_hh = grads
+    h_init, gates, n_all, hs, w_hh = saved
+    d_gi_tok, d_w_hh, d_b_hh = grads
     t_len, dh = hi - lo, h_init.shape[-1]
-    dt = h_init.dtype
     pos = cell_pos[lo * ns : hi * ns]  # [T*Ns]
-    filled = pos >= 0  # [T*Ns] cells holding a token
-    src = pos.clamp_min(0)  # empty cells read token 0: finite values whose coefficients are masked to 0
-    x = inp_flat.index_select(0, src).to(dt).view(t_len, ns, -1)  # [T, Ns, In]
-    grad_grid = g_tok.index_select(0, src).masked_fill_(~filled.unsqueeze(1), 0.0).view(t_len, ns, dh)
-    prev_pos = cell_pos[max(lo - 1, 0) * ns : (hi - 1) * ns].clamp_min(0)  # cells of steps lo-1..hi-2
-    hp = states_flat.index_select(0, prev_pos).to(dt).view(-1, ns, dh)
+    if dense:
+        grad_grid = g_tok.index_select(0, pos).view(t_len, ns, dh)
+    else:
+        filled = pos >= 0  # [T*Ns] cells holding a token
+        grad_grid = g_tok.index_select(0, pos.clamp_min(0)).masked_fill_(~filled.unsqueeze(1), 0.0)
+        grad_grid = grad_grid.view(t_len, ns, dh)
+    hp = hs[max(lo - 1, 0) : hi - 1]  # states of steps lo-1..hi-2
     if lo == 0:
         hp = torch.cat([h_init.unsqueeze(0), hp], dim=0)  # [T, Ns, Dh] state each step starts from
-    vmask = filled.view(t_len, ns, 1)
-    # Recompute the chunk's gates at once (two matmuls).
-    gi = F.linear(x, w_ih, b_ih)  # [T, Ns, 3Dh]
-    gh = F.linear(hp, w_hh, b_hh)  # [T, Ns, 3Dh]
-    rz = torch.sigmoid(gi[..., : 2 * dh] + gh[..., : 2 * dh])  # [T, Ns, 2Dh]
-    r, z = rz[..., :dh], rz[..., dh:]
-    gh_n = gh[..., 2 * dh :]  # [T, Ns, Dh] W_hn h + b_hn
-    n = torch.tanh(torch.addcmul(gi[..., 2 * dh :], r, gh_n))  # [T, Ns, Dh]
-    vf = vmask.to(dt)  # empty cells (after a segment's end): no gate sees the gradient
+    r, z, q = gates[lo:hi].split(dh, dim=-1)  # [T, Ns, Dh] each; q = r ⊙ (W_hn h + b_hn)
+    n = n_all[lo:hi]  # [T, Ns, Dh]
     # Pre-activation gradients per unit of dh' (so the loop needs one multiply):
-    c_n = (1 - z) * (1 - n * n) * vf  # n
-    coef = torch.cat([c_n * gh_n * r * (1 - r), (hp - n) * z * (1 - z) * vf, c_n * r], dim=-1)  # r, z, W_hn h
-    coef = coef.view(t_len, ns, 3, dh)
-    direct = torch.where(vmask, z, 1.0)  # [T, Ns, Dh] ∂h'/∂h_prev besides the path through W_hh
-    del gi, gh, rz, r, z, gh_n, n
+    c_n = (1 - z) * (1 - n * n)  # n
+    coef = [c_n * q * (1 - r), (hp - n) * z * (1 - z), c_n * r]  # r, z, W_hn h
+    direct = z  # [T, Ns, Dh] ∂h'/∂h_prev besides the path through W_hh
+    if not dense:  # empty cells (after a segment's end): no gate sees the gradient, h passes through
+        vf = filled.view(t_len, ns, 1).to(c_n.dtype)
+        c_n = c_n * vf
+        coef = [c * vf for c in coef]
+        direct = z.masked_fill(~filled.view(t_len, ns, 1), 1.0)
+    coef = torch.cat(coef, dim=-1).view(t_len, ns, 3, dh)
 
-    d_gh = x.new_empty(t_len, ns, 3 * dh)  # [T, Ns, 3Dh] gradient of W_hh h_prev + b_hh
-    d_tot = x.new_empty(t_len, ns, dh)  # [T, Ns, Dh] total gradient of each state
+    d_gh = hp.new_empty(t_len, ns, 3 * dh)  # [T, Ns, 3Dh] gradient of W_hh h_prev + b_hh
+    d_tot = hp.new_empty(t_len, ns, dh)  # [T, Ns, Dh] total gradient of each state
     # Per-step views made once (unbind is one call), so the loop runs 4 ops per step.
     grad_t, tot_t, tot3_t = grad_grid.unbind(0), d_tot.unbind(0), d_tot.view(t_len, ns, 1, dh).unbind(0)
     gh_t, gh3_t = d_gh.unbind(0), d_gh.view(t_len, ns, 3, dh).unbind(0)
@@ -273,25 +334,29 @@ def _backward_chunk(lo, hi, ns, cell_pos, inp_flat, states_flat, g_tok, h_init, 
         torch.add(grad_t[t], carry, out=tot_t[t])  # [Ns, Dh] dL/dh_t
         torch.mul(coef_t[t], tot3_t[t], out=gh3_t[t])  # [Ns, 3, Dh]
         carry = torch.addmm(tot_t[t] * direct_t[t], gh_t[t], w_hh)  # [Ns, Dh] dL/dh_prev
-    d_gi = torch.cat([d_gh[..., : 2 * dh], d_tot * c_n], dim=-1)  # [T, Ns, 3Dh]
-    flat_gi, flat_gh = d_gi.view(-1, 3 * dh), d_gh.view(-1, 3 * dh)  # [T*Ns, 3Dh]; empty cells are 0
-    d_inp.index_copy_(0, pos[filled], flat_gi[filled] @ w_ih)
-    d_w_ih.addmm_(flat_gi.t(), x.view(-1, x.shape[-1]))  # [3Dh, In]
+    d_gi = torch.cat([d_gh[..., : 2 * dh], d_tot * c_n], dim=-1).view(-1, 3 * dh)  # [T*Ns, 3Dh]; empty cells 0
+    flat_gh = d_gh.view(-1, 3 * dh)  # [T*Ns, 3Dh]
+    if dense:
+        d_gi_tok.index_copy_(0, pos, d_gi)
+    else:
+        d_gi_tok.index_copy_(0, pos[filled], d_gi[filled])
     d_w_hh.addmm_(flat_gh.t(), hp.reshape(-1, dh))  # [3Dh, Dh]
-    d_b_ih.add_(flat_gi.sum(0))
     d_b_hh.add_(flat_gh.sum(0))
     return carry
 
 
 def gru_scan(gru: nn.GRU, inp: torch.Tensor, valid: torch.Tensor, doc_start: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """`token_recurrence` with nn.GRU's forward and the hand-written backward (CPU).
+    """`token_recurrence` by the gate-keeping scan and the hand-written backward (CPU training);
+    without autograd, nn.GRU's forward (ATen's C++ time loop: inference and decoding).
 
-    gru: single-layer, unidirectional, batch_first nn.GRU with biases; inp [B, S, In];
-    valid, doc_start [B, S] bool; h0 [B, Dh]. Returns states [B, S, Dh].
+    gru: single-layer, unidirectional, batch_first nn.GRU with biases; inp [B, S, In'] (In' ≤ In,
+    missing trailing columns are zeros); valid, doc_start [B, S] bool; h0 [B, Dh].
+    Returns states [B, S, Dh].
     """
+    _check_input_width(gru, inp)
     valid = valid.to(torch.bool)
     doc_start = doc_start.to(torch.bool)
     if not torch.is_grad_enabled():
         return nn_gru_states(gru, inp, valid, doc_start, h0)
     return _GRUScan.apply(inp, h0, gru.weight_ih_l0, gru.bias_ih_l0, gru.weight_hh_l0, gru.bias_hh_l0,
-                          gru, valid, doc_start)
+                          valid, doc_start)
