@@ -1,4 +1,4 @@
-"""Trainer callbacks: JSONL metrics, router step schedules, the routing monitor, throughput;
+"""Trainer callbacks: JSONL metrics, throughput, TensorBoard tags, router step schedules, the routing monitor;
 and the `trainer.callbacks` entries named by import path in the config (`callback_class`,
 `user_callbacks`; `preflight` checks them, `MoETrainer` adds them)."""
 
@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.integrations.integration_utils import TensorBoardCallback, rewrite_logs
 from transformers.trainer_callback import ProgressCallback
 
 from spectra.config import ConfigError
@@ -19,14 +20,25 @@ from spectra.moe.upcycle import routers
 
 
 class JsonlMetricsCallback(TrainerCallback):
-    """Append every `on_log` record (train and eval) to `<run_dir>/metrics.jsonl` (rank 0 only).
+    """Append every `on_log` record (train and eval) to `<run_dir>/metrics.jsonl` (rank 0 only)."""
 
-    Adds `tokens_per_s` to training records: tokens processed since the previous training log
-    divided by the wall time since then (all ranks, gradient accumulation included).
-    """
-
-    def __init__(self, run_dir: str | Path, tokens_per_step: int):
+    def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / METRICS
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        append_jsonl(self.path, {"step": state.global_step, **logs})
+
+
+class ThroughputCallback(TrainerCallback):
+    """`tokens_per_s` for training logs: tokens processed since the previous training log divided
+    by the wall time since then (all ranks, gradient accumulation included).
+
+    `MoETrainer.log` asks for it (`training_log_metrics`) before the Trainer hands the record to
+    the callbacks, so metrics.jsonl, TensorBoard and wandb all receive it."""
+
+    def __init__(self, tokens_per_step: int):
         self.tokens_per_step = tokens_per_step
         self._last_time: float | None = None
         self._last_step = 0
@@ -35,17 +47,45 @@ class JsonlMetricsCallback(TrainerCallback):
         self._last_time = time.perf_counter()
         self._last_step = state.global_step
 
+    def training_log_metrics(self, state) -> dict[str, float]:
+        """{"tokens_per_s": ...} since the previous call (empty before training or without progress)."""
+        if self._last_time is None:
+            return {}
+        now = time.perf_counter()
+        steps = state.global_step - self._last_step
+        out = {}
+        if steps > 0 and now > self._last_time:
+            out["tokens_per_s"] = steps * self.tokens_per_step / (now - self._last_time)
+        self._last_time, self._last_step = now, state.global_step
+        return out
+
+
+def tensorboard_tags(logs: dict) -> dict:
+    """TensorBoard tags for a log record: a key that already names its section (`train/layer0/cv`,
+    `eval/cv_mean`, `monitor/...`) is its own tag; the Trainer's plain keys get transformers' tags
+    (`loss` -> `train/loss`, `eval_loss` -> `eval/loss`)."""
+    plain = rewrite_logs({k: v for k, v in logs.items() if "/" not in k})
+    return {**plain, **{k: v for k, v in logs.items() if "/" in k}}
+
+
+class SectionedTensorBoardCallback(TensorBoardCallback):
+    """transformers' TensorBoardCallback with `tensorboard_tags`: stock it would prefix `train/` to
+    every key not starting with `eval_`, so `train/layer0/cv` became `train/train/layer0/cv` and the
+    evaluation routing `train/eval/layer0/cv`."""
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not state.is_world_process_zero:
             return
-        record = {"step": state.global_step, **logs}
-        if "loss" in logs and self._last_time is not None:
-            now = time.perf_counter()
-            steps = state.global_step - self._last_step
-            if steps > 0 and now > self._last_time:
-                record["tokens_per_s"] = steps * self.tokens_per_step / (now - self._last_time)
-            self._last_time, self._last_step = now, state.global_step
-        append_jsonl(self.path, record)
+        if self.tb_writer is None:
+            self._init_summary_writer(args)
+        if self.tb_writer is None:
+            return
+        for tag, v in tensorboard_tags(logs or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.tb_writer.add_scalar(tag, v, state.global_step)
+            elif isinstance(v, str):
+                self.tb_writer.add_text(tag, v, state.global_step)
+        self.tb_writer.flush()
 
 
 class RoutingMonitorCallback(TrainerCallback):

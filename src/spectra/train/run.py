@@ -41,6 +41,8 @@ from spectra.train.callbacks import (
     JsonlMetricsCallback,
     RouterStepCallback,
     RoutingMonitorCallback,
+    SectionedTensorBoardCallback,
+    ThroughputCallback,
 )
 from spectra.train.checkpoint import find_resumable_checkpoint, rewind_metrics
 from spectra.train.deepspeed import deepspeed_dict, mark_moe_blocks_as_zero3_leaves
@@ -67,7 +69,8 @@ def _world_size() -> int:
 def training_arguments(cfg: SpectraConfig, run_dir: Path):
     """TrainingArguments from the typed config (one place where our keys meet the Trainer's)."""
     t = cfg.trainer
-    report_to = [name for name, on in (("wandb", cfg.logger.wandb), ("tensorboard", cfg.logger.tensorboard)) if on]
+    # TensorBoard is not named here: `_build_trainer` adds SectionedTensorBoardCallback (our tags)
+    report_to = ["wandb"] if cfg.logger.wandb else []
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         max_steps=t.max_steps,
@@ -266,7 +269,9 @@ def _build_trainer(cfg: SpectraConfig, args, model, tokenizer, train_ds, eval_ds
         # pre-hook (which pops it) may receive it, so a dense model's batches go without.
         data_collator=PackedCollator(include_routing_mask=getattr(model, "spectra_context", None) is not None),
         processing_class=tokenizer,
-        callbacks=[JsonlMetricsCallback(run_dir, tokens_per_step), RouterStepCallback(model)] + ([RoutingMonitorCallback(monitor)] if monitor else []),
+        callbacks=[ThroughputCallback(tokens_per_step), JsonlMetricsCallback(run_dir), RouterStepCallback(model)]
+        + ([RoutingMonitorCallback(monitor)] if monitor else [])
+        + ([SectionedTensorBoardCallback()] if cfg.logger.tensorboard else []),
         spectra_cfg=cfg,
         routing_context=getattr(model, "spectra_context", None),
     )

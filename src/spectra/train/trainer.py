@@ -95,9 +95,15 @@ class MoETrainer(AtomicCheckpointMixin, NumericsGuardMixin, Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, start_time=None):
-        """Merge per-layer training routing metrics into the Trainer's training logs."""
+        """Merge per-layer training routing metrics, and what callbacks with a
+        `training_log_metrics(state)` hook add (throughput), into the Trainer's training logs,
+        before `super().log` hands the record to every reporting callback."""
         if "loss" in logs:
             logs.update(self.train_recorder.report(prefix="train/"))
+            for cb in self.callback_handler.callbacks:
+                hook = getattr(cb, "training_log_metrics", None)
+                if hook is not None:
+                    logs.update(hook(self.state))
         super().log(logs, start_time)
 
     def evaluation_loop(self, *args, **kwargs):
