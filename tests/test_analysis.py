@@ -654,3 +654,31 @@ def test_comparison_shows_the_experts_per_token_each_router_spent(tmp_path):
     assert rows[ec].startswith(f"{2.25:.2f} ± {statistics.stdev([2.0, 2.5]):.2f}")
     assert rows[sw].startswith(f"{1.625:.2f} ± {statistics.stdev([1.5, 1.75]):.2f}")
     assert rows[dense] == "–"
+
+
+def test_scaling_tables_show_the_downstream_avg_score_of_eval_harness_json(tmp_path):
+    """Runs with an eval_harness.json (python -m spectra.eval) fill the Avg Score column of Tables
+    10/11, mean ± sample std over seeds in %; without one, eval loss stands in and a note says so."""
+    scores = {"spectra": [0.40, 0.50], "switch_top2": [0.30, 0.35]}
+    for router, values in scores.items():
+        for seed, v in enumerate(values):
+            run = make_run(tmp_path / f"{router}_s{seed}", router, seed)
+            (run / "eval_harness.json").write_text(json.dumps(
+                {"avg_score": v, "limit": 3, "scores": {"spectra_bundled_mc": v},
+                 "metrics": {"spectra_bundled_ppl_code": {"word_perplexity": 12.5}}}))
+    runs, _ = collect([tmp_path])
+    assert runs.loc[runs["router"] == "spectra", "harness:spectra_bundled_ppl_code/word_perplexity"].tolist() == [12.5, 12.5]
+    t = scaling_table(runs, "cfg:moe.num_experts", name="t11", title="t11")
+    sp = pd.Series(scores["spectra"]) * 100  # 45.0 ± 7.1 by hand
+    assert t.display.iloc[0]["SPECTRA Avg Score (%)"] == f"{sp.mean():.1f} ± {sp.std(ddof=1):.1f}" == "45.0 ± 7.1"
+    assert t.display.iloc[0]["Switch Top-2 Avg Score (%)"] == "32.5 ± 3.5"
+    md = t.markdown()
+    assert "stands in" not in md and "--limit" in md  # a limited evaluation is flagged
+    (tmp_path / "spectra_s0" / "eval_harness.json").unlink()  # one run lacks it: the cell says n=1
+    runs, _ = collect([tmp_path])
+    assert scaling_table(runs, "cfg:moe.num_experts", name="t", title="t").display.iloc[0]["SPECTRA Avg Score (%)"] == "50.0 (n=1)"
+    for f in tmp_path.rglob("eval_harness.json"):
+        f.unlink()
+    runs, _ = collect([tmp_path])
+    t = scaling_table(runs, "cfg:moe.num_experts", name="t", title="t")
+    assert not any("Avg Score" in c for c in t.display.columns) and "stands in" in t.markdown()

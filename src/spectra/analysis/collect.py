@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from spectra.contracts.rundir import METRICS, SUMMARY, is_volatile_override, read_jsonl, read_summary
+from spectra.contracts.rundir import METRICS, SUMMARY, is_volatile_override, read_eval_harness, read_jsonl, read_summary
 
 # summary.json keys that are not metric blocks (kept as plain columns or ignored)
 _SUMMARY_SCALARS = ("status", "error", "steps", "tokens_per_s", "started", "wall_time_s", "train_time_s",
@@ -176,6 +176,7 @@ def collect_run(run_dir: Path, records: list[dict] | None = None) -> dict:
     for block, value in s.items():
         if isinstance(value, dict):
             row.update(_flatten(f"{block}:", value))
+    row.update(_harness_columns(read_eval_harness(run_dir)))
     if records is None:
         records = read_jsonl(run_dir / METRICS)
     last: dict = {}
@@ -183,6 +184,18 @@ def collect_run(run_dir: Path, records: list[dict] | None = None) -> dict:
         last.update({f"last:{k}": v for k, v in rec.items() if _is_number(v)})
     row.update(last)
     return row
+
+
+def _harness_columns(h: dict | None) -> dict:
+    """`harness:` columns from a run's eval_harness.json: avg_score (a fraction), limit (documents
+    per task; set = a partial evaluation), each task's score and every task metric."""
+    if not h:
+        return {}
+    out = {"harness:avg_score": h.get("avg_score"), "harness:limit": h.get("limit")}
+    out.update({f"harness:{t}": v for t, v in (h.get("scores") or {}).items()})
+    for t, ms in (h.get("metrics") or {}).items():
+        out.update({f"harness:{t}/{m}": v for m, v in (ms or {}).items() if _is_number(v)})
+    return out
 
 
 def seed_text(seed) -> str:

@@ -94,6 +94,9 @@ METRICS: dict[str, Metric] = {
         Metric("consistency_last_vs_first", "consistency last vs first (%)", False, scale=100, digits=1,
                candidates=_stab("consistency_last_vs_first", "consistency_first")),
         Metric("tokens_per_s", "tokens/s", False, digits=0, candidates=("tokens_per_s",)),
+        # Downstream evaluation (python -m spectra.eval -> eval_harness.json): the mean of the tasks'
+        # accuracy-like scores, the paper's "Avg Score".
+        Metric("avg_score", "Avg Score (%)", False, scale=100, digits=1, candidates=("harness:avg_score",)),
         # Compute spent: expert applications per real token in training (top-k: k; Switch: k less
         # drops; Expert Choice: ~cf), so routers are compared knowing their compute.
         Metric("expert_slots_per_token", "experts/token", None, digits=2, candidates=_train("expert_slots_per_token")),

@@ -291,9 +291,17 @@ def overhead_table(runs: pd.DataFrame, by: str = "variant") -> Table:
 
 def scaling_table(runs: pd.DataFrame, by: str, *, name: str, title: str, primary: str = "spectra",
                   reference: str = "switch_top2") -> Table:
-    """Tables 10/11: eval loss per router for each value of `by`, plus the primary router's
-    expert entropy and Gram orthogonality. Downstream 'Avg Score' is not measured: eval loss."""
-    notes = [STD_NOTE, "eval loss stands in for the paper's downstream Avg Score (not measured by training runs)"]
+    """Tables 10/11: eval loss per router for each value of `by` and, where the runs have a
+    downstream evaluation (eval_harness.json), the Avg Score per router; plus the primary router's
+    expert entropy and Gram orthogonality."""
+    avg = resolve(runs, "avg_score")
+    notes = [STD_NOTE]
+    if avg is None:
+        notes.append("eval loss stands in for the paper's downstream Avg Score (no run has an eval_harness.json: "
+                     "python -m spectra.eval <run>/model)")
+    elif "harness:limit" in runs.columns and pd.to_numeric(runs["harness:limit"], errors="coerce").notna().any():
+        notes.append("Avg Score: some runs were evaluated on a limited number of documents per task (--limit); "
+                     "their scores are not comparable with a full evaluation")
     if by not in runs.columns:
         display = pd.DataFrame({"eval loss": [MISSING]}, index=pd.Index([MISSING], name=by))
         return Table(name, title, display, pd.DataFrame(), None, [f"no `{by}` in these runs", *notes])
@@ -309,6 +317,15 @@ def scaling_table(runs: pd.DataFrame, by: str, *, name: str, title: str, primary
         best[header] = False
         for s in ("mean", "std", "n"):
             data[f"{r}_eval_loss_{s}"] = st[s]
+        if avg is not None:
+            m = metric("avg_score")
+            st = cell_stats(runs[runs["router"] == r], avg, by).reindex(values)
+            header = f"{ROUTER_NAMES.get(r, r)} {m.header}"
+            display[header] = [fmt_mean_std(x["mean"] * m.scale, x["std"] * m.scale, x["n"], m.digits, expected=d)
+                               for (_, x), d in zip(st.iterrows(), done)]
+            best[header] = False
+            for s in ("mean", "std", "n"):
+                data[f"{r}_avg_score_{s}"] = st[s]
     if primary in routers and reference in routers:
         imp = 100 * (data[f"{reference}_eval_loss_mean"] - data[f"{primary}_eval_loss_mean"]) / data[f"{reference}_eval_loss_mean"]
         display["improvement (%)"] = [f"{v:+.1f}" if math.isfinite(v) else MISSING for v in imp.astype(float)]

@@ -32,6 +32,7 @@ from typing import IO, Any
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 PROGRESS = "sweep_progress.jsonl"  # in the sweep directory
+EVAL_HARNESS = "eval_harness.json"  # downstream evaluation (spectra.eval), written atomically
 # Keys that do not change what a run computes (where it writes, how it resumes, its labels).
 VOLATILE_KEYS = ("output_dir", "skip_complete", "tags", "sweep_name", "scale_name", "seeds", "sweep_values")
 VOLATILE_TRAINER_KEYS = ("resume",)
@@ -116,6 +117,15 @@ def read_summary(run_dir: str | os.PathLike) -> dict | None:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def read_eval_harness(run_dir: str | os.PathLike) -> dict | None:
+    """The run's EVAL_HARNESS record (`python -m spectra.eval`), or None when absent or unreadable."""
+    try:
+        record = json.loads((Path(run_dir) / EVAL_HARNESS).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def is_complete(run_dir: str | os.PathLike) -> bool:

@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spectra.contracts.rundir import write_json_atomic
+from spectra.contracts.rundir import EVAL_HARNESS, write_json_atomic
 from spectra.data import DOMAINS
 from spectra.eval.tasks import TASKS_DIR
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "eval_harness.json"
+RESULTS_FILE = EVAL_HARNESS  # the run directory's name for it (contracts/rundir.py)
 MODEL_SUBDIR = "model"  # a run directory's model (contracts/rundir.py)
 PAPER_TASKS = ("mmlu", "arc_easy", "arc_challenge", "hellaswag", "gsm8k", "humaneval")
 BUNDLED_TASKS = ("spectra_bundled_mc", *(f"spectra_bundled_ppl_{d}" for d in DOMAINS))
