@@ -7,6 +7,7 @@ import json
 import signal
 
 import pytest
+from transformers import TrainerCallback
 
 import faults
 from conftest import run_cli
@@ -254,3 +255,39 @@ def test_deepspeed_zero2_resume_within_tolerance(tmp_path):
     assert all(y == pytest.approx(x, rel=1e-6) for (_, x), (_, y) in zip(la, lb))
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert sb["final"]["eval_loss"] == pytest.approx(sa["final"]["eval_loss"], rel=1e-6)
+
+
+class KillAtTrainEnd(TrainerCallback):
+    """Test instrument (a `trainer.callbacks` entry): SIGKILL at the end of training, after the
+    final checkpoint is committed and before the final evaluation, the saved model and summary.json."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import os
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_run_killed_after_its_final_checkpoint_resumes_without_an_extra_step(tmp_path):
+    """Killed once checkpoint-<max_steps> is committed but before summary.json: the rerun trains no
+    step more (no checkpoint-9, steps=8) and its curve, final evaluation and objective equal the
+    uninterrupted run's. max_steps=8 ends mid-epoch (~10 steps per epoch), where the Trainer would
+    otherwise start another optimizer step before it checks max_steps."""
+    short = ["trainer.max_steps=8", "router.so_warmup_steps=4"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    _ok(_train(a, *short))
+    killed = _train(b, *short, "trainer.callbacks=[{_target_:test_resume.KillAtTrainEnd}]")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (b / "summary.json").exists()
+    assert (b / "checkpoints" / "checkpoint-8" / MARKER).is_file()
+    p = _train(b, *short)
+    _ok(p)
+    assert "checkpoint-8" in p.stdout + p.stderr  # resumed from the final checkpoint
+    assert sorted(x.name for x in (b / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert sb["steps"] == sa["steps"] == 8 and sb["resumed_from"].endswith("checkpoint-8")
+    for key in ("train_loss", "final", "best", "objective", "param_checksum_per_rank"):
+        assert _strip_timing(sb[key]) == _strip_timing(sa[key]), key
+    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert max(r["step"] for r in rb) == 8
+    assert _strip_timing(rb) == _strip_timing(ra)

@@ -391,6 +391,19 @@ class AtomicCheckpointMixin:
             shutil.rmtree(Path(super()._get_output_dir(None)) / STAGING, ignore_errors=True)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Stock batch fetch, except when the schedule is already done: resuming from the final
+        checkpoint (step = max_steps, e.g. killed before summary.json) then trains nothing.
+
+        The stock loop checks `max_steps` only after an optimizer step, so a resume from
+        checkpoint-<max_steps> that falls mid-epoch would train (and save) step max_steps + 1.
+        Here the first fetch of such a resume returns no batch and stops training: the Trainer
+        has restored model, optimizer, state and RNG by then, and goes straight to its end."""
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Resume's model weights, loaded strictly through transformers' loader (`load_weights`).
 
