@@ -240,3 +240,16 @@ def test_router_checks_that_need_num_experts_are_stated_once_in_the_group(overri
         raw = SimpleNamespace(router=SimpleNamespace(**OmegaConf.to_container(cfg.router, resolve=True)))
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             build_router(raw, hidden_size=8, num_experts=cfg.moe.num_experts)
+
+
+def test_cell_directory_names_leave_out_exactly_the_volatile_keys_and_the_sweep_groups():
+    """A cell's directory name holds what it computes: the keys the config fingerprint ignores
+    (contracts.rundir's volatile list) and the sweep/scale group choice stay out of it."""
+    from spectra.config import cell_dirname
+
+    computing = ["moe.top_k=4", "router=spectra", "seed=1", "osr.epsilon=0.1", "trainer.max_steps=7"]
+    volatile = ["sweep=A", "scale=cpu_tiny", "seeds=[0,1]", "trainer.resume=never", "skip_complete=false",
+                "hydra.launcher.n_jobs=2", "+tags=[x]", "output_dir=/tmp/o", "sweep_name=A", "scale_name=s",
+                "sweep_values.seq_lengths=[1]"]
+    assert cell_dirname(computing + volatile) == cell_dirname(computing)
+    assert set(cell_dirname(computing, {"seed": "0,1"}).split(",")) == set(computing)

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from spectra.contracts.rundir import is_volatile_override
 from spectra.routers_catalog import NO_ROUTER, ROUTER_NAMES  # router.name choices, stated once there
 
 
@@ -744,8 +745,17 @@ def _csv(values) -> str:
     return ",".join(str(v) for v in values)
 
 
-# Overrides that do not name what a sweep cell computes (kept out of cell directory names).
-CELL_NAME_EXCLUDE = ("sweep", "scale", "seeds", "trainer.resume", "skip_complete", "hydra.")
+# The config groups that pick the sweep and its scale: the directories above a cell name them
+# (outputs/sweeps/<sweep>/<scale>/<cell>), so cell names leave them out.
+SWEEP_GROUP_SELECTORS = ("sweep", "scale")
+
+
+def names_cell(override_key: str) -> bool:
+    """Whether a command-line override belongs in a sweep cell's directory name: not a volatile
+    key (contracts.rundir: changes nothing a run computes, the one list the config fingerprint and
+    analysis' variant labels use too) and not the sweep/scale group selection."""
+    key = override_key.lstrip("+~")
+    return not is_volatile_override(key) and key not in SWEEP_GROUP_SELECTORS
 
 
 def _swept_keys_of(sweep_dir) -> set[str]:
@@ -783,7 +793,7 @@ def cell_dirname(task_overrides, sweep_params=None, sweep_dir=None, max_len: int
     items = []
     for o in task_overrides or []:
         key = str(o).split("=", 1)[0].lstrip("+~")
-        if not key.startswith(CELL_NAME_EXCLUDE):
+        if names_cell(key):
             items.append((key not in axes, str(o).lstrip("+~").replace("/", "_")))
     items.sort()
     full = ",".join(text for _, text in items) or "defaults"
