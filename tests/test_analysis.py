@@ -682,3 +682,18 @@ def test_scaling_tables_show_the_downstream_avg_score_of_eval_harness_json(tmp_p
     runs, _ = collect([tmp_path])
     t = scaling_table(runs, "cfg:moe.num_experts", name="t", title="t")
     assert not any("Avg Score" in c for c in t.display.columns) and "stands in" in t.markdown()
+
+
+def test_comparison_sets_training_and_inference_balance_side_by_side(tmp_path):
+    """The comparison's load CV / MaxVio come from the inference routing (eval/…), the training
+    columns from the last training log's train/… (after selection): one run's hand-set values
+    land in their own columns, never swapped."""
+    from spectra.analysis.tables import comparison_table
+
+    recs = [{"step": 2, "loss": 2.9, "train/cv_mean": 0.30, "train/maxvio_mean": 0.25},
+            {"step": 2, "eval_loss": 2.0, "eval/cv_mean": 0.88, "eval/maxvio_mean": 1.5}]
+    make_run(tmp_path / "s0", router="spectra", seed=0, records=recs, cv=0.88,
+             extra_final={"eval/maxvio_mean": 1.5})
+    d = comparison_table(collect([tmp_path])[0]).display.iloc[0]
+    assert (d["load CV"], d["load CV (training, after quota)"]) == ("0.880", "0.300")
+    assert (d["MaxVio"], d["MaxVio (training, after quota)"]) == ("1.500", "0.250")

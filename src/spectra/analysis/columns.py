@@ -73,6 +73,7 @@ METRICS: dict[str, Metric] = {
         Metric("cv", "load CV", True),
         Metric("maxvio", "MaxVio", True),
         Metric("train_cv", "load CV (training, after quota)", True, candidates=_train("cv")),
+        Metric("train_maxvio", "MaxVio (training, after quota)", True, candidates=_train("maxvio")),
         Metric("train_cv_before_quota", "load CV (training, before quota)", True, candidates=_train("cv_before_quota")),
         Metric("dropped_token_rate", "dropped tokens (%)", True, scale=100, digits=2),
         Metric("dropped_slot_rate", "dropped slots (%)", True, scale=100, digits=2),

@@ -28,7 +28,9 @@ from spectra.routers_catalog import DISPLAY_NAMES as ROUTER_NAMES  # router.name
 ABLATION_NAMES = {"full": "SPECTRA-Full", "no_expression": "-Expression", "no_gru": "-GRU",
                   "no_repulsion": "-Repulsion", "no_quota": "-Quota", "no_ortho": "-OrthoConstraint", "no_all": "-All"}
 TABLE7_METRICS = ["usage_entropy", "expert_overlap", "gram_orthogonality", "collapse_rate", "cv", "eval_loss"]
-COMPARISON_METRICS = ["eval_loss", "cv", "maxvio", "usage_entropy", "expert_overlap", "gram_orthogonality",
+# Balance under inference routing (cv, maxvio: eval mode, what a deployed model does) beside the
+# training routing's (after selection: SPECTRA's quota, Switch's capacity), so the gap is a column.
+COMPARISON_METRICS = ["eval_loss", "cv", "train_cv", "maxvio", "train_maxvio", "usage_entropy", "expert_overlap", "gram_orthogonality",
                       "collapse_rate", "expert_slots_per_token", "tokens_per_s"]
 STABILITY_METRICS = ["consistency", "usage_variance", "kendall_tau"]
 SWEEP_EXTRA_METRICS = ["usage_entropy", "expert_overlap", "gram_orthogonality", "collapse_rate", "consistency",
