@@ -84,12 +84,18 @@ def _running(study, owner=None, beat=None) -> optuna.Trial:
 def test_a_trial_whose_local_owner_died_is_failed_and_requeued_once(tmp_path):
     s = _sqlite_study(tmp_path)
     now = time.time()
-    dead = _running(s, {"host": socket.gethostname(), "pid": _dead_pid()}, beat=now)  # fresh beat, dead pid
+    pid = _dead_pid()
+    dead = _running(s, {"host": socket.gethostname(), "pid": pid}, beat=now)  # fresh beat, dead pid
     alive = _running(s, {"host": socket.gethostname(), "pid": os.getpid()}, beat=now)
     assert hygiene.recover_stale_trials(s, grace_period=300, now=now) == [dead.number]
     frozen = {t.number: t for t in s.get_trials()}
     assert frozen[dead.number].state == TrialState.FAIL and frozen[dead.number].user_attrs[hygiene.STALE]
     assert frozen[alive.number].state == TrialState.RUNNING
+    # the error text says why, and reaches optuna_trials.csv (the sweeper writes this very frame)
+    error = frozen[dead.number].user_attrs[hygiene.ERROR]
+    assert "stale" in error and "gone" in error and f"process {pid} " in error
+    df = s.trials_dataframe(attrs=("number", "state", "user_attrs"))
+    assert df.set_index("number").loc[dead.number, f"user_attrs_{hygiene.ERROR}"] == error
     waiting = [t for t in s.get_trials() if t.state == TrialState.WAITING]
     assert len(waiting) == 1 and waiting[0].system_attrs["fixed_params"] == {"x": frozen[dead.number].params["x"]}
     assert waiting[0].user_attrs[hygiene.RETRY_OF] == dead.number
@@ -105,6 +111,8 @@ def test_a_remote_owner_is_judged_by_its_heartbeat(tmp_path):
     old = _running(s, {"host": "other-node", "pid": 1}, beat=now - 1000)
     assert hygiene.recover_stale_trials(s, grace_period=300, now=now) == [old.number]
     assert s._storage.get_trial(fresh._trial_id).state == TrialState.RUNNING
+    error = s._storage.get_trial(old._trial_id).user_attrs[hygiene.ERROR]
+    assert "heartbeat" in error and "other-node" in error and "grace_period=300" in error and "1000 s" in error
 
 
 def test_target_counts_finished_trials_not_stale_or_surplus(tmp_path):

@@ -117,6 +117,9 @@ def test_repulsion_multirun_three_cells_with_different_gram_metrics(tmp_path):
             for n, s in sums.items()}
     assert all(v is not None for v in gram.values()) and len(set(gram.values())) == 3
     assert "3 cells" in proc.stdout and "0 skipped" in proc.stdout  # the end-of-sweep report
+    # the plan names the cells as the jobs' own cell_dirname resolver did (an axis swept on the command line)
+    plan = json.loads((sweep / "sweep_plan.json").read_text())
+    assert sorted(c["dir"] for c in plan["planned"]) == sorted(sums)
     for i in (1, 2, 3):  # progress after every cell
         assert f"sweep progress: {i}/3 cells (0 skipped, {i} ran, 0 failed)" in proc.stdout
 
@@ -173,3 +176,94 @@ def test_trial_with_two_processes_reports_one_objective(tmp_path):
     a, b = s["param_checksum_per_rank"]
     assert a == pytest.approx(b, rel=1e-9)
     assert len(list(tmp_path.iterdir())) == 1  # one run directory, not one per rank
+
+
+# ---------------------------------------------------------------- sweep reporting
+
+
+def _multirun_config(sweep: Path, task: list[str], params: dict | None = None):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"hydra": {
+        "sweep": {"dir": str(sweep)},
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": params or {}},
+        "overrides": {"task": task}}})
+
+
+def test_workers_sharing_a_sweep_directory_each_count_their_own_cells(tmp_path, monkeypatch, capsys):
+    """Two drivers on one sweep directory, their cells interleaved in time: each end-of-sweep line
+    counts the 2 cells it launched, not all 4 (records carry the driver's $SPECTRA_SWEEP_WORKER)."""
+    import importlib
+
+    from spectra.sweep.cells import WORKER_ENV, SweepProgressCallback
+
+    run_mod = importlib.import_module("spectra.train.run")  # the module (spectra.train.run is also a function)
+    monkeypatch.setenv(WORKER_ENV, "")  # restored after the test (on_multirun_start exports the id)
+    sweep = tmp_path / "shared"
+    monkeypatch.setattr(run_mod, "_sweep_dir", lambda: sweep)
+    a, b = SweepProgressCallback(), SweepProgressCallback()
+    cfg_a = _multirun_config(sweep, ["router=topk", "moe.top_k=1,2"])
+    cfg_b = _multirun_config(sweep, ["router=topk", "moe.top_k=3,4"])
+    a.on_multirun_start(cfg_a)
+    b.on_multirun_start(cfg_b)
+    assert a.worker != b.worker
+    for worker, cell, status in [(a, "k1", "completed"), (b, "k3", "completed"), (a, "k2", "failed"), (b, "k4", "skipped")]:
+        monkeypatch.setenv(WORKER_ENV, worker.worker)  # what each driver's job process inherits
+        run_mod.record_progress(sweep / cell, status)
+    capsys.readouterr()
+    a.on_job_end(cfg_a)
+    assert "sweep progress: 2/2 cells (0 skipped, 1 ran, 1 failed)" in capsys.readouterr().out
+    a.on_multirun_end(cfg_a)
+    b.on_multirun_end(cfg_b)
+    out = capsys.readouterr().out
+    assert "2 cells — 0 skipped (already complete), 1 ran, 1 failed" in out
+    assert "2 cells — 1 skipped (already complete), 1 ran, 0 failed" in out
+    # the plan lists both workers' cells (for the analysis' "not started" rows)
+    from spectra.sweep.cells import read_plan
+
+    assert sorted(c["dir"] for c in read_plan(sweep)["planned"]) == [f"moe.top_k={k},router=topk" for k in (1, 2, 3, 4)]
+
+
+def test_cells_of_the_plan_that_never_started_are_listed_as_not_started(tmp_path, monkeypatch):
+    """sweep_plan.json lists 3 cells; one completed, one failed, one never started: the runs frame,
+    the problems list and the comparison table all show the third."""
+    import yaml
+
+    from spectra.analysis.collect import collect, problems
+    from spectra.analysis.tables import comparison_frame
+    from spectra.sweep.cells import WORKER_ENV, SweepProgressCallback
+
+    monkeypatch.setenv(WORKER_ENV, "")
+    sweep = tmp_path / "sw"
+    cfg = _multirun_config(sweep, ["router=topk", "seed=0", "moe.top_k=1,2,4"])
+    SweepProgressCallback().on_multirun_start(cfg)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    for k, status in ((1, "completed"), (2, "failed")):
+        d = sweep / f"moe.top_k={k},seed=0,router=topk"
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["router=topk", "seed=0", f"moe.top_k={k}"]))
+        (d / "summary.json").write_text(json.dumps({"status": status, "final": {"eval_loss": 3.0}, "error": "boom"}))
+    runs, _ = collect([sweep])
+    by_status = dict(zip(runs["variant"], runs["status"]))
+    assert by_status == {"moe.top_k=1,router=topk": "completed", "moe.top_k=2,router=topk": "failed",
+                         "moe.top_k=4,router=topk": "not started"}
+    missing = runs[runs["status"] == "not started"].iloc[0]
+    assert missing["run_dir"] == str((sweep / "moe.top_k=4,seed=0,router=topk").resolve()) and missing["seed"] == 0
+    p = problems(runs)
+    assert "not started" in set(p["problem"]) and "sweep_plan.json" in p[p["problem"] == "not started"].iloc[0]["reason"]
+    assert any("moe.top_k=4" in str(v) for v in comparison_frame(runs).index)
+
+
+@pytest.mark.slow
+def test_a_sweep_with_failed_cells_ends_with_one_summary_line(tmp_path):
+    """Both cells fail (a missing data file): the table is printed, then one `error:` line naming
+    the cells and their errors instead of Hydra's traceback; exit status 1."""
+    sweep = tmp_path / "fail"
+    proc = run_cli(["train.py", "-m", "router=topk", "data.path=/nonexistent/a.txt,/nonexistent/b.txt",
+                    f"hydra.sweep.dir={sweep}"], timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: sweep")]
+    assert len(errors) == 1 and "2 cells failed" in errors[0]
+    assert "data.path=_nonexistent_a.txt" in errors[0] and "FileNotFoundError: data.path: no such file: /nonexistent/a.txt" in errors[0]
+    assert "| failed |" in proc.stdout or "failed" in proc.stdout  # the table came first

@@ -5,7 +5,8 @@ A run directory is any directory holding `.hydra/config.yaml`, `summary.json` or
 
 runs: one row per run directory
     run_dir, sweep (the sweep directory it belongs to), sweep_name, status
-    (completed | failed | incomplete), variant (the overrides minus seed and volatile keys),
+    (completed | failed | incomplete | not started: a cell sweep_plan.json lists that has no
+    run directory), variant (the overrides minus seed and volatile keys),
     seed, router, error, steps, tokens_per_s, started, wall_time_s,
     ov:<key>        every override (`ov:router`, `ov:osr.epsilon`, ...)
     cfg:<a.b.c>     the resolved config, flattened (`cfg:moe.num_experts`)
@@ -19,7 +20,7 @@ runs: one row per run directory
     counted         completed and not a duplicate: the runs that enter means and tests
 steps: one row per metrics.jsonl record (run_dir, sweep, variant, seed, router, kind, step, ...)
 
-Failed, incomplete and duplicate runs are kept and flagged, never dropped silently; `problems()`
+Failed, incomplete, not started and duplicate runs are kept and flagged, never dropped silently; `problems()`
 lists them with a reason. Of several runs with the same (variant, seed), the counted one is a
 completed one, the most recently started (a re-run after a failure wins); the others are
 duplicates.
@@ -35,6 +36,9 @@ import pandas as pd
 import yaml
 
 from spectra.contracts.rundir import METRICS, SUMMARY, is_volatile_override, read_eval_harness, read_jsonl, read_summary
+from spectra.sweep.cells import PLAN, read_plan
+
+NOT_STARTED = "not started"  # a cell of the sweep's plan without a run directory
 
 # summary.json keys that are not metric blocks (kept as plain columns or ignored)
 _SUMMARY_SCALARS = ("status", "error", "steps", "tokens_per_s", "started", "wall_time_s", "train_time_s",
@@ -141,6 +145,34 @@ def _names_variant(key: str) -> bool:
     return key != "seed" and not is_volatile_override(key)
 
 
+def _variant(ovr: dict[str, str]) -> str:
+    return ",".join(f"{k}={_short(v)}" for k, v in sorted(ovr.items()) if _names_variant(k))
+
+
+def not_started_runs(sweep: Path, found: set[Path]) -> list[dict]:
+    """Rows (status "not started") for the cells the sweep's plan lists (sweep_plan.json, written
+    by spectra.sweep.cells at the start of a grid multirun) that have no run directory among `found`."""
+    rows = []
+    for cell in (read_plan(sweep) or {}).get("planned") or []:
+        try:
+            run_dir = (sweep / cell["dir"]).resolve()
+            ovr = {k.lstrip("+~"): v for k, _, v in (str(o).partition("=") for o in cell["overrides"])}
+        except (KeyError, TypeError):
+            continue
+        if run_dir in found:
+            continue
+        try:
+            seed = int(ovr["seed"]) if "seed" in ovr else None
+        except ValueError:
+            seed = ovr["seed"]
+        row = {"run_dir": str(run_dir), "status": NOT_STARTED, "variant": _variant(ovr) or "(defaults)",
+               "seed": seed, "router": ovr.get("router"), "steps": None, "tokens_per_s": None, "started": None,
+               "wall_time_s": None, "error": f"never started: listed in {sweep / PLAN}, no run directory"}
+        row.update({f"ov:{k}": v for k, v in ovr.items()})
+        rows.append(row)
+    return rows
+
+
 def collect_run(run_dir: Path, records: list[dict] | None = None) -> dict:
     """One row describing one run directory (see the module docstring for the columns)."""
     run_dir = Path(run_dir)
@@ -151,7 +183,7 @@ def collect_run(run_dir: Path, records: list[dict] | None = None) -> dict:
     status = s.get("status", "incomplete")
     if status not in ("completed", "failed"):
         status = "incomplete"  # no summary, an unreadable one, or "running" (killed mid-run)
-    variant = ",".join(f"{k}={_short(v)}" for k, v in sorted(ovr.items()) if _names_variant(k))
+    variant = _variant(ovr)
     seed = cfg.get("seed", s.get("seed"))
     if seed is None and "seed" in ovr:
         seed = ovr["seed"]
@@ -249,6 +281,13 @@ def collect(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
         for rec in records:
             kind = "eval" if "eval_loss" in rec else ("train" if "loss" in rec else "other")
             steps.append({**meta, "kind": kind, **rec})
+    found = {Path(r["run_dir"]) for r in rows}
+    sweeps = {Path(r["sweep"]) for r in rows} | {p.parent.resolve() for root in roots for p in root.rglob(PLAN)}
+    for sweep in sorted(sweeps):
+        for row in not_started_runs(sweep, found):
+            row["sweep"] = str(sweep)
+            row["sweep_name"] = _sweep_name(row, sweep)
+            rows.append(row)
     runs = pd.DataFrame(rows)
     if not runs.empty:
         runs["duplicate"], runs["duplicate_of"], runs["duplicate_reason"] = _mark_duplicates(runs)

@@ -123,19 +123,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def is_stale(trial: FrozenTrial, grace_period: float, now: float | None = None) -> bool:
-    """A RUNNING trial nobody is working on: its owner process on this host is gone, or its
-    heartbeat (or start time, if it never beat) is older than `grace_period` seconds."""
+def stale_reason(trial: FrozenTrial, grace_period: float, now: float | None = None) -> str | None:
+    """Why a RUNNING trial has nobody working on it (None when it is not stale): its owner process
+    on this host is gone, or its heartbeat (or start time, if it never beat) is older than
+    `grace_period` seconds. The text goes into the trial's `spectra_error`."""
     if trial.state != TrialState.RUNNING:
-        return False
+        return None
     now = time.time() if now is None else now
     owner = trial.user_attrs.get(OWNER) or {}
     if owner.get("host") == socket.gethostname() and "pid" in owner and not _pid_alive(int(owner["pid"])):
-        return True
+        return f"stale: its owner process {owner['pid']} on {owner['host']} is gone (killed driver?); re-queued"
     beat = trial.user_attrs.get(HEARTBEAT)
+    what = "heartbeat"
     if beat is None and trial.datetime_start is not None:
-        beat = trial.datetime_start.timestamp()
-    return beat is None or now - float(beat) > grace_period
+        beat, what = trial.datetime_start.timestamp(), "start (it never sent a heartbeat)"
+    if beat is None:
+        return "stale: no owner heartbeat and no start time; re-queued"
+    age = now - float(beat)
+    if age > grace_period:
+        where = f" of {owner.get('host')}:{owner.get('pid')}" if owner else ""
+        return (f"stale: last {what}{where} {age:.0f} s ago, over hydra.sweeper.grace_period={grace_period:g} s; "
+                "re-queued")
+    return None
+
+
+def is_stale(trial: FrozenTrial, grace_period: float, now: float | None = None) -> bool:
+    """A RUNNING trial nobody is working on (see `stale_reason`)."""
+    return stale_reason(trial, grace_period, now) is not None
 
 
 def recover_stale_trials(study: optuna.Study, grace_period: float, now: float | None = None) -> list[int]:
@@ -146,13 +160,15 @@ def recover_stale_trials(study: optuna.Study, grace_period: float, now: float | 
     """
     recovered = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not is_stale(t, grace_period, now):
+        reason = stale_reason(t, grace_period, now)
+        if reason is None:
             continue
         try:
             # Private: `t` is a FrozenTrial (read-only) of a trial another process asked for, and
             # Optuna has no public way to set a user attribute on it — `optuna.Trial(study, id)`
             # needs the storage id, which FrozenTrial keeps only as `_trial_id`.
             study._storage.set_trial_user_attr(t._trial_id, STALE, True)
+            study._storage.set_trial_user_attr(t._trial_id, ERROR, reason)  # optuna_trials.csv shows why
             study.tell(t.number, state=TrialState.FAIL)
         except (RuntimeError, ValueError) as e:  # finished meanwhile (by its owner or another worker)
             log.debug(f"trial {t.number} finished meanwhile: {e}")

@@ -138,10 +138,13 @@ def _sweep_dir() -> Path | None:
 
 
 def record_progress(run_dir: Path, status: str, **extra) -> None:
-    """One line in the sweep's progress file (multirun jobs only; spectra.sweep reads it)."""
+    """One line in the sweep's progress file (multirun jobs only; spectra.sweep reads it), tagged
+    with the multirun driver that launched the job ($SPECTRA_SWEEP_WORKER, set by
+    spectra.sweep.cells.SweepProgressCallback), so workers sharing a sweep directory count their own."""
     sweep = _sweep_dir()
     if sweep is not None:
-        append_progress(sweep, run_dir, status, **extra)
+        worker = os.environ.get("SPECTRA_SWEEP_WORKER")
+        append_progress(sweep, run_dir, status, **({"worker": worker} if worker else {}), **extra)
 
 
 def run(cfg: DictConfig | SpectraConfig):
