@@ -274,3 +274,59 @@ def test_two_rank_resume_with_the_monitor_reloads_snapshots_up_to_the_resume_ste
     assert s["resumed_from"].endswith("checkpoint-2") and s["steps"] == 4
     assert s["stability"]["steps"] == [1, 2, 3, 4]  # steps 1-2 reloaded, 3-4 taken again
     assert s["stability"]["mean"] == pytest.approx(first["stability"]["mean"], rel=1e-6, abs=1e-9)
+
+
+# ---------------------------------------------------------------- process-count preflight
+
+
+def _cfg(*overrides):
+    from spectra.config import load_config, validate
+
+    return validate(load_config(["router=topk", *overrides]))
+
+
+def test_process_counts_that_cannot_work_are_refused_naming_the_keys(monkeypatch):
+    from spectra.config import ConfigError
+    from spectra.train.guards import check_process_count
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    slurm = {"nodes": 1, "tasks_per_node": 2, "gpus_per_node": 2}
+    # tasks_per_node > 1 makes the tasks the ranks: nproc_per_node would be silently ignored
+    with pytest.raises(ConfigError, match=r"trainer\.nproc_per_node=2 with hydra\.launcher\.tasks_per_node=2"):
+        check_process_count(_cfg("trainer.nproc_per_node=2"), slurm, visible_gpus=2)
+    # 4 ranks on 1 GPU: by nproc_per_node, by tasks_per_node vs gpus_per_node, by visible devices
+    with pytest.raises(ConfigError, match=r"trainer\.nproc_per_node=4 ranks per node but this node shows 1 CUDA device"):
+        check_process_count(_cfg("trainer.nproc_per_node=4"), None, visible_gpus=1)
+    with pytest.raises(ConfigError, match=r"hydra\.launcher\.tasks_per_node=4 ranks per node but hydra\.launcher\.gpus_per_node=1"):
+        check_process_count(_cfg(), {"nodes": 2, "tasks_per_node": 4, "gpus_per_node": 1}, visible_gpus=1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(ConfigError, match=r"tasks_per_node=4 ranks per node but this node shows 2 CUDA devices \(CUDA_VISIBLE_DEVICES=0\)"):
+        check_process_count(_cfg(), {"nodes": 1, "tasks_per_node": 4, "gpus_per_node": None}, visible_gpus=2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node=4
+    with pytest.raises(ConfigError, match=r"torchrun --nproc_per_node \(LOCAL_WORLD_SIZE\)=4 ranks per node"):
+        check_process_count(_cfg(), None, visible_gpus=1)
+
+
+def test_process_counts_that_work_pass(monkeypatch):
+    from spectra.train.guards import check_process_count
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    check_process_count(_cfg("trainer.nproc_per_node=4"), None, visible_gpus=0)  # CPU: 4 gloo ranks are fine
+    check_process_count(_cfg(), {"nodes": 2, "tasks_per_node": 2, "gpus_per_node": 0}, visible_gpus=0)
+    check_process_count(_cfg("trainer.nproc_per_node=4"), None, visible_gpus=4)
+    check_process_count(_cfg(), {"nodes": 2, "tasks_per_node": 4, "gpus_per_node": 4}, visible_gpus=4)
+    # a SLURM task bound to its own GPU sees one device of the node's four
+    check_process_count(_cfg(), {"nodes": 1, "tasks_per_node": 4, "gpus_per_node": 4}, visible_gpus=1)
+
+
+def test_run_refuses_nproc_per_node_with_launcher_tasks_before_training(monkeypatch, tmp_path):
+    """run() checks against the job's hydra.launcher node before it starts any process."""
+    import importlib
+
+    from spectra.config import ConfigError
+
+    run_mod = importlib.import_module("spectra.train.run")
+    monkeypatch.setattr(run_mod, "_launcher_config", lambda: {"nodes": 2, "tasks_per_node": 1, "gpus_per_node": 1})
+    monkeypatch.setattr(run_mod, "launch_processes", lambda *a: pytest.fail("processes were started"))
+    with pytest.raises(ConfigError, match=r"hydra\.launcher\.nodes=2"):
+        run_mod.run(_cfg("trainer.nproc_per_node=2", f"output_dir={tmp_path / 'run'}"))

@@ -149,6 +149,48 @@ def preflight(cfg: SpectraConfig) -> None:
             callback_class(spec, f"trainer.callbacks[{i}]")  # imports, is a TrainerCallback, takes these arguments
 
 
+def check_process_count(cfg: SpectraConfig, launcher=None, visible_gpus: int | None = None) -> None:
+    """Refuse inconsistent process counts before anything starts, naming the keys.
+
+    Ranks come either from `trainer.nproc_per_node` (spawned inside the job) or from the
+    submitit launcher's tasks (`hydra.launcher.tasks_per_node` x `nodes`, one rank per task),
+    never from both: with tasks, `nproc_per_node` would be ignored. On CUDA, the ranks on a node
+    must not outnumber `hydra.launcher.gpus_per_node` nor the devices this process sees
+    (`visible_gpus`, from CUDA_VISIBLE_DEVICES); on CPU any number of gloo ranks is allowed.
+    `launcher`: the job's `hydra.launcher` node (None outside a launcher job)."""
+    launcher = launcher or {}
+    nproc = int(cfg.trainer.nproc_per_node)
+    tasks = int(launcher.get("tasks_per_node") or 1)
+    nodes = int(launcher.get("nodes") or 1)
+    if tasks * nodes > 1 and nproc > 1:
+        raise ConfigError(
+            f"trainer.nproc_per_node={nproc} with hydra.launcher.tasks_per_node={tasks}, hydra.launcher.nodes={nodes}: "
+            "the launcher's tasks are the ranks (one per task, nproc_per_node would be ignored); "
+            f"set trainer.nproc_per_node=1, or hydra.launcher.tasks_per_node=1 and nodes=1 to spawn {nproc} ranks in the job")
+    per_node = tasks if tasks * nodes > 1 else nproc
+    where = "hydra.launcher.tasks_per_node" if tasks * nodes > 1 else "trainer.nproc_per_node"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or 0)  # set by torchrun for its ranks
+    if tasks * nodes == 1 and local_world > per_node:
+        per_node, where = local_world, "torchrun --nproc_per_node (LOCAL_WORLD_SIZE)"
+    if visible_gpus is None:
+        visible_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible_gpus == 0:
+        return  # CPU: gloo ranks share the cores
+    gpus = launcher.get("gpus_per_node")
+    if gpus is not None and int(gpus) > 0 and per_node > int(gpus):
+        raise ConfigError(f"{where}={per_node} ranks per node but hydra.launcher.gpus_per_node={gpus}: "
+                          "one rank per GPU; lower the ranks or request more GPUs")
+    # A SLURM task may see only its own GPU (per-task binding): then 1 device is right even with
+    # several tasks per node, provided the node was given one GPU per task (checked above).
+    bound = tasks * nodes > 1 and visible_gpus == 1 and gpus is not None and int(gpus) >= per_node
+    if not bound and per_node > visible_gpus:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(f"{where}={per_node} ranks per node but this node shows {visible_gpus} CUDA device"
+                          f"{'s' if visible_gpus != 1 else ''}"
+                          + (f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else "")
+                          + ": one rank per GPU")
+
+
 def enable_determinism() -> None:
     """Deterministic kernels (`trainer.deterministic=true`): torch deterministic algorithms
     (warn-only where none exists), cuDNN deterministic, the cuBLAS workspace setting. Unlike

@@ -46,7 +46,7 @@ from spectra.train.callbacks import (
 )
 from spectra.train.checkpoint import find_resumable_checkpoint, rewind_metrics
 from spectra.train.deepspeed import deepspeed_dict, mark_moe_blocks_as_zero3_leaves
-from spectra.train.guards import enable_determinism, preflight
+from spectra.train.guards import check_process_count, enable_determinism, preflight
 from spectra.train.processes import export_submitit_distributed_env, launch_processes
 from spectra.train.trainer import MoETrainer
 
@@ -137,6 +137,19 @@ def _sweep_dir() -> Path | None:
     return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
 
 
+def _launcher_config() -> dict | None:
+    """The process-count keys of this job's submitit launcher (`hydra.launcher`), None otherwise
+    (a single run, or the basic launcher, whose jobs have no tasks)."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # not inside a Hydra app (an elastic-launch child, a notebook)
+        return None
+    node = hc.get("launcher")
+    if hc.mode != RunMode.MULTIRUN or node is None or "submitit" not in str(node.get("_target_", "")):
+        return None
+    return {k: node.get(k) for k in ("nodes", "tasks_per_node", "gpus_per_node")}
+
+
 def record_progress(run_dir: Path, status: str, **extra) -> None:
     """One line in the sweep's progress file (multirun jobs only; spectra.sweep reads it), tagged
     with the multirun driver that launched the job ($SPECTRA_SWEEP_WORKER, set by
@@ -150,7 +163,8 @@ def record_progress(run_dir: Path, status: str, **extra) -> None:
 def run(cfg: DictConfig | SpectraConfig):
     """Train one model as configured; returns the objective (a float, or a tuple if several)."""
     typed = validate(cfg)  # every key checked before anything is loaded
-    export_submitit_distributed_env()  # SLURM tasks_per_node > 1: one rank per task
+    check_process_count(typed, _launcher_config())  # ranks vs tasks vs GPUs, before any process starts
+    export_submitit_distributed_env()  # submitit tasks (SLURM nodes x tasks_per_node): one rank per task
     run_dir = Path(typed.output_dir)
     fingerprint = config_fingerprint(typed)
     if typed.skip_complete:
