@@ -4,6 +4,8 @@
   through nn.GRU), values and every gradient, in float64;
 - routing/scores.py (cosines without normalised copies) vs F.normalize + orthogonality's
   `expert_representations`;
+- moe/experts.py `grouped_mm` on CPU for SwiGLU experts (`_SortedSwiGLU`, hand-written backward)
+  vs a float64 loop over (token, slot) pairs and vs transformers' grouped_mm (autograd), issue #23;
 - metrics/recorder.py accumulating on device vs hand-computed reports, across a checkpoint
   round trip as train/checkpoint.py does it.
 """
@@ -16,8 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.moe import grouped_mm_experts_forward
 
 from spectra.metrics.recorder import RoutingRecorder
+from spectra.moe.experts import ExpertsImplConfig, GatedExperts, PlainExperts
 from spectra.routing import gru as gru_module
 from spectra.routing.base import RoutingOutput
 from spectra.routing.gru import gru_scan, nn_gru_states, segments, token_recurrence
@@ -153,3 +157,92 @@ def test_recorder_sums_on_device_and_reports_hand_values_across_a_checkpoint():
             assert got[key] == pytest.approx(value, abs=1e-12), key
         assert got["cv_mean"] == pytest.approx(want["layer0/cv"])
         assert r.report() == {}  # reset after reporting
+
+
+# ------------------------------------------------------------------ experts: grouped_mm on CPU
+
+
+def _swiglu_experts(e: int, h: int, i: int, dtype: torch.dtype, act: nn.Module | None = None) -> GatedExperts:
+    experts = GatedExperts(ExpertsImplConfig("grouped_mm"), e, h, i, act or nn.SiLU()).to(dtype)
+    nn.init.normal_(experts.gate_up_proj, std=0.4)
+    nn.init.normal_(experts.down_proj, std=0.4)
+    return experts
+
+
+def _routing(n: int, e: int, k: int, dtype: torch.dtype, gen: torch.Generator):
+    index = torch.rand(n, e, generator=gen).argsort(dim=1)[:, :k]  # [N, k] distinct experts per token
+    index[index == e - 1] = 0  # expert e-1 gets no token
+    index[:3] = torch.arange(k)  # ... and expert 0 does, in every slot position
+    index = torch.where(index.sort(dim=1).values.diff(dim=1).eq(0).any(dim=1, keepdim=True), torch.arange(k), index)
+    weights = torch.softmax(torch.randn(n, k, generator=gen, dtype=dtype), dim=-1)
+    weights[5, 1] = 0.0  # a dropped slot
+    return index, weights
+
+
+def _experts_loop(experts: GatedExperts, x, index, weights):
+    """Σ_slots w · down_e(silu(gate_e x) ⊙ up_e x), one (token, slot) pair at a time."""
+    i = experts.intermediate_dim
+    rows = []
+    for t in range(x.shape[0]):
+        acc = torch.zeros_like(x[t])
+        for j in range(index.shape[1]):
+            e = int(index[t, j])
+            gu = experts.gate_up_proj[e] @ x[t]  # [2I]
+            acc = acc + weights[t, j] * (experts.down_proj[e] @ (F.silu(gu[:i]) * gu[i:]))
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def _experts_grads(fn, experts, x, weights, g):
+    leaves = [x, weights, experts.gate_up_proj, experts.down_proj]
+    for p in leaves:
+        p.grad = None
+    y = fn()
+    (y * g).sum().backward()
+    return [y.detach()] + [p.grad.clone() for p in leaves]
+
+
+def test_cpu_grouped_swiglu_equals_a_float64_slot_loop():
+    gen = torch.Generator().manual_seed(0)
+    n, h, i, e, k = 23, 7, 5, 6, 3
+    experts = _swiglu_experts(e, h, i, torch.float64)
+    x = torch.randn(n, h, dtype=torch.float64, generator=gen, requires_grad=True)
+    index, weights = _routing(n, e, k, torch.float64, gen)
+    weights.requires_grad_()
+    g = torch.randn(n, h, dtype=torch.float64, generator=gen)
+    fast = _experts_grads(lambda: experts(x, index, weights), experts, x, weights, g)
+    assert "SortedSwiGLU" in type(experts(x, index, weights).grad_fn).__name__
+    ref = _experts_grads(lambda: _experts_loop(experts, x, index, weights), experts, x, weights, g)
+    for r, f in zip(ref, fast):
+        torch.testing.assert_close(f, r, atol=1e-12, rtol=1e-10)
+    assert torch.count_nonzero(fast[3][e - 1]) == 0 and torch.count_nonzero(fast[4][e - 1]) == 0  # unused expert
+
+
+def test_cpu_grouped_swiglu_is_transformers_grouped_mm_bit_for_bit():
+    """fp32: the same values and gradients as transformers' grouped_mm kernel under autograd."""
+    gen = torch.Generator().manual_seed(1)
+    n, h, i, e, k = 64, 16, 24, 8, 2
+    experts = _swiglu_experts(e, h, i, torch.float32)
+    x = torch.randn(n, h, generator=gen, requires_grad=True)
+    index, weights = _routing(n, e, k, torch.float32, gen)
+    weights.requires_grad_()
+    g = torch.randn(n, h, generator=gen)
+    ours = _experts_grads(lambda: experts(x, index, weights), experts, x, weights, g)
+    theirs = _experts_grads(lambda: grouped_mm_experts_forward(experts, x, index, weights), experts, x, weights, g)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+def test_grouped_mm_falls_back_to_transformers_outside_cpu_swiglu():
+    """Other activations and biased experts keep transformers' kernel (autograd through it)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(10, 8, generator=gen, requires_grad=True)  # sizes: multiples of 16 bytes for torch's kernel
+    index, weights = torch.randint(0, 4, (10, 1), generator=gen), torch.ones(10, 1)
+    gelu = _swiglu_experts(4, 8, 4, torch.float32, act=nn.GELU())
+    plain = PlainExperts(ExpertsImplConfig("grouped_mm"), 4, 8, 4, nn.GELU())
+    nn.init.normal_(plain.up_proj)
+    nn.init.normal_(plain.down_proj)
+    for experts in (gelu, plain):
+        y = experts(x, index, weights)
+        assert "SortedSwiGLU" not in type(y.grad_fn).__name__
+        torch.testing.assert_close(y, grouped_mm_experts_forward(experts, x, index, weights), atol=0, rtol=0)
