@@ -180,10 +180,9 @@ def check_process_count(cfg: SpectraConfig, launcher=None, visible_gpus: int | N
     if gpus is not None and int(gpus) > 0 and per_node > int(gpus):
         raise ConfigError(f"{where}={per_node} ranks per node but hydra.launcher.gpus_per_node={gpus}: "
                           "one rank per GPU; lower the ranks or request more GPUs")
-    # A SLURM task may see only its own GPU (per-task binding): then 1 device is right even with
-    # several tasks per node, provided the node was given one GPU per task (checked above).
-    bound = tasks * nodes > 1 and visible_gpus == 1 and gpus is not None and int(gpus) >= per_node
-    if not bound and per_node > visible_gpus:
+    # Every rank of a node must see the node's GPUs: the Trainer takes cuda:LOCAL_RANK (so a SLURM
+    # task bound to a single GPU, e.g. by --gpus-per-task, is refused here rather than crashing later).
+    if per_node > visible_gpus:
         shown = os.environ.get("CUDA_VISIBLE_DEVICES")
         raise ConfigError(f"{where}={per_node} ranks per node but this node shows {visible_gpus} CUDA device"
                           f"{'s' if visible_gpus != 1 else ''}"
