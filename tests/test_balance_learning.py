@@ -375,3 +375,20 @@ def test_plan_column_potential_recovers_the_expert_scaling_of_a_plan():
     b = plan_column_potential(lq, -cost, 0.05, torch.ones(40, dtype=torch.bool))
     assert torch.equal((-cost + b).topk(2).indices.sort(1).values, lq.topk(2).indices.sort(1).values)
     assert not torch.equal((-cost).topk(2).indices.sort(1).values, lq.topk(2).indices.sort(1).values)
+
+
+def test_distill_gradient_stays_in_the_router():
+    """The term trains the router's parameters only: no gradient into the hidden states or the
+    previous MoE layer's routing state (it is computed on a detached recompute of C)."""
+    r = make(router={"balance_distill_coef": 1.0}).train()
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 6, H, generator=gen, requires_grad=True)
+    prev = torch.randn(2, 6, r.state_size, generator=gen, requires_grad=True)
+    out = r(inputs(x, prev_state=prev))
+    out.aux_losses["balance_distill"].backward()
+    assert x.grad is None and prev.grad is None
+    assert r.head.weight.grad.abs().sum() > 0
+    # while the routing weights themselves still carry gradient into the hidden states
+    out = r(inputs(x, prev_state=prev))
+    out.expert_weight.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -25,7 +25,13 @@ paper's method, bit for bit), teach the router's own scores the balance:
     differ by the target's entropy, a constant of the parameters, so the gradient is the
     cross-entropy's: ∂L/∂(−C_{t,e}/ε) = (p_{t,e} − π_{t,e}) / N_v. It reaches the router's
     parameters through C = OSR(s, G): the cosine scores s (GRU, head, projector) and, in training,
-    the batch Gram G. KL rather than CE so that the logged value is 0 when p matches the plan.
+    the batch Gram G — and only them: the router evaluates C for this term a second time on
+    detached inputs (hidden states, the previous MoE layer's routing state;
+    SpectraRouter.router_only_cost), so the term never reshapes the backbone's hidden states to
+    suit the router. In the 200-step demo with γ = 0.1 the gradient into the hidden states cost
+    0.27 in eval loss (6.25 vs 5.98 without the term); the router-only term improved it (5.77).
+    Price: one more router forward per training step while γ > 0. KL rather than CE so that the
+    logged value is 0 when p matches the plan.
     `plan` asks p to copy the plan's balanced soft assignment (knowledge distillation, Hinton et
     al. 2015, of the balanced OT plan into the per-token softmax); `selected` asks top-k of p to
     be the quota's hard choice (a token-level imitation of the balanced assignment, as BASE layers,
@@ -67,6 +73,16 @@ paper's method, bit for bit), teach the router's own scores the balance:
     exactly the state_dict keys it had before this feature and loads models saved before it
     (spectra.moe.load_weights is strict). A model trained with u > 0 records u in its
     `spectra_moe` config, so load_moe_model rebuilds the buffer and restores b bit for bit.
+
+What the two have in common. A log-domain plan is log Q_{t,e} = −C_{t,e}/ε + f_t + g_e: it differs
+from the inference scores −C/ε only by the row potential f_t (no effect on a token's ranking) and
+the column potential g_e, one number per expert. So top-k of the plan is top-k of (−C + ε g): the
+per-expert shift that Sinkhorn applies in training is exactly what inference lacks.
+`plan_column_potential` recovers ε (g − mean g) from a batch. (b) learns such a shift by
+feedback on the inference load; (a) asks the scores themselves to absorb it (and, with the plan
+target, the plan's softness too). Copying the plan's averaged potential into b (measured offline
+on the demo model: inference load CV 1.12 → 0.71) gives the plan's pre-quota balance only; the
+sign rule, which targets the inference load itself, got further (→ 0.11 at u = 1e-2).
 
 Other options looked at (not implemented): temperature alone cannot balance (it does not change
 the per-token ranking); running Sinkhorn at inference (osr.sinkhorn_inference) balances but is
