@@ -9,7 +9,8 @@ SLURM_ARRAY_TASK_ID, SLURM_NTASKS, SLURM_JOB_NUM_NODES, SLURM_NODEID, SLURM_PROC
 SLURM_LOCALID, SLURM_JOB_NODELIST, ...), all on localhost; the `export` lines and the setup
 lines of the script run first. Node ranks differ per task, so a 2-node x 1-task allocation is
 two processes with SLURM_NODEID 0 and 1. `sacct` reports nothing (submitit then waits for the
-tasks' result files, as it does on a cluster); `scancel` kills the tasks.
+tasks' result files, as it does on a cluster); `scancel` kills the tasks. Every submitted script
+is kept as `<state>/<job id>.sbatch`.
 
 The job id is chosen so that the port submitit's TorchDistributedEnvironment derives from it
 (`random.Random(job_id).randint(20000, 60000)`, no MASTER_PORT set) is free on this machine.
@@ -28,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-STATE = "SLURM_STUB_STATE"  # directory for job bookkeeping (pids), set by install()
+STATE = "SLURM_STUB_STATE"  # directory for job bookkeeping (pids, submitted scripts), set by install()
+RECORD_ONLY = "SLURM_STUB_RECORD_ONLY"  # set: sbatch only records the script (<state>/<job>.sbatch), runs nothing
 
 
 def _port_free(port: int) -> bool:
@@ -58,6 +60,9 @@ def sbatch(script_path: str) -> int:
     print(f"Submitted batch job {job}", flush=True)
     state = Path(os.environ[STATE])
     state.mkdir(parents=True, exist_ok=True)
+    (state / f"{job}.sbatch").write_text(script)  # exactly what was submitted
+    if os.environ.get(RECORD_ONLY):
+        return 0
     runner = subprocess.Popen([sys.executable, __file__, "run", script_path, job, str(nodes), str(per_node), str(array or 0)],
                               start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=open(state / f"{job}_runner.err", "w"))

@@ -46,6 +46,12 @@ def test_two_node_slurm_trial_matches_the_single_process_run(tmp_path):
                         *ARGS, "trainer.per_device_train_batch_size=2", f"hydra.sweep.dir={sweep}"], env=env, timeout=300)
     finally:
         slurm_stub.kill_all(state)
+    # the preview prints exactly the script submitit handed to sbatch (one cell: no array)
+    from spectra.sweep.slurm import launcher_params, sbatch_preview
+
+    (submitted,) = state.glob("*.sbatch")
+    overrides = [o for o in proc.args[3:] if o.startswith(("hydra.launcher", "hydra/launcher", "hydra.sweep.dir"))]
+    assert sbatch_preview(launcher_params(overrides)) == submitted.read_text()
     logs = "\n".join(p.read_text()[-2000:] for p in sorted(sweep.glob(".submitit/*/*_log.err")))
     assert proc.returncode == 0, f"{proc.stderr[-3000:]}\nTASK LOGS:\n{logs}"
     (cell,) = [p.parent for p in sweep.glob("*/summary.json")]

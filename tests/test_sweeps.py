@@ -267,3 +267,38 @@ def test_a_sweep_with_failed_cells_ends_with_one_summary_line(tmp_path):
     assert len(errors) == 1 and "2 cells failed" in errors[0]
     assert "data.path=_nonexistent_a.txt" in errors[0] and "FileNotFoundError: data.path: no such file: /nonexistent/a.txt" in errors[0]
     assert "| failed |" in proc.stdout or "failed" in proc.stdout  # the table came first
+
+
+def _noop(x):
+    return x
+
+
+def test_sbatch_preview_is_what_submitit_submits_for_a_grid(tmp_path, monkeypatch, capsys):
+    """A 3-cell grid with array_parallelism=2: the preview's script equals the one submitit's own
+    `map_array` hands to sbatch (a stand-in sbatch records it), array line, job name and the
+    `_submit` command included; the preview then lists each array task's overrides."""
+    import submitit
+
+    import slurm_stub
+    from spectra.sweep.slurm import _executor, launcher_params, main, sbatch_preview
+
+    env = slurm_stub.install(tmp_path / "bin", tmp_path / "state")
+    for k, v in {**env, slurm_stub.RECORD_ONLY: "1"}.items():
+        monkeypatch.setenv(k, v)
+    overrides = ["router=topk", "moe.top_k=1,2,4", "hydra.launcher.array_parallelism=2", "hydra.launcher.partition=gpu",
+                 "hydra.launcher.setup=[module load cuda]", f"hydra.sweep.dir={tmp_path / 'sw'}"]
+    params = launcher_params(overrides)
+    executor = _executor(params, params["submitit_folder"])  # as SlurmLauncher.launch builds it
+    assert isinstance(executor, submitit.AutoExecutor)
+    executor.map_array(_noop, [1, 2, 3])  # submitit's real submission path (sbatch is the stand-in)
+    (submitted,) = (tmp_path / "state").glob("*.sbatch")
+    script = sbatch_preview(params, 3)
+    assert script == submitted.read_text()
+    for line in ("#SBATCH --array=0-2%2", "#SBATCH --job-name=train", "#SBATCH --partition=gpu", "module load cuda",
+                 "-u -m submitit.core._submit"):
+        assert line in script, line
+    capsys.readouterr()
+    assert main(["sbatch", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(script.rstrip("\n"))
+    assert out.splitlines()[-3:] == [f"#   {i}: python train.py router=topk moe.top_k={k}" for i, k in enumerate((1, 2, 4))]
