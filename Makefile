@@ -9,7 +9,9 @@ TORCH_VERSION ?= 2.13.0
 DEMO_ROUTERS ?= topk,spectra,switch_top2,hash
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
-export HF_HUB_OFFLINE ?= 1
+# Hub access: offline for the bundled corpus and the tests; on for SCALE=paper (SmolLM2, smoltalk
+# are downloaded once into the Hugging Face cache). An HF_HUB_OFFLINE in the environment wins.
+export HF_HUB_OFFLINE ?= $(if $(filter paper,$(SCALE)),0,1)
 
 SCALE ?= cpu_tiny
 LAUNCHER ?= basic

@@ -302,3 +302,43 @@ def test_sbatch_preview_is_what_submitit_submits_for_a_grid(tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert out.startswith(script.rstrip("\n"))
     assert out.splitlines()[-3:] == [f"#   {i}: python train.py router=topk moe.top_k={k}" for i, k in enumerate((1, 2, 4))]
+
+
+# ---------------------------------------------------------------- the job's environment
+
+
+def test_slurm_jobs_activate_the_drivers_environment(monkeypatch):
+    """launchers/slurm.yaml's default setup sources the active virtualenv, else <cwd>/.venv."""
+    from spectra.sweep.slurm import launcher_params, sbatch_preview
+
+    monkeypatch.setenv("VIRTUAL_ENV", "/opt/envs/spectra")
+    assert "\nsource /opt/envs/spectra/bin/activate || " in sbatch_preview(launcher_params([]))
+    monkeypatch.delenv("VIRTUAL_ENV")
+    monkeypatch.chdir(ROOT)
+    assert f"\nsource {ROOT}/.venv/bin/activate || " in sbatch_preview(launcher_params([]))
+
+
+@pytest.mark.parametrize("scale, preset, expected", [("paper", None, "0"), ("cpu_tiny", None, "1"), (None, None, "1"),
+                                                      ("paper", "1", "1")])
+def test_makefile_turns_the_hub_on_for_the_paper_scale_only(scale, preset, expected):
+    """`make … SCALE=paper` may download SmolLM2 / smoltalk; everything else stays offline, and an
+    HF_HUB_OFFLINE set by the user wins (read back from a recipe's environment)."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    if preset is not None:
+        env["HF_HUB_OFFLINE"] = preset
+    cmd = ["make", "--no-print-directory", "-s", "--eval", "hubprobe: ; @echo $$HF_HUB_OFFLINE", "hubprobe"]
+    proc = subprocess.run(cmd + ([f"SCALE={scale}"] if scale else []), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expected
+
+
+def test_offline_and_not_cached_says_how_to_get_the_model(monkeypatch, tmp_path):
+    from spectra.train.guards import preflight
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = validate(load_config(["scale=paper", "model.pretrained=spectra-test/never-cached-model"]))
+    with pytest.raises(FileNotFoundError) as e:
+        preflight(cfg)
+    msg = str(e.value)
+    assert "model.pretrained='spectra-test/never-cached-model' is not in the local Hugging Face cache" in msg
+    assert "HF_HUB_OFFLINE=1 forbids downloading it" in msg and "HF_HUB_OFFLINE=0" in msg

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import submitit
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf, open_dict
 
@@ -92,14 +93,20 @@ def _compose(overrides: list[str]):
 def launcher_params(overrides: list[str], cfg=None) -> dict:
     """The composed `hydra.launcher` node for these overrides (default hydra/launcher=slurm)."""
     cfg = cfg if cfg is not None else _compose(overrides)
-    node = cfg.hydra.launcher
-    params = {}
-    for key in node:
-        try:
-            params[key] = OmegaConf.to_container(node, resolve=True)[key]
-        except Exception:  # an interpolation that exists only inside a run
-            params[key] = OmegaConf.to_container(node, resolve=False)[key]
-    return params
+    hydra_config, previous = HydraConfig.instance(), HydraConfig.instance().cfg
+    hydra_config.set_config(cfg)  # `${hydra:runtime.cwd}` resolves as in the driver
+    try:
+        node = cfg.hydra.launcher
+        params = {}
+        for key in node:
+            try:
+                value = node[key]
+                params[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            except Exception:  # an interpolation that exists only inside a run
+                params[key] = OmegaConf.to_container(node, resolve=False)[key]
+        return params
+    finally:
+        hydra_config.cfg = previous
 
 
 def cell_commands(cfg) -> list[str] | None:

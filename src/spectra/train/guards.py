@@ -87,9 +87,25 @@ def _model_config(cfg: SpectraConfig):
     try:
         return AutoConfig.from_pretrained(path)
     except OSError as e:
+        if hub_offline() and not _looks_like_local_path(path):
+            raise FileNotFoundError(offline_message("model.pretrained", path)) from None
         raise FileNotFoundError(f"model.pretrained={path!r} could not be loaded: {str(e).splitlines()[0]}") from None
     except Exception as e:  # an unknown model_type, a malformed config.json
         raise ConfigError(f"model.pretrained={path!r}: unsupported model config: {_one_line(e)}") from None
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE forbids downloads (the Makefile sets it, except for SCALE=paper)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def offline_message(key: str, name: str) -> str:
+    """The error for a hub name that is not cached while downloads are off."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return (f"{key}={name!r} is not in the local Hugging Face cache ({HF_HUB_CACHE}) and "
+            f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')} forbids downloading it: run with HF_HUB_OFFLINE=0 "
+            f"(`make sweep-… SCALE=paper` does), or fetch it once with `hf download {name}`")
 
 
 def max_positions(model_config) -> int | None:
