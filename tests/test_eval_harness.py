@@ -229,3 +229,30 @@ def test_shipped_tasks_are_what_lm_evals_own_cli_finds():
     manager = TaskManager(include_path=proc.stdout.strip(), include_defaults=False)
     assert set(BUNDLED_TASKS) | {"spectra_bundled"} <= set(manager.all_tasks)
     assert {f"spectra_bundled_ppl_{d}" for d in DOMAINS} <= set(BUNDLED_TASKS)
+
+
+@pytest.mark.slow
+def test_trainer_option_evaluates_the_saved_model_before_the_summary(tmp_path):
+    """trainer.eval_harness=[task] runs spectra.eval on the run's model before summary.json:
+    eval_harness.json lands in the run directory with that task's metrics and summary.json says so."""
+    from conftest import TINY_TRAIN
+
+    task = "spectra_bundled_ppl_math"
+    assert_ok(run_cli(["train.py", "experiment=demo", *TINY_TRAIN, f"trainer.eval_harness=[{task}]",
+                       "trainer.eval_harness_limit=2", f"hydra.run.dir={tmp_path}"]))
+    record = json.loads((tmp_path / "eval_harness.json").read_text())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert record["tasks"] == [task] and record["limit"] == 2 and record["metrics"][task]["word_perplexity"] > 1
+    assert summary["eval_harness"] == {"status": "ok", "tasks": [task]}
+
+
+def test_a_failed_evaluation_is_reported_not_raised(tmp_path, caplog):
+    """The trainer's evaluation step returns False and logs the re-run command when spectra.eval
+    fails (here: a directory that is no model), so the run itself stays completed."""
+    from spectra.train.post_eval import eval_harness_command, run_eval_harness
+
+    cmd = eval_harness_command(tmp_path, ["bundled"], 3)
+    assert cmd[1:] == ["-m", "spectra.eval", str(tmp_path), "--tasks", "bundled", "--limit", "3"]
+    with caplog.at_level("WARNING"):
+        assert run_eval_harness(tmp_path, ["bundled"], None) is False
+    assert "downstream evaluation failed (exit 2)" in caplog.text and "spectra.eval" in caplog.text

@@ -631,6 +631,11 @@ class TrainerConfig:
     # Extra transformers TrainerCallbacks, added after the project's own: an import path
     # "pkg.module.Class" (constructed without arguments) or {_target_: pkg.module.Class, <kwarg>: value}.
     callbacks: list[Any] = field(default_factory=list)
+    # Downstream evaluation after training (python -m spectra.eval on the saved model, in a
+    # subprocess, rank 0): lm-eval task names or sets (bundled = the offline tasks from the bundled
+    # corpus, paper = MMLU/ARC/HellaSwag/GSM8K); empty = off. Writes <run dir>/eval_harness.json.
+    eval_harness: list[str] = field(default_factory=list)
+    eval_harness_limit: int | None = None  # documents per task (null = all)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -648,6 +653,11 @@ class TrainerConfig:
         _check(self.dataloader_num_workers >= 0, "trainer.dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
         _check(self.max_bad_steps >= 0, "trainer.max_bad_steps", f"must be >= 0, got {self.max_bad_steps}")
         _check(bool(self.resume), "trainer.resume", "must be auto, never or a checkpoint path")
+        for i, task in enumerate(self.eval_harness):
+            _check(isinstance(task, str) and bool(task.strip()) and "," not in task, f"trainer.eval_harness[{i}]",
+                   f"needs one lm-eval task name or set (bundled, paper, ...), got {task!r}")
+        if self.eval_harness_limit is not None:
+            _check(self.eval_harness_limit >= 1, "trainer.eval_harness_limit", f"must be >= 1 or null, got {self.eval_harness_limit}")
         for i, cb in enumerate(self.callbacks):
             target = cb.get("_target_") if isinstance(cb, dict) else cb
             _check(isinstance(target, str) and "." in target and all(target.split(".")), f"trainer.callbacks[{i}]",

@@ -44,9 +44,10 @@ from spectra.train.callbacks import (
     SectionedTensorBoardCallback,
     ThroughputCallback,
 )
-from spectra.train.checkpoint import find_resumable_checkpoint, rewind_metrics
+from spectra.train.checkpoint import check_resume_world_size, find_resumable_checkpoint, rewind_metrics
 from spectra.train.deepspeed import deepspeed_dict, mark_moe_blocks_as_zero3_leaves
 from spectra.train.guards import check_process_count, enable_determinism, preflight
+from spectra.train.post_eval import run_eval_harness
 from spectra.train.processes import export_submitit_distributed_env, launch_processes
 from spectra.train.trainer import MoETrainer
 
@@ -306,6 +307,8 @@ def _resume_point(cfg: SpectraConfig, run_dir: Path, checkpoint_dir: str) -> str
         resume = find_resumable_checkpoint(checkpoint_dir)  # newest *complete* one; skipped ones are warned about
     elif t.resume != "never":
         resume = t.resume
+    if resume and cfg.deepspeed.stage > 0:
+        check_resume_world_size(resume, _world_size())  # ZeRO partitions cannot change rank count
     if resume and _rank() == 0:
         log.info(f"resuming from {resume}")
     if _rank() == 0 and t.resume != "never":
@@ -332,6 +335,11 @@ def _finish(cfg: SpectraConfig, run_dir: Path, status: dict, trainer: MoETrainer
     model.config.use_cache = True  # the saved model is for inference: generate with the cache
     save_moe_model(trainer.model if cfg.deepspeed.stage == 0 else model, run_dir / "model")
     tokenizer.save_pretrained(run_dir / "model")
+    # Before summary.json: a run killed while evaluating is not complete, so a resume evaluates it.
+    harness = None
+    if cfg.trainer.eval_harness:
+        ok = run_eval_harness(run_dir / "model", cfg.trainer.eval_harness, cfg.trainer.eval_harness_limit)
+        harness = {"status": "ok" if ok else "failed", "tasks": list(cfg.trainer.eval_harness)}
     summary = {
         **status,
         "status": "completed",
@@ -351,6 +359,7 @@ def _finish(cfg: SpectraConfig, run_dir: Path, status: dict, trainer: MoETrainer
         "param_checksum_per_rank": checksums,
         "buffer_checksum_per_rank": buffer_checksums,
         **(monitor.summary() if monitor else {}),  # "monitor": final slice metrics, "stability": Table 12
+        **({"eval_harness": harness} if harness else {}),  # results: eval_harness.json beside it
     }
     write_json_atomic(run_dir / SUMMARY, summary)
     return objective
