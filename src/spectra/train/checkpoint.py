@@ -56,6 +56,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import nested_gather
 
+from spectra.config import ConfigError
 from spectra.contracts.rundir import METRICS, read_jsonl
 from spectra.moe.loading import load_weights
 
@@ -281,6 +282,34 @@ def rewind_metrics(metrics_path: str | os.PathLike, ckpt_dir: str | os.PathLike 
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return dropped
+
+
+_ZERO_PARTITION = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def zero_partitions(ckpt_dir: str | os.PathLike) -> int | None:
+    """How many data-parallel ranks the DeepSpeed ZeRO optimizer state in `ckpt_dir` is split
+    over (its `global_step*/…zero_pp_rank_<r>_mp_rank_*_optim_states.pt` files); None without one."""
+    ranks = {int(m.group(1)) for p in Path(ckpt_dir).glob("global_step*/*_optim_states.pt")
+             if (m := _ZERO_PARTITION.search(p.name))}
+    return len(ranks) or None
+
+
+def check_resume_world_size(ckpt_dir: str | os.PathLike | None, world_size: int) -> None:
+    """Refuse, before anything loads, a ZeRO checkpoint saved by another number of ranks:
+    DeepSpeed (0.19) cannot re-partition ZeRO-1/2/3 optimizer state ("Automatic adjustment of
+    ZeRO's optimizer state partitioning with a new world size is not currently supported").
+    Checkpoints without ZeRO partitions (deepspeed.stage=0: full model, optimizer, one RNG file
+    per rank) resume on any number of ranks."""
+    if not ckpt_dir:
+        return
+    saved = zero_partitions(ckpt_dir)
+    if saved is not None and saved != world_size:
+        raise ConfigError(
+            f"trainer.resume: {ckpt_dir} holds DeepSpeed ZeRO optimizer state split over {saved} ranks, this run has "
+            f"{world_size}; DeepSpeed cannot re-partition it. Resume with {saved} ranks (same "
+            "trainer.nproc_per_node / hydra.launcher nodes x tasks_per_node), or start afresh with trainer.resume=never "
+            "(DeepSpeed's universal checkpoints, deepspeed.checkpoint.ds_to_universal, are not wired in; see launchers/README.md)")
 
 
 def _plain(x):
