@@ -42,7 +42,7 @@ def test_two_node_slurm_trial_matches_the_single_process_run(tmp_path):
     sweep = tmp_path / "sweep"
     try:
         proc = run_cli(["train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1",
-                        "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.setup=[]",
+                        "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
                         *ARGS, "trainer.per_device_train_batch_size=2", f"hydra.sweep.dir={sweep}"], env=env, timeout=300)
     finally:
         slurm_stub.kill_all(state)
