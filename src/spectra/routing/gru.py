@@ -223,6 +223,7 @@ class _GRUScan(torch.autograd.Function):
         # Empty cells (after a segment's end) read token 0: finite values no gradient ever reaches.
         gi_tok = F.linear(inp.reshape(b * s, d_in), w_in, b_ih.to(dt))  # [B*S, 3Dh] all input projections
         gi = gi_tok.index_select(0, cell_pos.clamp_min(0)).view(length, ns, 3 * dh)  # [L, Ns, 3Dh]
+        del gi_tok  # freed before the scan's buffers are allocated (peak memory at long S)
         h = h0.to(dt)[seg.row] * seg.from_h0.unsqueeze(1).to(dt)  # [Ns, Dh] each segment's initial state
         h_init = h
         # gates[t] = [r | z | r ⊙ (W_hn h + b_hn)] of step t: the hidden projection's buffer, which the
