@@ -55,6 +55,10 @@ def test_two_node_slurm_trial_matches_the_single_process_run(tmp_path):
     logs = "\n".join(p.read_text()[-2000:] for p in sorted(sweep.glob(".submitit/*/*_log.err")))
     assert proc.returncode == 0, f"{proc.stderr[-3000:]}\nTASK LOGS:\n{logs}"
     (cell,) = [p.parent for p in sweep.glob("*/summary.json")]
+    # rank 0 recorded the cell under the driver's worker id (the environment reaches the tasks)
+    (record,) = read_jsonl(sweep / "sweep_progress.jsonl")
+    assert record["status"] == "completed" and record.get("worker")
+    assert "1 cells — 0 skipped (already complete), 1 ran, 0 failed" in proc.stdout
     s = json.loads((cell / "summary.json").read_text())
     r = json.loads((ref / "summary.json").read_text())
     assert s["status"] == "completed" and s["world_size"] == 2 and s["steps"] == r["steps"] == 4
