@@ -38,7 +38,7 @@ WORKER_ENV = "SPECTRA_SWEEP_WORKER"  # this multirun driver's id; run.py tags it
 _STATUSES = ("skipped", "completed", "failed")
 
 
-def _grid_jobs(config) -> list[list[str]] | None:
+def grid_jobs(config) -> list[list[str]] | None:
     """The override list of every job a BasicSweeper multirun launches (None for other sweepers)."""
     sweeper = config.hydra.sweeper
     if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
@@ -51,7 +51,7 @@ def _grid_jobs(config) -> list[list[str]] | None:
 def grid_size(config) -> int | None:
     """Number of cells a BasicSweeper multirun will launch (sweeper params x command-line sweeps);
     None for other sweepers (Optuna reports its own progress against `n_trials`)."""
-    jobs = _grid_jobs(config)
+    jobs = grid_jobs(config)
     return None if jobs is None else len(jobs)
 
 
@@ -60,7 +60,7 @@ def planned_cells(config) -> list[dict] | None:
     named as the `cell_dirname` resolver names them inside each job (conf/config.yaml
     hydra.sweep.subdir): its axes are the sweeper's params, seed, and the keys swept on the
     command line (which the resolver reads back from multirun.yaml, not yet written here)."""
-    jobs = _grid_jobs(config)
+    jobs = grid_jobs(config)
     if jobs is None:
         return None
     parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))

@@ -112,9 +112,9 @@ def launcher_params(overrides: list[str], cfg=None) -> dict:
 def cell_commands(cfg) -> list[str] | None:
     """The Hydra command each array task runs, in array order (None for sweepers that choose
     their trials as they go, such as Optuna)."""
-    from spectra.sweep.cells import _grid_jobs
+    from spectra.sweep.cells import grid_jobs
 
-    jobs = _grid_jobs(cfg)
+    jobs = grid_jobs(cfg)
     if jobs is None:
         return None
     return ["python train.py " + " ".join(shlex.quote(o) for o in job) for job in jobs]
