@@ -251,7 +251,9 @@ def test_cells_of_the_plan_that_never_started_are_listed_as_not_started(tmp_path
     assert missing["run_dir"] == str((sweep / "moe.top_k=4,seed=0,router=topk").resolve()) and missing["seed"] == 0
     p = problems(runs)
     assert "not started" in set(p["problem"]) and "sweep_plan.json" in p[p["problem"] == "not started"].iloc[0]["reason"]
-    assert any("moe.top_k=4" in str(v) for v in comparison_frame(runs).index)
+    frame = comparison_frame(runs)
+    row = next(i for i in frame.index if "moe.top_k=4" in str(i))
+    assert frame.loc[row, "not started"] == "1" and frame.loc[row, "completed"] == "0"
 
 
 @pytest.mark.slow

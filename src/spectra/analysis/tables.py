@@ -90,11 +90,13 @@ def cell_stats(runs: pd.DataFrame, col: str, by: str | list[str]) -> pd.DataFram
 
 
 def status_counts(runs: pd.DataFrame, by: str) -> pd.DataFrame:
-    """Per group: completed (counted), failed, incomplete, duplicate (completed repeats)."""
+    """Per group: completed (counted), failed, incomplete, not started (planned in sweep_plan.json,
+    no run directory), duplicate (completed repeats)."""
     return pd.DataFrame({
         "completed": runs[runs["counted"]].groupby(by).size(),
         "failed": runs[runs["status"] == "failed"].groupby(by).size(),
         "incomplete": runs[runs["status"] == "incomplete"].groupby(by).size(),
+        "not started": runs[runs["status"] == "not started"].groupby(by).size(),
         "duplicate": runs[runs["duplicate"] & (runs["status"] == "completed")].groupby(by).size(),
     }).reindex(_order(runs[by].unique(), by)).fillna(0).astype(int)
 
@@ -161,7 +163,8 @@ def metric_table(runs: pd.DataFrame, metrics: list, by: str = "variant", *, name
             data[f"{m.key}_{stat}"] = st[stat]
         data[f"{m.key}_source"] = col
     if counts:
-        shown = ["completed", "failed", "incomplete"] + (["duplicate"] if sc["duplicate"].any() else [])
+        shown = (["completed", "failed", "incomplete"] + (["not started"] if sc["not started"].any() else [])
+                 + (["duplicate"] if sc["duplicate"].any() else []))
         for c in shown:
             display[c], best[c] = sc[c].astype(str), False
         data = data.join(sc)
