@@ -281,10 +281,10 @@ def test_a_model_saved_before_the_knobs_still_loads(tmp_path):
 @pytest.mark.parametrize(
     ("ablation", "coef", "target", "rate"),
     [
-        ("balance_distill", 0.01, "plan", 0.0),
-        ("balance_distill_selected", 0.01, "selected", 0.0),
+        ("balance_distill", 0.1, "plan", 0.0),
+        ("balance_distill_selected", 0.1, "selected", 0.0),
         ("balance_bias", 0.0, "plan", 1e-2),
-        ("balance_both", 0.01, "plan", 1e-2),
+        ("balance_both", 0.1, "plan", 1e-2),
     ],
 )
 def test_ablation_files_build_the_knobs(ablation, coef, target, rate):
