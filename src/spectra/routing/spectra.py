@@ -89,22 +89,9 @@ from spectra.routing.scores import cosine_scores, expert_directions
 from spectra.routing.selection import expert_capacity, quota_topk, topk_select
 from spectra.routing.sinkhorn import marginal_error, sinkhorn
 from spectra.routing.softmax_gate import expert_slots_per_token, routing_entropy
+from spectra.routing.step_stats import all_reduce_sum, data_parallel_world, in_backward
 
 __all__ = ["SpectraRouter", "token_recurrence"]
-
-
-def _in_backward() -> bool:
-    """True while autograd's engine runs a backward pass: where gradient checkpointing (torch's
-    reentrant and non-reentrant variants, DeepSpeed's) recomputes a forward."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)  # what torch's own module trackers use
-    return task_id is not None and task_id() != -1
-
-
-def _data_parallel_world() -> int:
-    """World size of an initialised torch.distributed default group (1 when not distributed)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _xavier_gru_(weight: torch.Tensor, gates: int = 3) -> None:
@@ -121,11 +108,8 @@ class SpectraRouter(Router):
     config_class = SpectraRouterConfig
 
     def __init__(self, config: SpectraRouterConfig, hidden_size: int, num_experts: int):
-        rc = SpectraRouterConfig.of(config)
+        rc = SpectraRouterConfig.of(config).check_for(num_experts)  # k >= 2, k <= E (stated in the group)
         oc, qc = rc.osr, rc.quota
-        if int(rc.top_k) < 2:  # config validation says so too; this guards unvalidated configs
-            raise ValueError(f"router.top_k: SPECTRA needs k >= 2 (moe.top_k), got {rc.top_k}: with k = 1 the "
-                             "renormalised weight is always 1 and the router gets no gradient from the LM loss")
         super().__init__(hidden_size, num_experts, int(rc.top_k))
         h, e = hidden_size, num_experts
         self.dim = d = int(rc.router_dim)
@@ -221,20 +205,16 @@ class SpectraRouter(Router):
         if self.expert_bias is None:
             return
         load, self._bias_load = self._bias_load, None
-        if _data_parallel_world() > 1:
-            import torch.distributed as dist
-
+        if data_parallel_world() > 1:
             packed = load if load is not None else torch.zeros(self.num_experts, dtype=torch.float32, device=self.expert_bias.device)
-            comm = packed.to("cuda" if dist.get_backend() == "nccl" else "cpu", torch.float32)
-            dist.all_reduce(comm, op=dist.ReduceOp.SUM)
-            load = comm.to(self.expert_bias.device)
+            load = all_reduce_sum(packed)
         if load is not None:
             expert_bias_step(self.expert_bias, load, self.balance_bias_rate)
 
     def train(self, mode: bool = True):
         """Switching to eval folds what training collected (no optimizer step may have followed);
         not when distributed, where only `on_optimizer_step` folds (see the module docstring)."""
-        if not mode and _data_parallel_world() == 1:
+        if not mode and data_parallel_world() == 1:
             self.fold_expert_repr()
         return super().train(mode)
 
@@ -252,21 +232,16 @@ class SpectraRouter(Router):
         """This step's collected M sum [E, D] and count (0-dim), summed over all data-parallel
         ranks when distributed (one all_reduce, entered on every rank even with nothing collected:
         zeros then); None when a single process collected nothing."""
-        world = _data_parallel_world()
+        world = data_parallel_world()
         if world == 1:
             return None if self._ema_sum is None else (self._ema_sum, self._ema_count)
-        import torch.distributed as dist
-
         ema = self.expert_repr_ema
         # [E·D + 1]: the sum, then the count; at least fp32 so a bf16 buffer's count stays exact
         packed = torch.zeros(ema.numel() + 1, dtype=torch.promote_types(ema.dtype, torch.float32), device=ema.device)
         if self._ema_sum is not None:
             packed[:-1] = self._ema_sum.reshape(-1)
             packed[-1] = self._ema_count
-        # gloo reduces CPU tensors, NCCL CUDA ones: communicate on the backend's device.
-        comm = packed.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(comm, op=dist.ReduceOp.SUM)
-        packed = comm.to(ema.device)
+        packed = all_reduce_sum(packed)
         return packed[:-1].reshape_as(ema), packed[-1]
 
     @torch.no_grad()
@@ -325,13 +300,15 @@ class SpectraRouter(Router):
         b, s, _ = x.shape
         dh = self.state_size
         prev = inputs.prev_state
-        prev = x.new_zeros(b, s, dh) if prev is None else prev.to(x.dtype)  # [B, S, Dh]
         if self.recurrence == "depth":
+            prev = x.new_zeros(b, s, dh) if prev is None else prev.to(x.dtype)  # [B, S, Dh]
             out = self.gru(x.reshape(b * s, -1), prev.reshape(b * s, dh))  # [N, Dh]
             return out.reshape(b, s, dh)
         h0 = inputs.cached_state
         h0 = x.new_zeros(b, dh) if h0 is None else h0.to(x.dtype)  # [B, Dh]
-        inp = torch.cat([x, prev], dim=-1)  # [B, S, H + Dh]
+        # The first MoE layer has no previous state: token_recurrence takes the absent trailing
+        # columns of [x ; h^{l-1}] as zeros (their matmul work skipped, #23).
+        inp = x if prev is None else torch.cat([x, prev.to(x.dtype)], dim=-1)  # [B, S, H] or [B, S, H + Dh]
         return token_recurrence(self.gru, inp, inputs.valid, inputs.doc_start, h0)
 
     def projector_weight(self) -> torch.Tensor:
@@ -367,7 +344,7 @@ class SpectraRouter(Router):
         if self.projector is None:
             return gram_matrix(m)  # static keys: batch-independent already
         if self.training:
-            if not _in_backward():  # a checkpointed forward's recompute is the same micro-batch again
+            if not in_backward():  # a checkpointed forward's recompute is the same micro-batch again
                 self.collect_expert_repr(m)
             return gram_matrix(m)
         # Never trained: zero Gram = no repulsion, rather than a Gram borrowed from this batch.
@@ -448,7 +425,7 @@ class SpectraRouter(Router):
         diag["max_abs_cost"] = cost.detach().abs().masked_fill(~vmask, 0.0).max()
 
         if self.expert_bias is not None:
-            if self.training and not _in_backward():  # what eval would route: b's error signal
+            if self.training and not in_backward():  # what eval would route: b's error signal
                 self._collect_bias_load(biased_topk_load(-cost, self.expert_bias, k, valid))
             diag["expert_bias_absmax"] = self.expert_bias.detach().abs().max().float()
 
