@@ -19,7 +19,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from spectra.contracts.rundir import is_volatile_override
 from spectra.routers_catalog import NO_ROUTER, ROUTER_NAMES  # router.name choices, stated once there
@@ -777,8 +781,6 @@ def _swept_keys_of(sweep_dir) -> set[str]:
     if not f.exists():
         return set()
     try:
-        import yaml
-
         task = ((yaml.safe_load(f.read_text()) or {}).get("hydra") or {}).get("overrides", {}).get("task") or []
     except Exception:
         return set()
@@ -821,8 +823,6 @@ def cell_dirname(task_overrides, sweep_params=None, sweep_dir=None, max_len: int
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (conf/config.yaml uses `spectra_schema`)
     and the `csv` resolver used by sweep grids."""
-    from hydra.core.config_store import ConfigStore
-
     if not OmegaConf.has_resolver("csv"):
         OmegaConf.register_resolver("csv", _csv, annotation_validation="off")
     if not OmegaConf.has_resolver("cell_dirname"):
@@ -840,8 +840,6 @@ def config_dir() -> Path:
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """Compose `conf/<config_name>.yaml` with Hydra overrides, outside a Hydra app (tests,
     notebooks). The result is validated like `train.py`'s config."""
-    from hydra import compose, initialize_config_dir
-
     register_configs()
     overrides = list(overrides or [])
     with initialize_config_dir(config_dir=str(config_dir())):
@@ -857,8 +855,6 @@ _FREE_FORM = {"model.arch", "sweep_values"}
 
 def _reject_unknown_keys(cfg: DictConfig) -> None:
     """Hydra's `+key=value` can add keys to a structured config; refuse any the schema lacks."""
-    import dataclasses
-
     def walk(node, schema_cls, prefix):
         fields = {f.name: f for f in dataclasses.fields(schema_cls)}
         for key in node.keys():
@@ -882,8 +878,6 @@ def validate(cfg: DictConfig | SpectraConfig) -> SpectraConfig:
     """
     if isinstance(cfg, SpectraConfig):
         return cfg
-    from omegaconf.errors import OmegaConfBaseException
-
     _reject_unknown_keys(cfg)
     try:
         base = OmegaConf.structured(SpectraConfig)

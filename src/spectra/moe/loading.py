@@ -29,11 +29,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.modeling_utils import LoadStateDictConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from spectra.config import ModelConfig
 from spectra.moe.hf_native import BASE_MODEL_TYPE_KEY, write_hf_native
@@ -58,7 +64,6 @@ def resolve_attn_implementation(name: str) -> str:
 
 def build_config_model_dir(model_cfg: ModelConfig, vocab_size: int, cache_root: str | os.PathLike, seed: int) -> Path:
     """Build `model.arch` with random init, save_pretrained it once, return its directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = dict(OmegaConf.to_container(OmegaConf.create(dict(model_cfg.arch)), resolve=True))
     arch.setdefault("vocab_size", vocab_size)
@@ -77,15 +82,12 @@ def build_config_model_dir(model_cfg: ModelConfig, vocab_size: int, cache_root: 
     try:
         os.replace(tmp, out)  # atomic: a half-written directory is never taken for a model
     except OSError:  # another process won the race
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def load_base_model(model_cfg: ModelConfig, vocab_size: int, cache_root: str | os.PathLike, seed: int = 0) -> nn.Module:
     """The dense causal LM the run starts from (see module docstring)."""
-    from transformers import AutoModelForCausalLM
 
     if model_cfg.source == "config":
         path = str(build_config_model_dir(model_cfg, vocab_size, cache_root, seed))
@@ -134,7 +136,6 @@ class WeightsMismatchError(ValueError):
 
 def checkpoint_files(path: str | os.PathLike) -> list[str]:
     """The safetensors files `save_pretrained` wrote into `path` (one file, or the shards of its index)."""
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
     root = Path(path)
     index = root / SAFE_WEIGHTS_INDEX_NAME
@@ -190,8 +191,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     (a tied LM head is not saved; it is re-tied to the embedding). A key the model does not tie
     must be in the file: an untied LM head that is missing is an error, not a silent keep.
     """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.modeling_utils import LoadStateDictConfig
 
     before = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
     load_config = LoadStateDictConfig(pretrained_model_name_or_path=str(path), weight_mapping=get_model_conversion_mapping(model))
@@ -212,8 +211,6 @@ def saved_base_config(path: str | os.PathLike):
     from a directory saved before the modeling code was written; from a Hugging Face MoE directory
     (model_type 'spectra_moe', which transformers loads only through the saved code) rebuilt with
     the config class of `spectra_base_model_type`, the same values."""
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     config_dict = json.loads((Path(path) / "config.json").read_text())
     base_type = config_dict.get(BASE_MODEL_TYPE_KEY)
@@ -226,7 +223,6 @@ def saved_base_config(path: str | os.PathLike):
 
 def load_moe_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild an upcycled model saved with `save_moe_model` and load its weights (strictly)."""
-    from transformers import AutoModelForCausalLM
 
     config = saved_base_config(path)
     spec = getattr(config, "spectra_moe", None)

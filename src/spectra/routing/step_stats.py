@@ -14,6 +14,7 @@ Rules every collecting router follows (as SPECTRA's running Gram does):
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 def in_backward() -> bool:
@@ -25,8 +26,6 @@ def in_backward() -> bool:
 
 def data_parallel_world() -> int:
     """World size of an initialised torch.distributed default group (1 when not distributed)."""
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -38,8 +37,6 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     out = x.detach().to(torch.promote_types(x.dtype, torch.float32))
     if data_parallel_world() == 1:
         return out
-    import torch.distributed as dist
-
     comm = out.to("cuda" if dist.get_backend() == "nccl" else "cpu").clone()
     dist.all_reduce(comm, op=dist.ReduceOp.SUM)
     return comm.to(x.device)

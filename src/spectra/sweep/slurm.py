@@ -23,10 +23,12 @@ from pathlib import Path
 import submitit
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf, open_dict
 
 from spectra.config import config_dir, register_configs
+from spectra.sweep.cells import grid_jobs
 
 _INIT_KEYS = {"max_num_timeout", "python"}  # SlurmLauncher: executor constructor arguments
 
@@ -73,8 +75,6 @@ def sbatch_preview(params: dict, num_jobs: int = 1, folder: str | os.PathLike | 
 def _compose(overrides: list[str]):
     """The multirun's config as the driver sees it: composed without the command line's sweeps
     (`k=a,b` composes only in a multirun), which go back into `hydra.overrides.task`."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     register_configs()
     if not any(o.startswith("hydra/launcher=") for o in overrides):
         overrides = ["hydra/launcher=slurm", *overrides]
@@ -112,8 +112,6 @@ def launcher_params(overrides: list[str], cfg=None) -> dict:
 def cell_commands(cfg) -> list[str] | None:
     """The Hydra command each array task runs, in array order (None for sweepers that choose
     their trials as they go, such as Optuna)."""
-    from spectra.sweep.cells import grid_jobs
-
     jobs = grid_jobs(cfg)
     if jobs is None:
         return None

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from huggingface_hub.constants import HF_HUB_CACHE
 from omegaconf import OmegaConf
 from transformers import AutoConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -101,8 +102,6 @@ def hub_offline() -> bool:
 
 def offline_message(key: str, name: str) -> str:
     """The error for a hub name that is not cached while downloads are off."""
-    from huggingface_hub.constants import HF_HUB_CACHE
-
     return (f"{key}={name!r} is not in the local Hugging Face cache ({HF_HUB_CACHE}) and "
             f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')} forbids downloading it: run with HF_HUB_OFFLINE=0 "
             f"(`make sweep-… SCALE=paper` does), or fetch it once with `hf download {name}`")
