@@ -65,7 +65,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["QuotaResult", "expert_capacity", "group_limited_topk", "quota_capacity", "quota_topk", "topk_select"]
+__all__ = ["QuotaResult", "expert_capacity", "group_limited_topk", "quota_topk", "topk_select"]
 
 _BIG = 1e30  # scores are clamped to ±_BIG; forbidden (−inf) pairs are tracked by a mask
 _TOL = 1e-6  # polish accepts a move only if it gains more than _TOL · max|score| (fp32 rounding)
@@ -113,10 +113,6 @@ def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: 
     """
     cf = Fraction(repr(float(capacity_factor)))
     return math.ceil(cf * num_tokens * k / num_experts)
-
-
-# The name the quota (SPECTRA, benchmarks/) calls it by: the same function.
-quota_capacity = expert_capacity
 
 
 class QuotaResult(NamedTuple):
