@@ -344,3 +344,23 @@ def test_offline_and_not_cached_says_how_to_get_the_model(monkeypatch, tmp_path)
     msg = str(e.value)
     assert "model.pretrained='spectra-test/never-cached-model' is not in the local Hugging Face cache" in msg
     assert "HF_HUB_OFFLINE=1 forbids downloading it" in msg and "HF_HUB_OFFLINE=0" in msg
+
+
+def test_a_planned_cell_run_under_another_directory_name_is_not_listed_as_not_started(tmp_path):
+    """The demo names its cells by router (hydra.sweep.subdir=${router.name}), not by the plan's
+    predicted directory: a run with the planned cell's overrides counts as that cell."""
+    import yaml
+
+    from spectra.analysis.collect import collect
+
+    sweep = tmp_path / "demo"
+    sweep.mkdir()
+    plan = {"cells": 2, "planned": [{"dir": f"router={r},experiment=demo", "overrides": ["experiment=demo", f"router={r}"]}
+                                    for r in ("topk", "hash")]}
+    (sweep / "sweep_plan.json").write_text(json.dumps(plan))
+    d = sweep / "topk"  # the planned topk cell, under the demo's own directory name
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["experiment=demo", "router=topk"]))
+    (d / "summary.json").write_text(json.dumps({"status": "completed", "final": {"eval_loss": 3.0}}))
+    runs, _ = collect([sweep])
+    assert sorted(zip(runs["ov:router"], runs["status"])) == [("hash", "not started"), ("topk", "completed")]

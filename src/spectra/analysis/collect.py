@@ -149,9 +149,16 @@ def _variant(ovr: dict[str, str]) -> str:
     return ",".join(f"{k}={_short(v)}" for k, v in sorted(ovr.items()) if _names_variant(k))
 
 
-def not_started_runs(sweep: Path, found: set[Path]) -> list[dict]:
+def _override_set(ovr: dict) -> frozenset:
+    """A run's command-line overrides as a comparable set of (key, value) strings."""
+    return frozenset((str(k), str(v)) for k, v in ovr.items())
+
+
+def not_started_runs(sweep: Path, found: set[Path], found_overrides: set[frozenset] = frozenset()) -> list[dict]:
     """Rows (status "not started") for the cells the sweep's plan lists (sweep_plan.json, written
-    by spectra.sweep.cells at the start of a grid multirun) that have no run directory among `found`."""
+    by spectra.sweep.cells at the start of a grid multirun) that have no run directory among `found`
+    and whose overrides no found run has (a sweep may name its cell directories its own way, e.g.
+    `hydra.sweep.subdir=${router.name}` in the demo)."""
     rows = []
     for cell in (read_plan(sweep) or {}).get("planned") or []:
         try:
@@ -159,7 +166,7 @@ def not_started_runs(sweep: Path, found: set[Path]) -> list[dict]:
             ovr = {k.lstrip("+~"): v for k, _, v in (str(o).partition("=") for o in cell["overrides"])}
         except (KeyError, TypeError):
             continue
-        if run_dir in found:
+        if run_dir in found or _override_set(ovr) in found_overrides:
             continue
         try:
             seed = int(ovr["seed"]) if "seed" in ovr else None
@@ -282,9 +289,10 @@ def collect(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
             kind = "eval" if "eval_loss" in rec else ("train" if "loss" in rec else "other")
             steps.append({**meta, "kind": kind, **rec})
     found = {Path(r["run_dir"]) for r in rows}
+    found_overrides = {_override_set({k[3:]: v for k, v in r.items() if k.startswith("ov:")}) for r in rows}
     sweeps = {Path(r["sweep"]) for r in rows} | {p.parent.resolve() for root in roots for p in root.rglob(PLAN)}
     for sweep in sorted(sweeps):
-        for row in not_started_runs(sweep, found):
+        for row in not_started_runs(sweep, found, found_overrides):
             row["sweep"] = str(sweep)
             row["sweep_name"] = _sweep_name(row, sweep)
             rows.append(row)
