@@ -120,7 +120,7 @@ eval: setup  ## lm-eval on a saved model -> <run dir>/eval_harness.json (MODEL=o
 	$(PYTHON) -m spectra.eval $(MODEL) --tasks $(TASKS) --via $(VIA) $(if $(LIMIT),--limit $(LIMIT)) $(EVAL_ARGS)
 
 test: setup  ## the whole suite (slow end-to-end tests included)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=25
 
 test-fast: setup  ## unit tests only
 	$(PYTHON) -m pytest -q -m "not slow"
