@@ -192,9 +192,18 @@ def run(cfg: DictConfig | SpectraConfig):
             write_json_atomic(run_dir / SUMMARY, {**status, "status": "failed", "error": f"{type(e).__name__}: {e}"})
             record_progress(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
+    _release_process_group()
     if _rank() == 0:
         record_progress(run_dir, "completed")
     return result
+
+
+def _release_process_group() -> None:
+    """Destroy torch.distributed's default group once this process's share of the run is done.
+    Left to interpreter exit, gloo's worker threads can abort the process (SIGABRT, "terminate
+    called without an active exception": pytorch/pytorch#190489), failing a run that finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _train(cfg: SpectraConfig, run_dir: Path, status: dict):
