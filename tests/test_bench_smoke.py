@@ -13,6 +13,7 @@ TITLES = [  # benchmarks/run_all.py's sections, in order
     "4. Sinkhorn + quota selection vs N and E",
     "5. Router GRU vs sequence length",
     "6. Sweep overhead per trial",
+    "7. Our MoE block vs Hugging Face's Qwen3-MoE block",
 ]
 
 

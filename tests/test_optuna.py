@@ -312,7 +312,7 @@ def postgres(tmp_path_factory):
 def _two_workers_share_one_study(tmp_path, url: str) -> None:
     """Two sweeper processes, one study, target 6: unique trial numbers, exactly 6 complete
     trials, and the trials each worker ran add up to the study's total."""
-    common = ["train.py", "-m", "+sweep=search_osr", "hydra.sweeper.n_trials=6", *TINY, "trainer.max_steps=6",
+    common = ["train.py", "-m", "+sweep=search_osr", "hydra.sweeper.n_trials=6", *TINY, "trainer.max_steps=2",
               f"hydra.sweeper.storage='{url}'", "hydra.sweeper.study_name=two_workers"]
     procs = [subprocess.Popen([sys.executable, *common, f"hydra.sweep.dir={tmp_path / f'w{i}'}"], cwd=ROOT,
                               env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
