@@ -203,6 +203,7 @@ def _release_process_group() -> None:
     Left to interpreter exit, gloo's worker threads can abort the process (SIGABRT, "terminate
     called without an active exception": pytorch/pytorch#190489), failing a run that finished."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # together: a rank tearing down while rank 0 still writes waits out a gloo timeout
         dist.destroy_process_group()
 
 
