@@ -288,6 +288,10 @@ def _build_trainer(cfg: SpectraConfig, args, model, tokenizer, train_ds, eval_ds
                    tokens_per_step: int) -> MoETrainer:
     """The MoETrainer with the project's callbacks (JSONL metrics, router schedules, the monitor,
     the compact progress line in place of the stock one)."""
+    # domain_ids ride along in every batch (one collator serves training and eval) for the
+    # per-domain eval losses; MoETrainer pops them before any forward, dense or MoE.
+    with_domains = all("domain_ids" in ds.column_names for ds in (train_ds, eval_ds))
+    domains = get_domain_names(eval_ds) if with_domains else None
     trainer = MoETrainer(
         model=model,
         args=args,
@@ -295,13 +299,15 @@ def _build_trainer(cfg: SpectraConfig, args, model, tokenizer, train_ds, eval_ds
         eval_dataset=eval_ds,
         # routing_mask marks the packed pad block for the routers; only a model with the routing
         # pre-hook (which pops it) may receive it, so a dense model's batches go without.
-        data_collator=PackedCollator(include_routing_mask=getattr(model, "spectra_context", None) is not None),
+        data_collator=PackedCollator(include_domain_ids=domains is not None,
+                                     include_routing_mask=getattr(model, "spectra_context", None) is not None),
         processing_class=tokenizer,
         callbacks=[ThroughputCallback(tokens_per_step), JsonlMetricsCallback(run_dir), RouterStepCallback(model)]
         + ([RoutingMonitorCallback(monitor)] if monitor else [])
         + ([SectionedTensorBoardCallback()] if cfg.logger.tensorboard else []),
         spectra_cfg=cfg,
         routing_context=getattr(model, "spectra_context", None),
+        domain_names=domains,  # -> eval_loss_<domain> at every evaluation
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(CompactProgressCallback())
