@@ -62,7 +62,6 @@ lock: latest-venv  ## re-resolve the newest releases into requirements/lock.txt;
 
 demo: setup  ## tiny multirun over the routers on the bundled corpus, then the comparison table
 	$(PYTHON) train.py -m experiment=demo router=$(DEMO_ROUTERS)
-	$(PYTHON) -m spectra.analysis table outputs/demo
 
 sweep-A: setup  ## Sweep A: quota on/off x capacity factor (SCALE=cpu_tiny|paper LAUNCHER=basic|local|slurm)
 	$(call SWEEP,A)
@@ -78,6 +77,24 @@ sweep-ablations: setup  ## the ablation grid (paper Table 7)
 	$(call SWEEP,ablations)
 sweep-baselines: setup  ## SPECTRA vs Switch top-1/top-2, Expert Choice, Hash, top-k, dense
 	$(call SWEEP,baselines)
+
+# The paper's tables from real runs (results/plan.yaml; results/README.md). `make results` trains
+# every unfinished cell (the dense bases first), WORKERS at a time, commits each finished cell's
+# small outputs (RESULTS_COMMIT=0: don't), then writes the tables, figures, index.html and the
+# verdicts. Stop it any time; re-running resumes. `make results-status` shows how far it is.
+WORKERS ?= 2
+RESULTS_COMMIT ?= 1
+RESULTS_RUN = $(PYTHON) -m spectra.results run --workers $(WORKERS) $(if $(filter 0,$(RESULTS_COMMIT)),--no-commit)
+.PHONY: base-model results results-status results-report
+base-model: setup  ## train the dense base models every results cell upcycles from (cached: outputs/base/)
+	$(RESULTS_RUN) --bases-only
+results: setup  ## every cell of results/plan.yaml (~4 h on 2 cores, resumable) + tables/figures/verdicts
+	$(RESULTS_RUN)
+	$(PYTHON) -m spectra.results report
+results-status: setup  ## cells done / failed / not started per results family
+	$(PYTHON) -m spectra.results status
+results-report: setup  ## tables, figures, results/index.html and README verdicts from the cells done so far
+	$(PYTHON) -m spectra.results report
 
 # Optuna searches (hydra/sweeper=spectra_optuna): TRIALS is the study's target; re-running tops it up.
 # Several workers: start the same command several times with STORAGE=journal:///shared/x.log or

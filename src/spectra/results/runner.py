@@ -1,0 +1,299 @@
+"""Run a results plan: the dense bases first, then every cell, `workers` at a time, each cell a
+plain `train.py` process; a finished cell's small outputs are committed to git as it finishes.
+
+Why a driver of its own and not one Hydra multirun: the plan spans many sweeps and two base
+models, and a multirun has no notion of "this cell needs that base first", one progress bar
+with an ETA over everything, or a commit per finished cell (a machine may not outlive a session:
+the next one resumes from the repository). Each cell is still an ordinary run directory, so
+`spectra.analysis` reads results/runs like any sweep.
+
+Resuming: a cell is done when its summary.json says completed; anything else is (re)started with
+trainer.resume=auto, so an interrupted cell continues from its last checkpoint on this machine
+and starts over on a fresh clone. A cell another `make results` process is running (a lock file
+under outputs/results_locks) is left to it, so two processes can share one plan.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from spectra.contracts.rundir import METRICS, SUMMARY, read_summary, write_json_atomic
+from spectra.results.plan import Cell, Plan
+
+CELL_RECORD = "cell.json"  # who ran the cell, how, where, with which versions and base weights
+BASE_DIR = Path("outputs/base")  # where experiment=base_model writes <model.name>/
+LOCK_DIR = Path("outputs/results_locks")
+# The small files a finished cell commits (never checkpoints or the saved model).
+SMALL_FILES = (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", SUMMARY, METRICS,
+               "train.log", "eval_harness.json", CELL_RECORD)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A base model or a cell: what to run, where, and what it waits for."""
+
+    label: str  # e.g. "base tiny", "baselines/router=spectra,seed=0"
+    overrides: tuple[str, ...]
+    run_dir: Path  # where train.py writes (for a base: outputs/base/<name>)
+    record_dir: Path  # where the committed small files go (a base copies them to results/base/<name>)
+    needs: str | None  # the base it upcycles from
+    snapshots: bool = False
+
+
+def is_complete(run_dir: Path) -> bool:
+    """A run directory whose summary.json says completed."""
+    s = read_summary(run_dir)
+    return bool(s) and s.get("status") == "completed"
+
+
+def base_tasks(plan: Plan, results_root: Path, base_root: Path = BASE_DIR) -> dict[str, Task]:
+    """One task per base: train.py with the base's overrides into <base_root>/<name> (where the
+    cells' model.pretrained points: conf/experiment/results.yaml); its small files are recorded
+    in <results_root>/base/<name>."""
+    return {name: Task(f"base {name}", ovs, base_root / name, results_root / "base" / name, None)
+            for name, ovs in plan.bases.items()}
+
+
+def cell_task(cell: Cell, runs_root: Path) -> Task:
+    """A cell as a task: its overrides plus the run directory it must write."""
+    d = cell.run_dir(runs_root)
+    return Task(f"{cell.family}/{cell.name}", cell.overrides, d, d, cell.base, cell.snapshots)
+
+
+def _lock_path(task: Task) -> Path:
+    return LOCK_DIR / (hashlib.sha256(str(task.run_dir.resolve()).encode()).hexdigest()[:16] + ".lock")
+
+
+def _try_lock(task: Task):
+    """An open, exclusively flocked file (released when closed or the process dies), or None when
+    another process holds this task."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    f = open(_lock_path(task), "w")  # noqa: SIM115 -- kept open while the task runs
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    f.write(f"{os.getpid()} {task.label}\n")
+    f.flush()
+    return f
+
+
+def file_sha256(path: Path) -> str | None:
+    """sha256 of a file (the base's weights), None when absent."""
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions(repo: Path) -> dict:
+    import torch
+    import transformers
+
+    lock = repo / "requirements" / "lock.txt"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "lock_sha256": file_sha256(lock), "code_commit": commit.stdout.strip() or None}
+
+
+def _machine(threads: int) -> dict:
+    cpu = ""
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "threads_per_cell": threads}
+
+
+def command_of(task: Task) -> list[str]:
+    """The exact train.py command of a task (recorded in cell.json). The run directory is quoted:
+    cell names hold '=' and ',', which Hydra's override grammar reads as syntax otherwise."""
+    return [sys.executable, "train.py", *task.overrides, f"hydra.run.dir='{task.run_dir}'"]
+
+
+def run_task(task: Task, threads: int, repo: Path, bases: dict[str, Task]) -> dict:
+    """Run one task's train.py to completion; returns its cell record (written to cell.json)."""
+    task.run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = command_of(task)
+    started = time.time()
+    with open(task.run_dir / "stdout.log", "ab") as log:
+        rc = subprocess.run(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    base = bases.get(task.needs) if task.needs else None
+    record = {"task": task.label, "overrides": list(task.overrides), "command": shlex.join(["python", *cmd[1:]]),
+              "exit_code": rc, "started": started, "finished": time.time(), "wall_time_s": time.time() - started,
+              "machine": _machine(threads), "versions": _versions(repo),
+              "base": None if base is None else {"name": task.needs, "run_dir": str(base.run_dir),
+                                                  "model_sha256": file_sha256(base.run_dir / "model" / "model.safetensors")}}
+    if task.needs is None and (task.run_dir / "model" / "model.safetensors").is_file():
+        record["model_sha256"] = file_sha256(task.run_dir / "model" / "model.safetensors")
+    if rc == 0 and is_complete(task.run_dir):
+        write_json_atomic(task.run_dir / CELL_RECORD, record)
+    return record
+
+
+def _record_files(task: Task) -> list[Path]:
+    """The small files of a finished task, copied to its record dir when that differs (bases)."""
+    files = [task.run_dir / f for f in SMALL_FILES if (task.run_dir / f).is_file()]
+    if task.snapshots:
+        files += sorted((task.run_dir / "routing").glob("step*.pt"))
+    if task.record_dir == task.run_dir:
+        return files
+    out = []
+    for f in files:
+        dest = task.record_dir / f.relative_to(task.run_dir)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(f.read_bytes())
+        out.append(dest)
+    return out
+
+
+class GitRecorder:
+    """Commits each finished task's small files (only those paths), one commit per task, in the
+    git work tree that holds the results directory (none: nothing is committed)."""
+
+    def __init__(self, results_root: Path, enabled: bool):
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=results_root, capture_output=True, text=True)
+        self.enabled = enabled and top.returncode == 0
+        self.repo = Path(top.stdout.strip()).resolve() if self.enabled else None
+        self._lock = threading.Lock()
+
+    def commit(self, task: Task, message: str) -> bool:
+        """git add -f + git commit -- <those paths>; retried while another git holds the index."""
+        if not self.enabled:
+            return False
+        paths = [str(p.resolve().relative_to(self.repo)) for p in _record_files(task)]
+        if not paths:
+            return False
+        with self._lock:
+            for attempt in range(20):
+                add = subprocess.run(["git", "add", "-f", "--", *paths], cwd=self.repo, capture_output=True, text=True)
+                cm = add if add.returncode else subprocess.run(
+                    ["git", "commit", "-q", "--no-verify", "-m", message, "--", *paths],
+                    cwd=self.repo, capture_output=True, text=True)
+                if cm.returncode == 0:
+                    return True
+                if "index.lock" not in cm.stderr + cm.stdout:
+                    tqdm.write(f"warning: could not commit {task.label}: {(cm.stderr or cm.stdout).strip()[-300:]}")
+                    return False
+                time.sleep(0.5 + attempt * 0.5)
+        tqdm.write(f"warning: could not commit {task.label}: git index stayed locked")
+        return False
+
+
+def _summary_line(task: Task, record: dict) -> str:
+    s = read_summary(task.run_dir) or {}
+    loss = (s.get("final") or {}).get("eval_loss")
+    loss_txt = f"eval_loss {loss:.4f}" if isinstance(loss, (int, float)) else "no eval_loss"
+    return f"results: {task.label} ({loss_txt}, {record['wall_time_s']:.0f} s)"
+
+
+def run_plan(plan: Plan, repo: Path, results_root: Path, workers: int = 2, commit: bool = True,
+             families: list[str] | None = None, on_done: Callable[[Task, dict], None] | None = None,
+             bases_only: bool = False, base_root: Path = BASE_DIR) -> list[str]:
+    """Train every unfinished cell of the plan (bases first, each cell after its base), `workers`
+    at a time; returns the labels of the tasks that failed (empty when all finished).
+    bases_only: train (or find finished) every base of the plan and no cell (`make base-model`)."""
+    runs_root = results_root / "runs"
+    results_root.mkdir(parents=True, exist_ok=True)
+    bases = base_tasks(plan, results_root, base_root)
+    cells = [cell_task(c, runs_root) for c in plan.cells if families is None or c.family in families]
+    todo_cells = [t for t in cells if not is_complete(t.run_dir)]
+    needed = {t.needs for t in todo_cells if t.needs}
+    if bases_only:
+        cells, todo_cells, needed = [], [], set(plan.bases)
+    todo = [bases[b] for b in plan.bases if b in needed and not is_complete(bases[b].run_dir)] + todo_cells
+    done_before = len(cells) - len(todo_cells)
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    recorder = GitRecorder(results_root, commit)
+    print(f"results: {len(cells)} cells, {done_before} done, {len(todo_cells)} to train"
+          f"{f' (+{len(todo) - len(todo_cells)} base model(s) first)' if len(todo) > len(todo_cells) else ''};"
+          f" {workers} worker(s) x {threads} thread(s)", flush=True)
+    failed: list[str] = []
+    failed_bases: set[str] = set()
+    running: dict[Future, tuple[Task, object]] = {}
+    queue = list(todo)
+    bar = tqdm(total=len(todo), desc="results", unit="cell", dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        while queue or running:
+            for task in list(queue):
+                if len(running) >= workers:
+                    break
+                if task.needs in failed_bases:
+                    queue.remove(task)
+                    failed.append(f"{task.label} (its base {task.needs} failed)")
+                    bar.update(1)
+                    continue
+                if task.needs and not is_complete(bases[task.needs].run_dir):
+                    continue  # waits for its base
+                lock = _try_lock(task)
+                queue.remove(task)
+                if lock is None:
+                    tqdm.write(f"{task.label}: another process is running it, left to it")
+                    bar.update(1)
+                    continue
+                # A base gets every core when nothing else can run yet.
+                n = threads if task.needs or len(queue) else max(threads, os.cpu_count() or 1)
+                running[pool.submit(run_task, task, n, repo, bases)] = (task, lock)
+            if not running:
+                break  # every remaining task waits for a base another process is training
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                task, lock = running.pop(fut)
+                record = fut.result()
+                lock.close()
+                bar.update(1)
+                if record["exit_code"] == 0 and is_complete(task.run_dir):
+                    recorder.commit(task, _summary_line(task, record))
+                    tqdm.write(_summary_line(task, record).removeprefix("results: "))
+                    if on_done is not None:
+                        on_done(task, record)
+                else:
+                    failed.append(f"{task.label}: exit {record['exit_code']}, see {task.run_dir / 'stdout.log'}")
+                    if task.needs is None and task in bases.values():
+                        failed_bases.add(task.label.removeprefix("base "))
+                    tqdm.write(f"FAILED {failed[-1]}")
+                bar.set_postfix_str(f"{done_before + bar.n - len(failed)}/{len(cells)} cells done")
+    bar.close()
+    return failed
+
+
+def status_rows(plan: Plan, results_root: Path) -> list[dict]:
+    """Per family: cells, completed, failed, not started, total wall time of the completed ones."""
+    rows: dict[str, dict] = {}
+    for c in plan.cells:
+        d = c.run_dir(results_root / "runs")
+        r = rows.setdefault(c.family, {"family": c.family, "cells": 0, "completed": 0, "failed": 0, "not started": 0,
+                                       "wall_time_min": 0.0})
+        r["cells"] += 1
+        s = read_summary(d)
+        if s and s.get("status") == "completed":
+            r["completed"] += 1
+            rec = d / CELL_RECORD
+            wall = json.loads(rec.read_text()).get("wall_time_s") if rec.is_file() else s.get("wall_time_s")
+            r["wall_time_min"] += (wall or 0.0) / 60
+        elif s and s.get("status") == "failed":
+            r["failed"] += 1
+        elif not s:
+            r["not started"] += 1
+    return list(rows.values())
