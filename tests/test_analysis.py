@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from pathlib import Path
 
 import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -389,6 +391,79 @@ def test_curves_keep_one_colour_per_variant_in_every_panel_and_one_full_legend(t
     legend_colour = {t: _rgba(h.get_color()) for t, h in zip(texts, legend.legend_handles) if t in seen}
     assert legend_colour == {k: next(iter(v)) for k, v in seen.items()}
 
+
+
+def _legend_colours(fig) -> dict[str, tuple]:
+    """{legend text: rgba} of a figure's one figure-level legend (lines and patches)."""
+    (legend,) = fig.legends
+    get = lambda h: h.get_color() if hasattr(h, "get_color") else h.get_facecolor()  # noqa: E731
+    return {t.get_text(): _rgba(get(h)) for t, h in zip(legend.get_texts(), legend.legend_handles)}
+
+
+def _drawn_colours(fig) -> list[tuple[str, tuple]]:
+    """(label, rgba) of every labelled line and bar drawn in any panel."""
+    out = []
+    for ax in fig.axes:
+        out += [(ln.get_label(), _rgba(ln.get_color())) for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+        out += [(c.get_label(), _rgba(p.get_facecolor())) for c in ax.containers for p in c.patches]
+    return out
+
+
+def test_report_gives_each_variant_one_colour_in_every_panel_of_every_figure(tmp_path, monkeypatch):
+    """Two sweeps (SPECTRA and Top-k in both, Hash in one, without Gram orthogonality or
+    snapshots): SPECTRA has one colour in every panel of the curves of both sweeps and of the
+    by-variant usage histogram, and every panel draws each variant in its legend colour."""
+    from spectra.analysis import figures
+    from spectra.analysis.report import build_report
+
+    figs = []
+
+    def keep(fig, stem):  # not written: the colours are read back from the artists (saves ~5 s of PNG/PDF)
+        figs.append(fig)
+        plt.close(fig)
+        return [Path(f"{stem}.png"), Path(f"{stem}.pdf")]
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    roots = []
+    # other seeds in sweep b: a (variant, seed) run twice in one report is counted once
+    for name, routers, seeds in (("sweep_a", ("hash", "spectra", "topk"), (0, 1)), ("sweep_b", ("spectra", "topk"), (2, 3))):
+        root = tmp_path / name
+        roots.append(root)
+        for router in routers:
+            for seed in seeds:
+                gram = {} if router == "hash" else {"train/gram_orthogonality_mean": 0.5 + 0.1 * seed}
+                recs = [{"step": s, "loss": 3.0 - 0.1 * s, "train/cv_mean": 0.1 * s + seed, **gram} for s in (1, 2, 3)]
+                run = make_run(root / f"{router}_s{seed}", router, seed, records=recs + [{"step": 3, "eval_loss": 2.0}])
+                if router != "hash" and name == "sweep_a":
+                    (run / "routing").mkdir()
+                    torch.save(_keyword_snapshot(), run / "routing" / "step000004.pt")
+        (root / "multirun.yaml").write_text("{}")
+    rep = build_report(roots, tmp_path / "rep")
+    assert {"routing_curves_sweep_a", "routing_curves_sweep_b", "usage_hist_variants"} <= set(rep.figures)
+    variant_colour: dict[str, set] = {}
+    for fig in figs:
+        if not fig.legends:
+            continue
+        legend = _legend_colours(fig)
+        for label, colour in _drawn_colours(fig):
+            assert colour == legend[label], (fig.texts and fig.texts[0].get_text(), label)
+            if label in ("Hash", "SPECTRA", "Top-k"):
+                variant_colour.setdefault(label, set()).add(colour)
+        for label in ("Hash", "SPECTRA", "Top-k"):
+            if label in legend:
+                variant_colour.setdefault(label, set()).add(legend[label])
+    assert sorted(variant_colour) == ["Hash", "SPECTRA", "Top-k"]
+    assert all(len(c) == 1 for c in variant_colour.values()), variant_colour  # one colour per variant, report-wide
+    assert len({next(iter(c)) for c in variant_colour.values()}) == 3
+
+
+def test_complete_colors_never_reuses_a_given_colour():
+    from spectra.analysis.figures import complete_colors, series_colors
+
+    given = series_colors(["a", "b", "c"])
+    got = complete_colors(["a", "x", "c", "y"], {k: given[k] for k in ("a", "c")})
+    assert got["a"] == given["a"] and got["c"] == given["c"]
+    assert len({_rgba(c) for c in got.values()}) == 4  # x and y: colours neither a nor c has
 
 def test_bar_tsne_and_pareto_colours_and_labels(tmp_path, monkeypatch):
     figs = _captured_figures(monkeypatch)

@@ -11,6 +11,10 @@ reads a run directory (report.py does that), so each is testable with synthetic 
     plot_expert_tsne          t-SNE of expert representations, one panel per router/layer
     plot_domain_heatmap       P(expert | domain), per-expert purity, TF-IDF keywords
     plot_pareto               eval loss vs load CV per sweep cell, Pareto front marked
+
+Colours: `series_colors(names)` fixes one colour per name for a whole figure (a report builds
+one such map over all its variants and passes it to every figure); `complete_colors` extends a
+given map to names it lacks without reusing its colours.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
@@ -55,6 +60,24 @@ def series_colors(names) -> dict:
     return dict(zip(names, cols))
 
 
+def complete_colors(names, given: dict | None = None) -> dict:
+    """`given` (e.g. a report-wide {variant: colour}) extended to every one of `names`.
+
+    Names already in `given` keep their colour; each missing name gets a palette colour no
+    given name uses. Filling the gaps from `series_colors(names)` instead could hand a missing
+    name the very colour `given` assigns to another, and then two series would share it."""
+    names = list(dict.fromkeys(names))
+    out = dict(given or {})
+    missing = [n for n in names if n not in out]
+    if not missing:
+        return out
+    taken = {to_rgba(c) for c in out.values()}
+    palette = series_colors(range(len(out) + len(missing)))  # big enough: at most len(out) are taken
+    free = [c for c in palette.values() if to_rgba(c) not in taken]
+    out.update(zip(missing, free))
+    return out
+
+
 def _grid(n: int, ncols: int = 4, size=(3.6, 2.8)):
     ncols = max(1, min(ncols, n))
     nrows = max(1, math.ceil(n / ncols))
@@ -69,10 +92,12 @@ def plot_usage_histograms(loads: dict[str, dict[int, np.ndarray]], stem, title: 
     """loads: {series label ('before quota', 'after quota'): {layer: [E] counts}} -> one panel per
     layer, bars of each expert's share of assignments per series, uniform share dashed.
 
-    A series keeps one colour (`colors`, default `series_colors(loads)`) and one bar slot in every
-    panel, also where another series is missing; the legend, below the panels, lists every series."""
+    A series keeps one colour and one bar slot in every panel, also where another series is
+    missing: `colors` ({series label: colour}, e.g. a report's variant colours) when given, a
+    free palette colour for a series it lacks (`complete_colors`), else `series_colors(loads)`.
+    The legend, below the panels, is built from that same map and lists every series."""
     layers = sorted(set().union(*[d.keys() for d in loads.values()]))
-    colors = {**series_colors(loads), **(colors or {})}
+    colors = complete_colors(loads, colors) if colors else series_colors(loads)
     fig, axes = _grid(len(layers))
     width = 0.8 / max(len(loads), 1)
     for ax, layer in zip(axes, layers):
@@ -134,13 +159,16 @@ def plot_metric_curves(steps: pd.DataFrame, metrics: list[tuple[str, str]], stem
     label)]. One panel per metric; per group the mean over seeds, shaded between min and max
     (groups with one seed: the line alone).
 
-    Every group keeps one colour in all panels (`colors`: {group: colour}, default
-    `series_colors` of every group in `steps`, sorted), also in a panel where another group has
-    no values; the legend below the panels lists every group (" (not logged)" for one with no
-    values in any panel) and says what the shaded band is (`BAND_LABEL`)."""
+    The colour map is fixed once for the whole figure, before any panel is drawn: `colors`
+    ({group: colour}; a report passes one map for all its figures, so a variant has one colour
+    in every figure), a free palette colour for a group it lacks (`complete_colors`), default
+    `series_colors` of every group in `steps`, sorted. Every panel and the legend read that map,
+    so a group keeps its colour in a panel where another group has no values (a panel's own
+    groups never pick the colours). The legend below the panels lists every group (" (not
+    logged)" for one with no values in any panel) and says what the shaded band is (`BAND_LABEL`)."""
     labels = labels or {}
     groups = sorted(steps[by].dropna().unique(), key=str) if by in steps.columns else []
-    colors = {**series_colors(groups), **(colors or {})}
+    colors = complete_colors(groups, colors) if colors else series_colors(groups)
     fig, axes = _grid(len(metrics), ncols=min(3, len(metrics)), size=(4.2, 3.0))
     drawn, band = set(), False
     for ax, (col, label) in zip(axes, metrics):

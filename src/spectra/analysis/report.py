@@ -2,6 +2,8 @@
 
     out/index.md                  run status (failed / incomplete / duplicate runs listed), every
                                   table inline, links to .md/.tex/.csv and to each figure
+    out/index.html                the same sections as one self-contained page (HTML tables,
+                                  <img> figures; see html_index.py)
     out/tables/<name>.{md,tex,csv}
     out/figures/<name>.{png,pdf}
 
@@ -12,6 +14,10 @@ skipped and the index says why. From the last snapshot: usage histograms before 
 quota (quota routers; others: selected vs served slots), and per layer and expert the TF-IDF
 keywords of the slice tokens it served (`tables/keywords_<variant>.{md,tex,csv}`; layer 0's
 annotate the domain heatmap), decoded with the run's tokenizer (see `token_texts`).
+
+Colours: one {variant: colour} map for the whole report (`Report.colors`, `series_colors` over
+every variant, sorted), passed to every per-variant figure, so a variant has the same colour in
+every panel of every figure.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from tokenizers import Tokenizer
 from spectra.analysis import figures as F
 from spectra.analysis.collect import collect, problems, seed_text
 from spectra.analysis.columns import resolve
+from spectra.analysis.html_index import write_index_html
 from spectra.analysis.rendered_table import MISSING, Table
 from spectra.analysis.snapshots import (
     BEFORE_QUOTA_KEYS,
@@ -70,6 +77,23 @@ class Report:
     figures: dict[str, list[Path]] = field(default_factory=dict)  # name -> [png, pdf]
     notes: list[str] = field(default_factory=list)
     problems: pd.DataFrame | None = None
+    sources: list[str] = field(default_factory=list)  # the paths the report was built from
+    captions: dict[str, str] = field(default_factory=dict)  # figure name -> its title
+    colors: dict[str, tuple] = field(default_factory=dict)  # variant -> colour, in every figure
+    html: Path | None = None  # out/index.html
+
+    def status_line(self) -> str:
+        """'Runs: N found — k counted (...), f failed, i incomplete, d duplicate.' (index.md / .html)"""
+        runs, n = self.runs, self.runs["status"].value_counts()
+        return (f"Runs: {len(runs)} found — {int(runs['counted'].sum())} counted (completed, not duplicate), "
+                f"{int(n.get('failed', 0))} failed, {int(n.get('incomplete', 0))} incomplete, "
+                f"{int((runs['duplicate'] & (runs['status'] == 'completed')).sum())} duplicate.")
+
+
+def _add_figure(rep: Report, name: str, caption: str, paths: list[Path]) -> None:
+    """Record a drawn figure and its caption (its title), which index.md / index.html show."""
+    rep.figures[name] = paths
+    rep.captions[name] = caption
 
 
 def _slug(s: str) -> str:
@@ -203,8 +227,11 @@ def _snapshot_figures(rep: Report, runs: pd.DataFrame, snaps: dict[str, list[Rou
         _selection_figure(rep, s_all[-1], tag, lab, fig_dir)
         keywords_missing |= not _domain_figures(rep, run_dir, s_all[-1], tag, lab, fig_dir)
     if len(across) >= 2:
-        rep.figures["usage_hist_variants"] = F.plot_usage_histograms(
-            across, fig_dir / "usage_hist_variants", title="Served expert usage per layer, by variant (last snapshot)")
+        title = "Served expert usage per layer, by variant (last snapshot)"
+        # the series are variants here: their report-wide colours, as in the curves
+        colors = {labels[v]: rep.colors[v] for v in reps if labels[v] in across and v in rep.colors}
+        _add_figure(rep, "usage_hist_variants", title, F.plot_usage_histograms(
+            across, fig_dir / "usage_hist_variants", title=title, colors=colors))
     if reps and not any(k.startswith("selection_heatmap") for k in rep.figures):
         rep.notes.append("snapshots carry no `shape` / `positions`: selection heatmaps skipped")
     if reps and not any(k.startswith("domain_heatmap") for k in rep.figures):
@@ -244,14 +271,14 @@ def _usage_figures(rep: Report, s_all: list[RoutingSnapshot], tag: str, lab: str
     layers = sorted(last.layers)
     series, after = _usage_series(last)
     if series:
-        rep.figures[f"usage_hist_{tag}"] = F.plot_usage_histograms(
-            series, fig_dir / f"usage_hist_{tag}", title=f"Expert usage per layer — {lab} (step {last.step})")
+        title = f"Expert usage per layer — {lab} (step {last.step})"
+        _add_figure(rep, f"usage_hist_{tag}", title, F.plot_usage_histograms(series, fig_dir / f"usage_hist_{tag}", title=title))
     if len(s_all) >= 2 and layers:
         loads = [s.load_after(layers[0]) for s in s_all]
         if all(x is not None for x in loads) and len({x.shape for x in loads}) == 1:
-            rep.figures[f"usage_over_training_{tag}"] = F.plot_usage_over_training(
-                [s.step for s in s_all], np.stack(loads), fig_dir / f"usage_over_training_{tag}",
-                title=f"Expert usage over training — {lab}, layer {layers[0]}")
+            title = f"Expert usage over training — {lab}, layer {layers[0]}"
+            _add_figure(rep, f"usage_over_training_{tag}", title, F.plot_usage_over_training(
+                [s.step for s in s_all], np.stack(loads), fig_dir / f"usage_over_training_{tag}", title=title))
     return after
 
 
@@ -263,8 +290,9 @@ def _selection_figure(rep: Report, last: RoutingSnapshot, tag: str, lab: str, fi
     sel = {i: np.asarray(last.layers[i]["expert_index"])[last.valid(i)] for i in layers if "expert_index" in last.layers[i]}
     if pos is not None and sel and e:
         valid = last.valid(layers[0])
-        rep.figures[f"selection_heatmap_{tag}"] = F.plot_selection_heatmap(
-            sel, pos[valid], e, fig_dir / f"selection_heatmap_{tag}", title=f"Expert selection over positions — {lab}")
+        title = f"Expert selection over positions — {lab}"
+        _add_figure(rep, f"selection_heatmap_{tag}", title, F.plot_selection_heatmap(
+            sel, pos[valid], e, fig_dir / f"selection_heatmap_{tag}", title=title))
 
 
 def _domain_figures(rep: Report, run_dir: str, last: RoutingSnapshot, tag: str, lab: str, fig_dir: Path) -> bool:
@@ -296,9 +324,9 @@ def _domain_figures(rep: Report, run_dir: str, last: RoutingSnapshot, tag: str, 
                          "top_domain": names[top[x]] if load[x] else MISSING, "keywords": kw.get(x, [])}
                         for x in range(e)]
         if i == layers[0]:
-            rep.figures[f"domain_heatmap_{tag}"] = F.plot_domain_heatmap(
-                aff, pur, names, fig_dir / f"domain_heatmap_{tag}", keywords=kw,
-                title=f"Domain affinity and purity — {lab}, layer {i}")
+            title = f"Domain affinity and purity — {lab}, layer {i}"
+            _add_figure(rep, f"domain_heatmap_{tag}", title, F.plot_domain_heatmap(
+                aff, pur, names, fig_dir / f"domain_heatmap_{tag}", keywords=kw, title=title))
     if kw_rows:
         t = keyword_table(f"keywords_{tag}", f"TF-IDF keywords per expert — {lab} (step {last.step}, "
                           f"tokens decoded with {source})", kw_rows)
@@ -322,7 +350,8 @@ def _tsne_figure(rep: Report, runs: pd.DataFrame, snaps: dict[str, list[RoutingS
             if len(tsne) < MAX_TSNE_PANELS:
                 tsne[f"{labels[variant]} · layer {layer}"] = x
     if tsne:
-        rep.figures["expert_tsne"] = F.plot_expert_tsne(tsne, fig_dir / "expert_tsne")
+        title = "t-SNE of expert representations (one panel per variant and layer; colour: expert id)"
+        _add_figure(rep, "expert_tsne", title, F.plot_expert_tsne(tsne, fig_dir / "expert_tsne", title=title))
     else:
         rep.notes.append("no expert vectors (routing snapshots' `expert_repr` or router weights in `<run_dir>/model`): t-SNE skipped")
 
@@ -332,18 +361,20 @@ def _sweep_figures(rep: Report, runs: pd.DataFrame, steps: pd.DataFrame, fig_dir
         tag = _slug(sub["sweep_name"].iloc[0])
         groups = sorted(sub["variant"].unique())
         labels = variant_labels(groups)
-        colors = F.series_colors(groups)  # one colour per variant in every figure of the sweep
+        colors = rep.colors  # report-wide: a variant keeps its colour across sweeps and figures
         st = steps[(steps["sweep"] == sweep) & steps["run_dir"].isin(sub.loc[sub["counted"], "run_dir"])] if not steps.empty else steps
         if not st.empty:
             loss = [(c, lab) for c, lab in (("loss", "train loss"), ("eval_loss", "eval loss")) if c in st and st[c].notna().any()]
             if loss:
-                rep.figures[f"loss_curves_{tag}"] = F.plot_metric_curves(
-                    st, loss, fig_dir / f"loss_curves_{tag}", title=f"Training dynamics — sweep {tag}", labels=labels, colors=colors)
+                title = f"Training dynamics — sweep {tag}"
+                _add_figure(rep, f"loss_curves_{tag}", title, F.plot_metric_curves(
+                    st, loss, fig_dir / f"loss_curves_{tag}", title=title, labels=labels, colors=colors))
             curves = [(col, lab) for name, lab in CURVE_METRICS if (col := _step_column(st, name))]
             missing = [lab for name, lab in CURVE_METRICS if not _step_column(st, name)]
             if curves:
-                rep.figures[f"routing_curves_{tag}"] = F.plot_metric_curves(
-                    st, curves, fig_dir / f"routing_curves_{tag}", title=f"Routing metrics vs steps — sweep {tag}", labels=labels, colors=colors)
+                title = f"Routing metrics vs steps — sweep {tag}"
+                _add_figure(rep, f"routing_curves_{tag}", title, F.plot_metric_curves(
+                    st, curves, fig_dir / f"routing_curves_{tag}", title=title, labels=labels, colors=colors))
             if missing:
                 rep.notes.append(f"sweep {tag}: not logged per step, no curve: {', '.join(missing)}")
         cv, loss_col = resolve(sub, "cv"), resolve(sub, "eval_loss")
@@ -352,18 +383,22 @@ def _sweep_figures(rep: Report, runs: pd.DataFrame, steps: pd.DataFrame, fig_dir
             cells = pd.DataFrame({"cv": a["mean"], "cv_std": a["std"], "eval_loss": b["mean"], "eval_loss_std": b["std"]}).dropna(subset=["cv", "eval_loss"])
             if not cells.empty:
                 cells["label"] = [labels.get(v, v) for v in cells.index]
-                rep.figures[f"pareto_{tag}"] = F.plot_pareto(cells, fig_dir / f"pareto_{tag}", title=f"Eval loss vs load CV — sweep {tag}")
+                title = f"Eval loss vs load CV — sweep {tag}"
+                _add_figure(rep, f"pareto_{tag}", title, F.plot_pareto(cells, fig_dir / f"pareto_{tag}", title=title))
 
 
 def build_report(paths, out: str | Path, baseline: str | None = None, figures: bool = True, seed: int = 0) -> Report:
-    """Collect the runs under `paths` and write every table, figure and `index.md` under `out`."""
+    """Collect the runs under `paths` and write every table, figure, `index.md` and `index.html` under `out`."""
     out = Path(out)
     runs, steps = collect(paths)
     if runs.empty:
         raise ValueError(f"no run directories under {' '.join(map(str, paths))}")
     out.mkdir(parents=True, exist_ok=True)
     table_dir, fig_dir = out / "tables", out / "figures"
-    rep = Report(out=out, index=out / "index.md", runs=runs, steps=steps, problems=problems(runs))
+    rep = Report(out=out, index=out / "index.md", runs=runs, steps=steps, problems=problems(runs),
+                 sources=[str(p) for p in paths],
+                 # fixed once from every variant: figures drawn later cannot shift one another's colours
+                 colors=F.series_colors(sorted(runs["variant"].dropna().unique(), key=str)))
 
     snaps = {r: load_routing_snapshots(r) for r in runs.loc[runs["counted"], "run_dir"]}
     if not any(resolve(runs, m) for m in STABILITY_METRICS):
@@ -389,17 +424,13 @@ def build_report(paths, out: str | Path, baseline: str | None = None, figures: b
         _sweep_figures(rep, runs, steps, fig_dir)
         _snapshot_figures(rep, runs, snaps, fig_dir)
     rep.index.write_text(_index(rep, paths))
+    rep.html = write_index_html(rep)
     return rep
 
 
 def _index(rep: Report, paths) -> str:
-    runs = rep.runs
     rel = lambda p: os.path.relpath(p, rep.out)  # noqa: E731
-    n = runs["status"].value_counts()
-    lines = ["# spectra report", "", "Sources: " + ", ".join(f"`{p}`" for p in paths), "",
-             f"Runs: {len(runs)} found — {int(runs['counted'].sum())} counted (completed, not duplicate), "
-             f"{int(n.get('failed', 0))} failed, {int(n.get('incomplete', 0))} incomplete, "
-             f"{int((runs['duplicate'] & (runs['status'] == 'completed')).sum())} duplicate.", ""]
+    lines = ["# spectra report", "", "Sources: " + ", ".join(f"`{p}`" for p in paths), "", rep.status_line(), ""]
     if rep.problems is not None and not rep.problems.empty:
         lines += ["## Runs not counted", "", "| problem | run | variant | seed | reason |", "|---|---|---|---|---|"]
         for r in rep.problems.itertuples():
@@ -412,7 +443,8 @@ def _index(rep: Report, paths) -> str:
         lines += [f"### {t.title}", "", links, "", t.markdown(title=False), ""]
     lines += ["## Figures", ""]
     for name, (png, pdf) in rep.figures.items():
-        lines += [f"### {name}", "", f"![{name}]({rel(png)})", "", f"[PDF]({rel(pdf)})", ""]
+        caption = [f"*{rep.captions[name]}*", ""] if rep.captions.get(name) else []
+        lines += [f"### {name}", "", *caption, f"![{name}]({rel(png)})", "", f"[PDF]({rel(pdf)})", ""]
     if not rep.figures:
         lines += ["(none)", ""]
     if rep.notes:
