@@ -172,15 +172,32 @@ def _running_gram(steps: list[tuple[torch.Tensor, float]], decay: float) -> torc
     return ema
 
 
+# One 2-rank ZeRO-2 router=spectra run serves both end-to-end tests below (a torchrun launch
+# imports the training stack on every rank): 4 steps, eval + monitor every 2 (snapshots at steps
+# 1-4), checkpoints at 2 and 4, the Gram recorder on. The resume test works on a copy of it.
+SPECTRA_ZERO2 = [*TINY_TRAIN, "router=spectra", "deepspeed=zero2", "trainer.save_steps=2", "trainer.eval_steps=2",
+                 "trainer.resume=auto", "monitor.num_sequences=4"]
+
+
+def _recorder(out: Path) -> str:
+    return f"trainer.callbacks=[{{_target_:test_distributed.RecordRouterGram,out:{out}}}]"
+
+
+@pytest.fixture(scope="module")
+def spectra_zero2_run(tmp_path_factory):
+    """(run_dir, rec): the shared 2-rank run and its RecordRouterGram output directory."""
+    base = tmp_path_factory.mktemp("spectra_zero2")
+    rec, run_dir = base / "rec", base / "run"
+    assert_ok(_torchrun(2, [*SPECTRA_ZERO2, _recorder(rec)], run_dir))
+    return run_dir, rec
+
+
 @pytest.mark.slow
 @needs_torchrun
-def test_two_rank_zero2_spectra_run_ends_with_identical_running_gram(tmp_path):
+def test_two_rank_zero2_spectra_run_ends_with_identical_running_gram(spectra_zero2_run):
     """router=spectra under ZeRO-2 with 2 gloo ranks (4 steps, eval + monitor every 2): every
     rank's `expert_repr_ema` is the same, and it is the EMA of the mean over both ranks' M's."""
-    rec = tmp_path / "rec"
-    proc = _torchrun(2, [*TINY_TRAIN, "router=spectra", "deepspeed=zero2",
-                         f"trainer.callbacks=[{{_target_:test_distributed.RecordRouterGram,out:{rec}}}]"], tmp_path / "run")
-    assert_ok(proc)
+    run_dir, rec = spectra_zero2_run
     r0, r1 = (torch.load(rec / f"rank{r}.pt") for r in (0, 1))
     assert len(r0["steps"]) == len(r1["steps"]) == 4 and len(r0["ema"]) == 2  # 4 steps, 2 MoE layers
     for layer, decay in enumerate(r0["decay"]):
@@ -191,7 +208,7 @@ def test_two_rank_zero2_spectra_run_ends_with_identical_running_gram(tmp_path):
         for r in (r0, r1):  # what a rank folding only its own tokens would hold: clearly different
             alone = _running_gram([(s["sum"][layer], s["count"][layer]) for s in r["steps"]], decay)
             assert (alone - r0["ema"][layer]).abs().max() > 1e-3
-    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    s = json.loads((run_dir / "summary.json").read_text())
     a, b = s["buffer_checksum_per_rank"]
     assert a == b  # the per-rank consistency check covers buffers
 
@@ -239,7 +256,7 @@ def test_a_snapshot_vanishing_between_listing_and_loading_is_skipped(tmp_path, m
 
 @pytest.mark.slow
 @needs_torchrun
-def test_two_rank_resume_with_the_monitor_reloads_snapshots_up_to_the_resume_step(tmp_path):
+def test_two_rank_resume_with_the_monitor_reloads_snapshots_up_to_the_resume_step(spectra_zero2_run, tmp_path):
     """2 ranks, ZeRO-2, monitor on (snapshots at steps 1-4), checkpoints at 2 and 4. With
     checkpoint-4 gone (as if killed before committing it) the rerun resumes from step 2: rank 0
     deletes the snapshots of steps 3 and 4 (step 4's made unreadable here) while rank 1 loads
@@ -247,16 +264,15 @@ def test_two_rank_resume_with_the_monitor_reloads_snapshots_up_to_the_resume_ste
     from spectra.metrics.monitor import SNAPSHOT_DIR
 
     run_dir = tmp_path / "run"
-    args = [*TINY_TRAIN, "router=spectra", "deepspeed=zero2", "trainer.save_steps=2", "trainer.eval_steps=4",
-            "trainer.resume=auto", "monitor.num_sequences=4"]
-    assert_ok(_torchrun(2, args, run_dir))
+    shutil.copytree(spectra_zero2_run[0], run_dir)  # the shared first run stays as it ended
     first = json.loads((run_dir / "summary.json").read_text())
     on_disk = sorted(p.name for p in (run_dir / SNAPSHOT_DIR).glob("step*.pt"))
     assert on_disk == [f"step00000{s}.pt" for s in first["stability"]["steps"]] and first["stability"]["steps"] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     shutil.rmtree(run_dir / "checkpoints" / "checkpoint-4")
     (run_dir / "summary.json").unlink()  # as if killed: a completed summary would skip the rerun
     (run_dir / SNAPSHOT_DIR / "step000004.pt").write_bytes(b"stale, unreadable")
-    proc = _torchrun(2, args, run_dir)
+    proc = _torchrun(2, [*SPECTRA_ZERO2, _recorder(tmp_path / "rec")], run_dir)  # the same command (own recorder dir)
     assert_ok(proc)
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["resumed_from"].endswith("checkpoint-2") and s["steps"] == 4
