@@ -1,0 +1,103 @@
+"""`python -m spectra.results report`: the paper's tables and the H1-H7 verdicts from a results
+pool, checked on fabricated cells whose outcome is known by construction (p-values from scipy)."""
+
+from __future__ import annotations
+
+import pytest
+from scipy import stats
+
+from spectra.results.plan import Cell, Plan
+from spectra.results.report import VERDICTS_BEGIN, VERDICTS_END, write_results
+from spectra.results.tables import load_pool, paper_tables
+from spectra.results.verdicts import CONFIRMED, NOT_CONFIRMED, NOT_TESTABLE, h1, h5, h6, h7, open_problem
+from test_analysis import make_run
+from test_report_html import check_served_index
+
+DOMAINS = ("code", "docs", "math", "quotes", "dictionary")
+LOSS = {"spectra": [2.00, 2.01, 2.02], "switch_top2": [2.10, 2.11, 2.13], "switch_top1": [2.20, 2.22, 2.21],
+        "expert_choice": [2.05, 2.06, 2.04], "dense": [2.3, 2.31, 2.29]}
+ABLATION_LOSS = {"no_gru": [2.10, 2.12, 2.11], "no_quota": [1.99, 2.03, 2.00]}  # -Quota: no worse than Full
+
+
+def _cell(root, family, router, seed, loss, *, ablation=None, model="tiny", experts=8, cv=0.3, gram=0.5, dom=None):
+    ovs = ["experiment=results", f"router={router}"] + ([f"ablation={ablation}"] if ablation else []) + [f"seed={seed}"]
+    name = ",".join(o for o in ovs[1:])
+    dom = dom or {d: loss for d in DOMAINS}
+    final = {"eval/cv_mean": cv, "eval/dropped_token_rate_mean": 0.0, "monitor/gram_orthogonality_mean": gram,
+             "monitor/expert_overlap_mean": 0.2, **{f"eval_loss_{d}": v for d, v in dom.items()}}
+    make_run(root / "runs" / family / name, router, seed, loss=loss, cv=cv, overrides=ovs, extra_final=final,
+             config={"model": {"name": model}, "moe": {"num_experts": experts}})
+
+
+@pytest.fixture
+def pool(tmp_path):
+    root = tmp_path / "results"
+    for router, losses in LOSS.items():
+        for s, loss in enumerate(losses):
+            # SPECTRA gains 10x more on code and math than elsewhere
+            dom = {d: loss - (0.05 if router == "spectra" and d in ("code", "math") else 0.0) for d in DOMAINS}
+            _cell(root, "baselines", router, s, loss, dom=dom)
+    for abl, losses in ABLATION_LOSS.items():
+        for s, loss in enumerate(losses):
+            _cell(root, "ablations", "spectra", s, loss, ablation=abl)
+    for s in range(3):  # the balance variant that solves the open problem
+        _cell(root, "balance", "spectra", s, 2.05 + s / 100, ablation="balance_bias", cv=0.05, gram=0.95)
+    _cell(root, "size", "spectra", 0, 1.8, model="small")  # one seed: H6 not testable
+    _cell(root, "size", "switch_top2", 0, 1.9, model="small")
+    return root
+
+
+def test_h1_and_h5_follow_welch_tests(pool):
+    runs, _ = load_pool(pool)
+    verdict, lines = h1(runs)
+    p2 = stats.ttest_ind(LOSS["spectra"], LOSS["switch_top2"], equal_var=False).pvalue
+    assert verdict == CONFIRMED and p2 < 0.05
+    assert "Switch Top-2" in lines[0] and f"{sum(LOSS['spectra']) / 3:.4f}" in lines[0]
+    verdict, lines = h5(runs)
+    assert verdict == NOT_CONFIRMED  # -Quota is not worse than Full
+    assert any("-GRU" in x and "— contributes" in x for x in lines)
+    assert any("-Quota" in x and "no significant contribution" in x for x in lines)
+
+
+def test_h6_needs_two_seeds_and_h7_reads_per_domain_losses(pool):
+    runs, _ = load_pool(pool)
+    assert h6(runs)[0] == NOT_TESTABLE
+    verdict, lines = h7(runs)
+    gain_code = 0.05 / (sum(LOSS["switch_top2"]) / 3) + (sum(LOSS["switch_top2"]) - sum(LOSS["spectra"])) / sum(LOSS["switch_top2"])
+    assert verdict == CONFIRMED
+    assert any(x.startswith("eval_loss_code") and f"{100 * gain_code:+.2f} %" in x for x in lines)
+
+
+def test_open_problem_names_the_configuration_that_meets_every_threshold(pool):
+    runs, _ = load_pool(pool)
+    verdict, lines = open_problem(runs)
+    assert verdict == "solved by balance: ablation=balance_bias"
+    assert "ablation=no_gru" not in verdict
+
+
+def test_tables_select_rows_by_configuration(pool):
+    runs, _ = load_pool(pool)
+    tables = {t.name: t for t in paper_tables(runs)}
+    base = tables["baselines"].display
+    assert list(base.index[:2]) == ["SPECTRA", "Switch Top-1"]
+    t7 = tables["table07_ablations"].display
+    assert list(t7.index) == ["SPECTRA-Full", "-GRU", "-Quota"]
+    assert t7.loc["SPECTRA-Full", "eval loss"].startswith(f"{sum(LOSS['spectra']) / 3:.4f}")
+    sig = tables["table13_significance"].data
+    assert "Switch Top-2 vs SPECTRA" in set(sig.index) and "-GRU vs SPECTRA-Full" in set(sig.index)
+    row = sig[(sig.index == "Switch Top-2 vs SPECTRA") & (sig["metric"] == "eval_loss")].iloc[0]
+    assert row["p"] == pytest.approx(stats.ttest_ind(LOSS["switch_top2"], LOSS["spectra"], equal_var=False).pvalue)
+    assert "yes" in list(tables["open_problem"].display["meets all"])
+
+
+def test_report_writes_tables_figures_html_and_readme_verdicts(pool):
+    readme = pool / "README.md"
+    readme.write_text(f"# Results\n\nhand-written setting\n\n{VERDICTS_BEGIN}\nSTALE-VERDICT\n{VERDICTS_END}\n\ntail\n")
+    plan = Plan(pool / "plan.yaml", {}, [Cell("baselines", "router=spectra,seed=0", ("router=spectra",), None, False)])
+    html = write_results(pool, plan, pool, details=False)
+    text = readme.read_text()
+    assert "hand-written setting" in text and text.rstrip().endswith("tail") and "STALE-VERDICT" not in text
+    assert "**H1 — confirmed.**" in text and "**H6 — not testable at this scale.**" in text
+    assert (pool / "tables" / "table07_ablations.csv").is_file()
+    served = check_served_index(html.parent, against_markdown=False)
+    assert "pareto" in served["figures"] and "table13_significance" in served["tables"]
