@@ -12,6 +12,9 @@ Sections (one module each; `run(args) -> Section`):
     bench_routing_scale  Sinkhorn + quota selection vs N and E
     bench_gru            the router GRU over sequence length: time and peak memory
     bench_sweep          sweep overhead: trial wall time minus its training time
+    bench_hf_block       our MoE block vs Hugging Face's Qwen3-MoE block (same weights)
+    bench_demo_train     `make demo`'s model: SPECTRA vs top-k training tokens/s, in one process
+Every target's threshold is in targets.py (one table); run_all ends with the Targets table.
 Every figure that matters is a ratio of two timings taken in the same process, minutes apart at
 most, so a busy or shared machine shifts both sides alike.
 """

@@ -5,7 +5,8 @@ weights: log-domain Sinkhorn plan (ε = 0.05, 3 iterations) -> quota top-k (α =
 the selected log-plan entries, forward + backward to the cost. Costs are OSR costs of cosine
 scores with a few experts preferred over the others, so the quota has imbalance to correct.
 
-Targets: at N = 8k, E = 32 the routing step is ≤ 5 % of the SPECTRA layer's forward + backward;
+Targets (benchmarks/targets.py): at N = 8k, E = 32 the routing step's share of the SPECTRA layer's
+forward + backward;
 time grows linearly in N (log-log slope ≈ 1).
 
     python -m benchmarks.bench_routing_scale [--quick] [--device cuda --dtype bfloat16]
@@ -28,12 +29,12 @@ from benchmarks.harness import (
     verdict,
 )
 from benchmarks.layers import PAPER, QUICK, hidden, layer_step, make_block
+from benchmarks.targets import threshold
 from spectra.routing.orthogonality import gram_matrix
 from spectra.routing.osr import osr_cost
 from spectra.routing.selection import expert_capacity, quota_topk
 from spectra.routing.sinkhorn import sinkhorn
 
-TARGET_SHARE = 5.0  # % of the layer at N = 8k, E = 32
 K, EPS, ITERS, ALPHA = 4, 0.05, 3, 1.25
 
 
@@ -128,8 +129,9 @@ def run(env: Env) -> Section:
     ])
     figures = {"share_pct_at_ref": share, "slope_in_n": slope, "growth": growth, "layer_ms_at_ref": layer_ms}
     verdicts = [] if env.quick else [
-        verdict(f"routing step share of the layer at N={n_ref}, E={e_ref}", share, TARGET_SHARE, unit=" %"),
-        verdict("log-log slope in N", slope, 1.1, unit=""),
+        verdict(f"routing step share of the layer at N={n_ref}, E={e_ref}", share, threshold("routing_share"),
+                unit=" %"),
+        verdict("log-log slope in N", slope, threshold("routing_slope"), unit=""),
     ]
     return Section("routing_scale", "4. Sinkhorn + quota selection vs N and E", body, figures, verdicts)
 

@@ -55,7 +55,7 @@ def run_sweep(env: Env, steps: int, out: Path) -> tuple[float, dict[str, dict]]:
 
 
 def run(env: Env, steps: int | None = None) -> Section:
-    steps = steps or (3 if env.quick else 30)
+    steps = steps or (2 if env.quick else 30)
     with tempfile.TemporaryDirectory(prefix="spectra-bench-sweep-") as tmp:
         wall, sums = run_sweep(env, steps, Path(tmp) / "sweep")
     rows = []

@@ -22,6 +22,8 @@ import torch
 import transformers
 from torch.utils import benchmark
 
+from benchmarks.targets import MET, NOT_MET, met
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -230,10 +232,10 @@ def md_table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def verdict(name: str, value: float, target: float, unit: str = "×", higher_is_better: bool = False) -> str:
-    """'name = 1.07× (target ≤ 1.10×): met' (or 'missed')."""
-    ok = value >= target if higher_is_better else value <= target
+    """'name = 1.07× (target ≤ 1.1×): met' (or 'NOT met'); thresholds come from benchmarks.targets."""
+    ok = met(value, target, higher_is_better)
     sign = "≥" if higher_is_better else "≤"
-    return f"{name} = {value:.3g}{unit} (target {sign} {target:g}{unit}): **{'met' if ok else 'missed'}**"
+    return f"{name} = {value:.3g}{unit} (target {sign} {target:g}{unit}): **{MET if ok else NOT_MET}**"
 
 
 def machine_description(env: Env) -> list[str]:

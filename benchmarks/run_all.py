@@ -6,6 +6,8 @@
     python -m benchmarks.run_all --device cuda --dtype bfloat16
 
 A section that fails is written with its error and makes the exit status 1; the others still run.
+The output ends with the Targets table (benchmarks/targets.py): every target's figure, threshold
+and met / NOT met.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from benchmarks import (
     bench_breakdown,
+    bench_demo_train,
     bench_experts,
     bench_gru,
     bench_hf_block,
@@ -29,6 +32,7 @@ from benchmarks import (
     bench_sweep,
 )
 from benchmarks.harness import Env, Section, add_common_args, machine_description, make_env
+from benchmarks.targets import Row, evaluate, summary_line, targets_markdown
 from spectra.contracts.rundir import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +44,7 @@ SECTIONS = {  # key -> (module, title used when it fails)
     "gru": (bench_gru, "5. Router GRU vs sequence length"),
     "sweep": (bench_sweep, "6. Sweep overhead per trial"),
     "hf_block": (bench_hf_block, "7. Our MoE block vs Hugging Face's Qwen3-MoE block"),
+    "demo_train": (bench_demo_train, "8. Demo training throughput: SPECTRA vs top-k"),
 }
 
 
@@ -67,9 +72,20 @@ def _load() -> str:
         return "n/a"
 
 
+def target_rows(env: Env, sections: list[Section]) -> list[Row]:
+    """The Targets table's rows from the sections' figures (a target whose section did not run or
+    failed is 'not measured'); the demo-training row also shows the demo runs' ratio when there is one."""
+    figures = {s.key: s.figures for s in sections}
+    demo_runs = figures.get("demo_train", {}).get("demo_runs_spectra_over_topk_tokens_per_s")
+    notes = {"demo_train": f"in-process, paired; demo runs' summary.json: {demo_runs:.3f}×"} if demo_runs else {}
+    return evaluate(figures, quick=env.quick, notes=notes)
+
+
 def render(env: Env, sections: list[Section], seconds: dict[str, float], command: str, note: str, load: str) -> str:
-    """The results file: header (command, machine, versions, note), summary of verdicts, every section."""
+    """The results file: header (command, machine, versions, note), summary of verdicts, every section,
+    then the Targets table."""
     verdicts = [v for s in sections for v in s.verdicts]
+    rows = target_rows(env, sections)
     lines = [
         "# Benchmarks: routing overhead and scaling",
         "",
@@ -86,11 +102,13 @@ def render(env: Env, sections: list[Section], seconds: dict[str, float], command
         "",
         "**Against the targets**",
         "",
-        *([f"- {v}" for v in verdicts] or ["- (quick mode: sizes too small for the targets to apply)"]),
+        f"- {summary_line(rows)}" + (" (quick mode: at the quick sizes, not the targets')" if env.quick else ""),
+        *[f"- {v}" for v in verdicts],
         "",
     ]
     for s in sections:
         lines += [s.markdown(), f"_Section time: {seconds.get(s.key, 0.0):.0f} s._", ""]
+    lines.append(targets_markdown(rows, quick=env.quick))
     return "\n".join(lines).rstrip() + "\n"
 
 
