@@ -149,7 +149,7 @@ lint: setup  ## ruff
 # ARGS passes options through, e.g. make bench ARGS="--device cuda --dtype bfloat16" or ARGS=--quick.
 ARGS ?=
 .PHONY: bench bench-quick
-bench: setup  ## speed/memory benchmarks (~11 min on 2 CPU cores) -> benchmarks/RESULTS.md (ARGS=--quick ...)
+bench: setup  ## speed/memory benchmarks (~12 min on 2 idle CPU cores) -> benchmarks/RESULTS.md (ARGS=--quick ...)
 	$(PYTHON) -m benchmarks.run_all $(ARGS)
 bench-quick: setup  ## the same at small sizes (~1 min) -> outputs/benchmarks/RESULTS.quick.md
 	$(PYTHON) -m benchmarks.run_all --quick $(ARGS)
