@@ -6,6 +6,7 @@ results/README.md, and a detailed spectra.analysis report per family with routin
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -79,6 +80,22 @@ def _status_note(plan: Plan, root: Path) -> str:
     return f"cells completed: {done}/{total} ({per}); summed cell wall time {hours:.1f} h"
 
 
+def base_hash_note(root: Path) -> str | None:
+    """Which base weights the completed cells upcycled (cell.json's sha256), flagged when a base
+    was retrained into different weights between sessions."""
+    seen: dict[str, set[str]] = {}
+    for rec in sorted((root / "runs").glob("*/*/cell.json")):
+        base = (json.loads(rec.read_text()).get("base") or {})
+        if base.get("name"):
+            seen.setdefault(base["name"], set()).add(str(base.get("model_sha256"))[:12])
+    if not seen:
+        return None
+    parts = [f"{name}: {', '.join(sorted(h))}" for name, h in sorted(seen.items())]
+    warn = any(len(h) > 1 for h in seen.values())
+    return ("WARNING: cells upcycled different weights of the same base (retrained between sessions): " if warn
+            else "base weights (sha256 prefix) the cells upcycled: ") + "; ".join(parts)
+
+
 def update_readme(readme: Path, verdicts: str) -> None:
     """Replace the text between the verdict markers of results/README.md (added at the end when absent)."""
     text = readme.read_text() if readme.is_file() else "# Results\n"
@@ -108,6 +125,9 @@ def write_results(root: Path, plan: Plan, out: Path, details: bool = True) -> Pa
     if details:
         _detail_reports(root, out, rep)
     rep.notes.insert(0, _status_note(plan, root))
+    hashes = base_hash_note(root)
+    if hashes:
+        rep.notes.insert(1, hashes)
     rep.index.write_text(_index_markdown(rep))
     html = write_index_html(rep, out)
     update_readme(out / "README.md", verdicts_markdown(runs))

@@ -83,12 +83,15 @@ def _try_lock(task: Task):
     """An open, exclusively flocked file (released when closed or the process dies), or None when
     another process holds this task."""
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    f = open(_lock_path(task), "w")  # noqa: SIM115 -- kept open while the task runs
+    # "a", not "w": opening must not empty the holder's "<pid> <label>" line before the flock has
+    # said whether there is a holder; the file is emptied once the lock is ours.
+    f = open(_lock_path(task), "a")  # noqa: SIM115 -- kept open while the task runs
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
         return None
+    f.truncate(0)
     f.write(f"{os.getpid()} {task.label}\n")
     f.flush()
     return f
@@ -252,8 +255,17 @@ def run_plan(plan: Plan, repo: Path, results_root: Path, workers: int = 2, commi
                     tqdm.write(f"{task.label}: another process is running it, left to it")
                     bar.update(1)
                     continue
-                # A base gets every core when nothing else can run yet.
-                n = threads if task.needs or len(queue) else max(threads, os.cpu_count() or 1)
+                if is_complete(task.run_dir):
+                    # The plan was scanned at the start: another process has finished this task
+                    # (and let go of its lock) since. Training it again would redo it for nothing
+                    # and overwrite its record and commit.
+                    lock.close()
+                    tqdm.write(f"{task.label}: finished by another process meanwhile")
+                    bar.update(1)
+                    continue
+                # A base always trains on one thread: bit-reproducible on a fresh clone of the same
+                # kind of machine (the cells record its weights' sha256; the report checks they agree).
+                n = threads if task.needs else 1
                 running[pool.submit(run_task, task, n, repo, bases)] = (task, lock)
             if not running:
                 break  # every remaining task waits for a base another process is training
