@@ -133,32 +133,61 @@ def command_of(task: Task) -> list[str]:
     return [sys.executable, "train.py", *task.overrides, f"hydra.run.dir='{task.run_dir}'"]
 
 
-def run_task(task: Task, threads: int, repo: Path, bases: dict[str, Task]) -> dict:
-    """Run one task's train.py to completion; returns its cell record (written to cell.json)."""
-    task.run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = command_of(task)
-    started = time.time()
-    with open(task.run_dir / "stdout.log", "ab") as log:
-        rc = subprocess.run(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+def _record(task: Task, threads: int, repo: Path, bases: dict[str, Task], rc: int, started: float, finished: float) -> dict:
+    """The cell record (cell.json): what ran, how, where, with which versions and base weights."""
     base = bases.get(task.needs) if task.needs else None
-    record = {"task": task.label, "overrides": list(task.overrides), "command": shlex.join(["python", *cmd[1:]]),
-              "exit_code": rc, "started": started, "finished": time.time(), "wall_time_s": time.time() - started,
+    record = {"task": task.label, "overrides": list(task.overrides),
+              "command": shlex.join(["python", *command_of(task)[1:]]),
+              "exit_code": rc, "started": started, "finished": finished, "wall_time_s": finished - started,
               "machine": _machine(threads), "versions": _versions(repo),
               "base": None if base is None else {"name": task.needs, "run_dir": str(base.run_dir),
                                                   "model_sha256": file_sha256(base.run_dir / "model" / "model.safetensors")}}
     if task.needs is None and (task.run_dir / "model" / "model.safetensors").is_file():
         record["model_sha256"] = file_sha256(task.run_dir / "model" / "model.safetensors")
+    return record
+
+
+def run_task(task: Task, threads: int, repo: Path, bases: dict[str, Task]) -> dict:
+    """Run one task's train.py to completion; returns its cell record (written to cell.json)."""
+    task.run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "TOKENIZERS_PARALLELISM": "false"}
+    started = time.time()
+    with open(task.run_dir / "stdout.log", "ab") as log:
+        rc = subprocess.run(command_of(task), cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    record = _record(task, threads, repo, bases, rc, started, time.time())
     if rc == 0 and is_complete(task.run_dir):
         write_json_atomic(task.run_dir / CELL_RECORD, record)
     return record
 
 
+def record_orphans(tasks: list[Task], recorder: GitRecorder, repo: Path, bases: dict[str, Task]) -> int:
+    """Commit the finished tasks whose files never were: a cell that completed after its `make
+    results` process was killed (the train.py child ran on). Without cell.json, one is written
+    from the summary (its wall time) and marked recorded_after; returns how many were committed."""
+    if not recorder.enabled:
+        return 0
+    listed = subprocess.run(["git", "ls-files"], cwd=recorder.repo, capture_output=True, text=True).stdout.split("\n")
+    tracked = set(listed)
+    n = 0
+    for task in tasks:
+        if not is_complete(task.run_dir):
+            continue
+        if str((task.record_dir / SUMMARY).resolve().relative_to(recorder.repo)) in tracked:
+            continue
+        if not (task.run_dir / CELL_RECORD).is_file():
+            s = read_summary(task.run_dir) or {}
+            started = float(s.get("started") or 0.0)
+            record = _record(task, 0, repo, bases, 0, started, started + float(s.get("wall_time_s") or 0.0))
+            write_json_atomic(task.run_dir / CELL_RECORD, {**record, "machine": None, "recorded_after": True})
+        n += recorder.commit(task, _summary_line(task, json.loads((task.run_dir / CELL_RECORD).read_text())))
+    return n
+
+
 def _record_files(task: Task) -> list[Path]:
     """The small files of a finished task, copied to its record dir when that differs (bases)."""
     files = [task.run_dir / f for f in SMALL_FILES if (task.run_dir / f).is_file()]
-    if task.snapshots:
+    if task.snapshots and "seed=0" in task.overrides:  # the report draws a variant's figures from its lowest seed
         files += sorted((task.run_dir / "routing").glob("step*.pt"))
     if task.record_dir == task.run_dir:
         return files
@@ -229,6 +258,9 @@ def run_plan(plan: Plan, repo: Path, results_root: Path, workers: int = 2, commi
     done_before = len(cells) - len(todo_cells)
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     recorder = GitRecorder(results_root, commit)
+    orphans = record_orphans([*bases.values(), *cells], recorder, repo, bases)
+    if orphans:
+        print(f"results: committed {orphans} finished task(s) no earlier run had committed", flush=True)
     print(f"results: {len(cells)} cells, {done_before} done, {len(todo_cells)} to train"
           f"{f' (+{len(todo) - len(todo_cells)} base model(s) first)' if len(todo) > len(todo_cells) else ''};"
           f" {workers} worker(s) x {threads} thread(s)", flush=True)
