@@ -147,14 +147,17 @@ def _record(task: Task, threads: int, repo: Path, bases: dict[str, Task], rc: in
     return record
 
 
-def run_task(task: Task, threads: int, repo: Path, bases: dict[str, Task]) -> dict:
-    """Run one task's train.py to completion; returns its cell record (written to cell.json)."""
+def run_task(task: Task, threads: int, repo: Path, bases: dict[str, Task], lock_fd: int | None = None) -> dict:
+    """Run one task's train.py to completion; returns its cell record (written to cell.json).
+    lock_fd: the task's flocked lock file, inherited by train.py, so the lock lasts as long as the
+    training does even when this process is killed first."""
     task.run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "TOKENIZERS_PARALLELISM": "false"}
     started = time.time()
     with open(task.run_dir / "stdout.log", "ab") as log:
-        rc = subprocess.run(command_of(task), cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(command_of(task), cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            pass_fds=() if lock_fd is None else (lock_fd,)).returncode
     record = _record(task, threads, repo, bases, rc, started, time.time())
     if rc == 0 and is_complete(task.run_dir):
         write_json_atomic(task.run_dir / CELL_RECORD, record)
@@ -298,7 +301,7 @@ def run_plan(plan: Plan, repo: Path, results_root: Path, workers: int = 2, commi
                 # A base always trains on one thread: bit-reproducible on a fresh clone of the same
                 # kind of machine (the cells record its weights' sha256; the report checks they agree).
                 n = threads if task.needs else 1
-                running[pool.submit(run_task, task, n, repo, bases)] = (task, lock)
+                running[pool.submit(run_task, task, n, repo, bases, lock.fileno())] = (task, lock)
             if not running:
                 break  # every remaining task waits for a base another process is training
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
