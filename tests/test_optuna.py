@@ -18,6 +18,7 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+from transformers import TrainerCallback
 
 import faults
 from conftest import ROOT, TINY_TRAIN, assert_ok, run_cli
@@ -185,28 +186,51 @@ def _cells(sweep: Path) -> list[Path]:
     return sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
 
 
+class KillDriverAfterACheckpointOfTheSecondTrial(TrainerCallback):
+    """Test instrument (a `trainer.callbacks` entry): SIGKILL this process, the sweep driver (the
+    basic launcher runs each trial in it), right after a checkpoint is committed (the Trainer's
+    on_save event comes after spectra's commit) in a trial that started once another trial of the
+    sweep was complete, i.e. during trial 1. Once: the `marker` file it writes first disarms it, so
+    a re-run with the very same command line trains on."""
+
+    def __init__(self, marker: str):
+        self.marker = Path(marker)
+        self.armed = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        sweep = Path(args.output_dir).parents[1]  # <sweep>/<cell>/checkpoints
+        self.armed = not self.marker.exists() and any(sweep.glob("*/summary.json"))
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.armed:
+            self.marker.write_text(f"killed at checkpoint-{state.global_step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_killed_optuna_sweep_resumes_to_exactly_the_target(tmp_path):
-    """Target 3 trials; SIGKILL the driver during trial 1; the re-run fails the stale trial,
-    retries its parameters in the same cell directory, and stops at exactly 3 complete trials."""
+    """Target 3 trials; SIGKILL the driver during trial 1 (after its checkpoint-2); the re-run
+    fails the stale trial, retries its parameters in the same cell directory (resuming from that
+    checkpoint), and stops at exactly 3 complete trials."""
     sweep = tmp_path / "opt"
+    killer = f"trainer.callbacks=[{{_target_:test_optuna.KillDriverAfterACheckpointOfTheSecondTrial,marker:{tmp_path / 'killed'}}}]"
     args = [sys.executable, "train.py", "-m", "+sweep=search_quota", "hydra.sweeper.n_trials=3", *TINY,
-            "trainer.max_steps=12", "trainer.save_steps=2", f"hydra.sweep.dir={sweep}"]
-    driver = subprocess.Popen(args, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL,
+            "trainer.max_steps=4", "trainer.save_steps=2", killer, f"hydra.sweep.dir={sweep}"]
+    driver = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **faults.ENV}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        done = list(sweep.glob("*/summary.json"))
-        ckpts = [c for c in sweep.glob("*/checkpoints/*/COMPLETE") if c.parents[2] / "summary.json" not in done]
-        if len(done) == 1 and ckpts:  # trial 0 finished, trial 1 has saved a checkpoint
-            break
-        time.sleep(0.2)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    try:
+        driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == -signal.SIGKILL, driver.returncode
+    assert (tmp_path / "killed").read_text() == "killed at checkpoint-2\n"
+    assert len(list(sweep.glob("*/summary.json"))) == 1  # trial 0 finished, trial 1 had not
     killed = [t for t in _trials(sweep) if t.state == TrialState.RUNNING]
     assert len(killed) == 1  # the killed driver left its trial RUNNING, as upstream would forever
 
-    proc = run_cli(args[1:])
+    proc = run_cli(args[1:], env=faults.ENV)
     assert_ok(proc)
     trials = _trials(sweep)
     states = [t.state for t in trials]
@@ -218,7 +242,7 @@ def test_killed_optuna_sweep_resumes_to_exactly_the_target(tmp_path):
     assert len(_cells(sweep)) == 3  # the retry reused the killed trial's cell: no duplicate dir
     assert "resumed" in proc.stdout + proc.stderr or any(
         json.loads((c / "summary.json").read_text()).get("resumed_from") for c in _cells(sweep))
-    proc = run_cli(args[1:])  # a third start finds the target met and runs nothing
+    proc = run_cli(args[1:], env=faults.ENV)  # a third start finds the target met and runs nothing
     assert_ok(proc)
     assert len(_trials(sweep)) == len(trials)
 
