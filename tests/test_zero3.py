@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -71,11 +72,15 @@ def test_zero2_and_zero3_train_a_moe_like_the_plain_run(tmp_path):
     plain_copy, zero2_copy = tmp_path / "none_1rank", tmp_path / "zero2_1rank"
     shutil.copytree(runs["none"], plain_copy)
     shutil.copytree(runs["zero2"], zero2_copy)
-    assert_ok(_resume_on_one_rank(plain_copy, "none"))
+    # the two 1-rank restarts are independent single processes: run side by side
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        plain_run = pool.submit(_resume_on_one_rank, plain_copy, "none")
+        zero2_run = pool.submit(_resume_on_one_rank, zero2_copy, "zero2")
+        proc = zero2_run.result()
+        assert_ok(plain_run.result())
     resumed = _summary(plain_copy)
     assert resumed["world_size"] == 1 and resumed["resumed_from"].endswith("checkpoint-2")
     for (step, x), (_, y) in zip(plain, _curve(plain_copy)):
         assert y == pytest.approx(x, rel=1e-4), f"resumed on 1 rank, step {step}: {y} vs 2 ranks {x}"
-    proc = _resume_on_one_rank(zero2_copy, "zero2")
     assert proc.returncode != 0
     assert "split over 2 ranks, this run has 1; DeepSpeed cannot re-partition it" in proc.stdout + proc.stderr
