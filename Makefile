@@ -88,9 +88,9 @@ RESULTS_RUN = $(PYTHON) -m spectra.results run --workers $(WORKERS) $(if $(filte
 .PHONY: base-model results results-status results-report
 base-model: setup  ## train the dense base models every results cell upcycles from (cached: outputs/base/)
 	$(RESULTS_RUN) --bases-only
-results: setup  ## every cell of results/plan.yaml (~4 h on 2 cores, resumable) + tables/figures/verdicts
-	$(RESULTS_RUN)
-	$(PYTHON) -m spectra.results report
+results: setup  ## every cell of results/plan.yaml (hours on 2 cores; resumable) + tables/figures/verdicts
+	@# The report is written even when some cell failed (its row shows it); the exit status is the run's.
+	@status=0; $(RESULTS_RUN) || status=$$?; $(PYTHON) -m spectra.results report || status=$$?; exit $$status
 results-status: setup  ## cells done / failed / not started per results family
 	$(PYTHON) -m spectra.results status
 results-report: setup  ## tables, figures, results/index.html and README verdicts from the cells done so far
