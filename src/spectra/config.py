@@ -37,6 +37,14 @@ class Recurrence(StrEnum):
     none = "none"
 
 
+class StateCell(StrEnum):
+    """router.state_cell: the cell of SPECTRA's routing state (`gru` = the paper's; `mingru` = the
+    cheaper minimal GRU, routing/min_gru.py, see SpectraRouterConfig)."""
+
+    gru = "gru"
+    mingru = "mingru"
+
+
 class ECInference(StrEnum):
     """router.ec_inference: how an eval-mode Expert Choice forward routes (see RouterConfig)."""
 
@@ -442,11 +450,15 @@ class SpectraRouterConfig(_RouterGroup):
     """spectra: its `router.*` knobs and the `osr` and `quota` groups. recurrence, gru_hidden_size,
     router_dim (D), use_expression, newton_schulz_steps, ortho_loss, srip_enabled, so_warmup_steps,
     so_lambda_max: METHOD.md §2-3; gram_ema_decay: running expert directions for the
-    inference-time (causal) cost."""
+    inference-time (causal) cost. state_cell: the recurrence's cell, `gru` (the paper's GRU, the
+    default) or `mingru` (the minimal GRU of Feng et al. 2024, gates from the input only, so the
+    token recurrence is a parallel linear scan: cheaper at small H; not the paper's method;
+    routing/min_gru.py). gru_hidden_size is the state size Dh for either cell."""
 
     top_k: int = 2
     entropy_coef: float = 0.0
     recurrence: Recurrence = Recurrence.token_and_depth
+    state_cell: StateCell = StateCell.gru  # the default of models saved before the key
     gru_hidden_size: int = 128
     router_dim: int = 32
     use_expression: bool = True
@@ -471,6 +483,7 @@ class SpectraRouterConfig(_RouterGroup):
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, "router.top_k", f"must be >= 1, got {self.top_k}")
         self.recurrence = _choice(Recurrence, self.recurrence, "router.recurrence")
+        self.state_cell = _choice(StateCell, self.state_cell, "router.state_cell")
         _check(self.gru_hidden_size >= 1, "router.gru_hidden_size", f"must be >= 1, got {self.gru_hidden_size}")
         _check(self.router_dim >= 1, "router.router_dim", f"must be >= 1, got {self.router_dim}")
         _check(self.newton_schulz_steps >= 0, "router.newton_schulz_steps", f"must be >= 0, got {self.newton_schulz_steps}")

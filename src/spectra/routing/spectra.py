@@ -19,6 +19,13 @@ Recurrence (router.recurrence):
 - depth: h^l_t = GRUCell(x^l_t, h^{l-1}_t), per token (no token recurrence).
 - none (-GRU ablation): r = head(x), no state.
 
+State cell (router.state_cell): `gru` (default) is the paper's GRU above. `mingru` swaps it for
+the minimal GRU (routing/min_gru.py; Feng et al. 2024): z = σ(W_z u), h̃ = W_h u,
+h' = (1 − z) ⊙ h + z ⊙ h̃ with gates from the same input u ([x^l_t ; h^{l-1}_t], or x^l_t for
+depth), so the token recurrence is a linear scan computed in ~2√S steps instead of S; same state
+size, resets, padding carry and decoding cache. A different (cheaper) routing state, not the
+paper's; no effect with recurrence=none.
+
 Implementation of the token recurrence (routing/gru.py): one `nn.GRU` call (cuDNN on GPU).
 Without padding or mid-row document starts the [B, S] batch goes in directly. Otherwise every
 (row, document) segment of real tokens becomes its own sequence of a hand-built
@@ -83,6 +90,7 @@ from spectra.routing.balance_learning import (
 )
 from spectra.routing.base import Router, RoutingInputs, RoutingOutput, dispatch_counts_of, register_router
 from spectra.routing.gru import token_recurrence
+from spectra.routing.min_gru import MinGRU, min_gru_states
 from spectra.routing.orthogonality import gram_matrix, newton_schulz, ortho_loss, srip_lambda
 from spectra.routing.osr import osr_cost
 from spectra.routing.scores import cosine_scores, expert_directions
@@ -116,8 +124,16 @@ class SpectraRouter(Router):
         self.state_size = dh = int(rc.gru_hidden_size)
         self.recurrence = str(rc.recurrence)
         self.recurrent = self.recurrence != "none"
-        if self.recurrence == "token_and_depth":
-            self.gru: nn.Module | None = nn.GRU(h + dh, dh, batch_first=True)
+        self.state_cell = str(rc.state_cell)
+        if self.state_cell not in ("gru", "mingru"):
+            raise ValueError(f"router.state_cell: unknown {self.state_cell!r}; gru | mingru")
+        gates = 3
+        if self.recurrence != "none" and self.state_cell == "mingru":
+            # minGRU (routing/min_gru.py): gates [z ; h̃] from the input only, same input as the GRU's
+            self.gru: nn.Module | None = MinGRU(h + dh if self.recurrence == "token_and_depth" else h, dh)
+            weights, biases, gates = (self.gru.weight,), (self.gru.bias,), 2
+        elif self.recurrence == "token_and_depth":
+            self.gru = nn.GRU(h + dh, dh, batch_first=True)
             weights = (self.gru.weight_ih_l0, self.gru.weight_hh_l0)
             biases = (self.gru.bias_ih_l0, self.gru.bias_hh_l0)
         elif self.recurrence == "depth":
@@ -129,7 +145,7 @@ class SpectraRouter(Router):
         else:
             raise ValueError(f"router.recurrence: unknown {self.recurrence!r}")
         for w in weights:
-            _xavier_gru_(w)
+            _xavier_gru_(w, gates)
         for bias in biases:
             nn.init.zeros_(bias)
         self.head = nn.Linear(dh if self.gru is not None else h, e * d, bias=False)  # -> E routing vectors
@@ -294,7 +310,8 @@ class SpectraRouter(Router):
 
     # ------------------------------------------------------------------------------- pieces
     def routing_state(self, x: torch.Tensor, inputs: RoutingInputs) -> torch.Tensor | None:
-        """GRU routing state [B, S, Dh] for hidden states x [B, S, H] (None for recurrence=none)."""
+        """Routing state [B, S, Dh] (GRU, or minGRU with state_cell=mingru) for hidden states
+        x [B, S, H] (None for recurrence=none)."""
         if self.gru is None:
             return None
         b, s, _ = x.shape
@@ -302,13 +319,15 @@ class SpectraRouter(Router):
         prev = inputs.prev_state
         if self.recurrence == "depth":
             prev = x.new_zeros(b, s, dh) if prev is None else prev.to(x.dtype)  # [B, S, Dh]
-            out = self.gru(x.reshape(b * s, -1), prev.reshape(b * s, dh))  # [N, Dh]
+            out = self.gru(x.reshape(b * s, -1), prev.reshape(b * s, dh))  # [N, Dh] (GRUCell or MinGRU step)
             return out.reshape(b, s, dh)
         h0 = inputs.cached_state
         h0 = x.new_zeros(b, dh) if h0 is None else h0.to(x.dtype)  # [B, Dh]
         # The first MoE layer has no previous state: token_recurrence takes the absent trailing
         # columns of [x ; h^{l-1}] as zeros (their matmul work skipped, #23).
         inp = x if prev is None else torch.cat([x, prev.to(x.dtype)], dim=-1)  # [B, S, H] or [B, S, H + Dh]
+        if self.state_cell == "mingru":
+            return min_gru_states(self.gru, inp, inputs.valid, inputs.doc_start, h0)
         return token_recurrence(self.gru, inp, inputs.valid, inputs.doc_start, h0)
 
     def projector_weight(self) -> torch.Tensor:
