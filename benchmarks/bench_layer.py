@@ -3,7 +3,10 @@
 Both layers are the same `MoEBlock` with the same grouped_mm experts; only the router differs.
 Switch runs at SPECTRA's k (softmax top-k, renormalised weights, load-balancing loss); plain
 top-k (no aux loss) is listed too. Targets (benchmarks/targets.py): SPECTRA / Switch ≤ 1.3 at the
-demo's layer and ≤ 1.05 at the paper's.
+demo's layer and ≤ 1.05 at the paper's, judged on the default SPECTRA (router.state_cell=gru, the
+paper's GRU). SPECTRA with router.state_cell=mingru (the cheaper minimal-GRU routing state,
+routing/min_gru.py; not the paper's method) is measured beside it, in the same alternation, and
+its ratio to Switch is printed for information only.
 
     python -m benchmarks.bench_layer [--quick] [--device cuda --dtype bfloat16]
 """
@@ -25,6 +28,8 @@ from benchmarks.targets import threshold
 
 TARGETS = {"demo": "layer_demo", "paper": "layer_paper"}  # shape label -> benchmarks.targets key
 ROUTERS = ("spectra", "switch", "topk")
+# Extra measured variants: name -> (router, router overrides). Informational, never a target.
+VARIANTS = {"spectra_mingru": ("spectra", {"state_cell": "mingru"})}
 ROUNDS = 15  # one fwd+bwd per router per round on CPU: single runs vary by ~10 %, so many rounds
 
 
@@ -36,52 +41,67 @@ def shapes(env: Env) -> dict[str, Shape]:
     return {"demo": DEMO, "paper": paper}
 
 
-def flop_floor(shape: Shape) -> float:
+def flop_floor(shape: Shape, state_cell: str = "gru") -> float:
     """SPECTRA / Switch if only matmul multiply-adds counted (per token; backward scales both alike).
 
     Experts 3·k·H·I; Switch router H·E; SPECTRA router: GRU input (H + Dh)·3Dh and recurrent
-    Dh·3Dh, routing head Dh·E·D, expression projection H·E·D.
+    Dh·3Dh (state_cell=mingru: input (H + Dh)·2Dh, no recurrent matmul), routing head Dh·E·D,
+    expression projection H·E·D.
     """
     h, dh, ed = shape.H, shape.Dh, shape.E * shape.D
     experts = 3 * shape.k * h * shape.I
-    spectra = (h + dh) * 3 * dh + dh * 3 * dh + dh * ed + h * ed
+    cell = (h + dh) * 2 * dh if state_cell == "mingru" else (h + dh) * 3 * dh + dh * 3 * dh
+    spectra = cell + dh * ed + h * ed
     return (experts + spectra) / (experts + h * shape.E)
 
 
 def measure(shape: Shape, env: Env) -> dict[str, Timing]:
-    """Fwd+bwd timings of one layer per router, measured interleaved."""
+    """Fwd+bwd timings of one layer per router (and per extra variant), measured interleaved."""
     x = hidden(shape, env)
     steps = {name: layer_step(make_block(name, shape, env), x, env) for name in ROUTERS}
+    for name, (router, overrides) in VARIANTS.items():
+        steps[name] = layer_step(make_block(router, shape, env, **overrides), x, env)
     return time_interleaved(steps, env, rounds=ROUNDS)
 
 
 def run(env: Env) -> Section:
-    rows, figures, verdicts, notes = [], {}, [], []
+    rows, figures, verdicts, notes, extra = [], {}, [], [], []
     for label, shape in shapes(env).items():
         t = measure(shape, env)
         ms = {name: x.ms for name, x in t.items()}
         ratio = paired_ratio(t["spectra"], t["switch"])
         best = t["spectra"].best_ms / t["switch"].best_ms
+        mingru = paired_ratio(t["spectra_mingru"], t["switch"])
+        figures[f"{label}_spectra_mingru_over_switch"] = mingru
         figures[f"{label}_spectra_over_switch"] = ratio
         figures[f"{label}_spectra_over_topk"] = paired_ratio(t["spectra"], t["topk"])
         rows.append([label, ms["spectra"], ms["switch"], ms["topk"], f"{ratio:.3f} ({best:.3f})",
-                     f"{paired_ratio(t['spectra'], t['topk']):.3f}", f"{flop_floor(shape):.3f}"])
+                     f"{paired_ratio(t['spectra'], t['topk']):.3f}", f"{flop_floor(shape):.3f}",
+                     ms["spectra_mingru"], f"{mingru:.3f}"])
         figures[f"{label}_spectra_over_switch_best"] = best
         figures[f"{label}_flop_floor"] = flop_floor(shape)
         notes.append(f"- `{label}`: {shape.describe()}")
+        extra.append(f"- SPECTRA (state_cell=mingru) / Switch, {label} layer: {mingru:.3f}× (paired; its matmul "
+                     f"floor {flop_floor(shape, 'mingru'):.3f}×; default SPECTRA: {ratio:.3f}×)")
         if label in TARGETS:  # quick sizes are per-op overhead, not the figure a target is about
             verdicts.append(verdict(f"SPECTRA / Switch, {label} layer (paired; fastest runs: {best:.3f}×, "
                                     f"matmul floor {flop_floor(shape):.3f}×)", ratio, threshold(TARGETS[label])))
     body = "\n".join([
         "Forward + backward of one MoE layer (router + grouped_mm experts, training mode), median ms; "
-        f"the three routers measured in alternation, {ROUNDS} rounds. Ratios are paired: the median over rounds "
+        f"the routers measured in alternation, {ROUNDS} rounds. Ratios are paired: the median over rounds "
         "of the two routers' times in the same round, so a burst of load from other work spoils one pair "
         "rather than the figure. In brackets: the ratio of the fastest runs (interference only adds time).",
         "",
         md_table(["layer", "SPECTRA ms", "Switch top-k ms", "top-k ms", "SPECTRA / Switch", "SPECTRA / top-k",
-                  "matmul floor"], rows),
+                  "matmul floor", "SPECTRA-minGRU ms", "SPECTRA-minGRU / Switch"], rows),
         "",
         *notes,
+        "",
+        "SPECTRA with `router.state_cell=mingru` (the minimal GRU, routing/min_gru.py: gates from the input "
+        "only, a parallel scan over tokens; a cheaper routing state, not the paper's GRU), measured in the same "
+        "alternation; for information: the targets are judged on the default SPECTRA (`state_cell=gru`).",
+        "",
+        *extra,
         "",
         "`matmul floor`: SPECTRA / Switch if time were proportional to matmul multiply-adds (experts 3·k·H·I "
         "per token; SPECTRA's router adds the GRU's (H + Dh)·3Dh + Dh·3Dh, the routing head Dh·E·D and the "
