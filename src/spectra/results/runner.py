@@ -178,12 +178,18 @@ def record_orphans(tasks: list[Task], recorder: GitRecorder, repo: Path, bases: 
             continue
         if str((task.record_dir / SUMMARY).resolve().relative_to(recorder.repo)) in tracked:
             continue
-        if not (task.run_dir / CELL_RECORD).is_file():
-            s = read_summary(task.run_dir) or {}
-            started = float(s.get("started") or 0.0)
-            record = _record(task, 0, repo, bases, 0, started, started + float(s.get("wall_time_s") or 0.0))
-            write_json_atomic(task.run_dir / CELL_RECORD, {**record, "machine": None, "recorded_after": True})
-        n += recorder.commit(task, _summary_line(task, json.loads((task.run_dir / CELL_RECORD).read_text())))
+        lock = _try_lock(task)
+        if lock is None:  # its own process (or train.py) still holds it and will commit it
+            continue
+        try:
+            if not (task.run_dir / CELL_RECORD).is_file():
+                s = read_summary(task.run_dir) or {}
+                started = float(s.get("started") or 0.0)
+                record = _record(task, 0, repo, bases, 0, started, started + float(s.get("wall_time_s") or 0.0))
+                write_json_atomic(task.run_dir / CELL_RECORD, {**record, "machine": None, "recorded_after": True})
+            n += recorder.commit(task, _summary_line(task, json.loads((task.run_dir / CELL_RECORD).read_text())))
+        finally:
+            lock.close()
     return n
 
 
