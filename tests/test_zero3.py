@@ -49,11 +49,19 @@ def _resume_on_one_rank(run_dir, stage: str):
 @pytest.mark.slow
 @needs_torchrun
 def test_zero2_and_zero3_train_a_moe_like_the_plain_run(tmp_path):
-    runs = {}
-    for stage in ("none", "zero2", "zero3"):
-        d = tmp_path / stage
-        assert_ok(_torchrun(2, [*ARGS, f"deepspeed={stage}"], d))
-        runs[stage] = d
+    runs = {stage: tmp_path / stage for stage in ("none", "zero2", "zero3")}
+    plain_copy, zero2_copy = tmp_path / "none_1rank", tmp_path / "zero2_1rank"
+    # Each 1-rank restart (checked below) starts on a copy of its 2-rank run as soon as that run is
+    # done, beside the next 2-rank run: one single process at a time next to the two ranks.
+    with ThreadPoolExecutor(max_workers=1) as side:
+        assert_ok(_torchrun(2, [*ARGS, "deepspeed=none"], runs["none"]))
+        shutil.copytree(runs["none"], plain_copy)
+        plain_restart = side.submit(_resume_on_one_rank, plain_copy, "none")
+        assert_ok(_torchrun(2, [*ARGS, "deepspeed=zero2"], runs["zero2"]))
+        shutil.copytree(runs["zero2"], zero2_copy)
+        zero2_restart = side.submit(_resume_on_one_rank, zero2_copy, "zero2")
+        assert_ok(_torchrun(2, [*ARGS, "deepspeed=zero3"], runs["zero3"]))
+        plain_proc, proc = plain_restart.result(), zero2_restart.result()
     plain = _curve(runs["none"])
     assert [s for s, _ in plain] == [1, 2, 3, 4]
     for stage in ("zero2", "zero3"):
@@ -69,15 +77,7 @@ def test_zero2_and_zero3_train_a_moe_like_the_plain_run(tmp_path):
     assert (runs["zero3"] / "model").is_dir()
 
     # resume on 1 rank: plain (stage 0) follows the 2-rank curve; ZeRO-2's partitions are refused
-    plain_copy, zero2_copy = tmp_path / "none_1rank", tmp_path / "zero2_1rank"
-    shutil.copytree(runs["none"], plain_copy)
-    shutil.copytree(runs["zero2"], zero2_copy)
-    # the two 1-rank restarts are independent single processes: run side by side
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        plain_run = pool.submit(_resume_on_one_rank, plain_copy, "none")
-        zero2_run = pool.submit(_resume_on_one_rank, zero2_copy, "zero2")
-        proc = zero2_run.result()
-        assert_ok(plain_run.result())
+    assert_ok(plain_proc)
     resumed = _summary(plain_copy)
     assert resumed["world_size"] == 1 and resumed["resumed_from"].endswith("checkpoint-2")
     for (step, x), (_, y) in zip(plain, _curve(plain_copy)):
