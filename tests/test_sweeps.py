@@ -8,14 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from transformers import TrainerCallback
 
 from conftest import ROOT, TINY_TRAIN, assert_ok, run_cli
 from spectra.config import cell_dirname, load_config, validate
 from spectra.contracts.rundir import read_jsonl
+
+TESTS = Path(__file__).resolve().parent
 
 # cpu_tiny shrunk to seconds per cell (the sweep's scale stays cpu_tiny).
 TINY = [*TINY_TRAIN, "trainer.save_steps=2"]
@@ -124,29 +126,51 @@ def test_repulsion_multirun_three_cells_with_different_gram_metrics(tmp_path):
         assert f"sweep progress: {i}/3 cells (0 skipped, {i} ran, 0 failed)" in proc.stdout
 
 
+class KillDriverInTheSecondCell(TrainerCallback):
+    """Test instrument (a `trainer.callbacks` entry): SIGKILL this process, the sweep driver (the
+    basic launcher runs each cell in it), after the training log of step 2 of a cell that started
+    once another cell of the sweep was complete (its metrics.jsonl already holds step 1). Once: the
+    `marker` file it writes first disarms it, so a re-run with the very same command line trains on."""
+
+    def __init__(self, marker: str):
+        self.marker = Path(marker)
+        self.armed = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        sweep = Path(args.output_dir).parents[1]  # <sweep>/<cell>/checkpoints
+        self.armed = not self.marker.exists() and any(sweep.glob("*/summary.json"))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.armed and logs and "loss" in logs and state.global_step == 2:
+            self.marker.write_text(f"killed at step {state.global_step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_killed_sweep_rerun_completes_only_the_missing_cells(tmp_path):
     """SIGKILL the driver while the second of three cells trains; the re-run skips the first."""
     sweep = tmp_path / "sweeps"
+    killer = f"trainer.callbacks=[{{_target_:test_sweeps.KillDriverInTheSecondCell,marker:{tmp_path / 'killed'}}}]"
     args = [sys.executable, "train.py", "-m", "+sweep=C", "osr.repulsion_weight=0,0.5,1.0", "seeds=[0]", *TINY,
-            "trainer.max_steps=10", f"hydra.sweep.dir={sweep}"]
-    driver = subprocess.Popen(args, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL,
+            "trainer.max_steps=4", killer, f"hydra.sweep.dir={sweep}"]
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)}
+    driver = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
-    progress = sweep / "sweep_progress.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        done = [r for r in read_jsonl(progress) if r["status"] == "completed"] if progress.exists() else []
-        started = list(sweep.glob("*/metrics.jsonl"))
-        if len(done) == 1 and len(started) >= 2:
-            break
-        time.sleep(0.2)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    try:
+        driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == -signal.SIGKILL, driver.returncode
+    assert (tmp_path / "killed").read_text() == "killed at step 2\n"
+    assert len([r for r in read_jsonl(sweep / "sweep_progress.jsonl") if r["status"] == "completed"]) == 1
+    assert len(list(sweep.glob("*/metrics.jsonl"))) == 2  # the second cell had started training
     first = next(sweep.glob("*/summary.json"))
     first_mtime = first.stat().st_mtime
     assert len(list(sweep.glob("*/summary.json"))) == 1  # the killed cell has no summary: not done
 
-    proc = run_cli(args[1:])
+    proc = run_cli(args[1:], env=env)
     _ok(proc)
     assert "3 cells" in proc.stdout and "1 skipped" in proc.stdout and "2 ran" in proc.stdout
     sums = _summaries(sweep)
