@@ -16,6 +16,7 @@ weights to 1e-9 (observed: ~1e-13).
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -35,17 +36,20 @@ def _losses(run_dir):
 @pytest.mark.slow
 def test_two_node_slurm_trial_matches_the_single_process_run(tmp_path):
     ref = tmp_path / "ref"
-    assert_ok(run_cli(["train.py", *ARGS, "trainer.per_device_train_batch_size=4", f"hydra.run.dir={ref}"], env=ENV))
-
     state = tmp_path / "slurm"
     env = {**ENV, **slurm_stub.install(tmp_path / "bin", state)}
     sweep = tmp_path / "sweep"
-    try:
-        proc = run_cli(["train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1",
-                        "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
-                        *ARGS, "trainer.per_device_train_batch_size=2", f"hydra.sweep.dir={sweep}"], env=env, timeout=300)
-    finally:
-        slurm_stub.kill_all(state)
+    # the single-process reference trains beside the 2-node job (independent processes, 1 thread each)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        reference = pool.submit(run_cli, ["train.py", *ARGS, "trainer.per_device_train_batch_size=4", f"hydra.run.dir={ref}"],
+                                env=ENV)
+        try:
+            proc = run_cli(["train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1",
+                            "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+                            *ARGS, "trainer.per_device_train_batch_size=2", f"hydra.sweep.dir={sweep}"], env=env, timeout=300)
+        finally:
+            slurm_stub.kill_all(state)
+        assert_ok(reference.result())
     # the preview prints exactly the script submitit handed to sbatch (one cell: no array)
     from spectra.sweep.slurm import launcher_params, sbatch_preview
 
