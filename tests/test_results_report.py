@@ -9,7 +9,7 @@ from scipy import stats
 from spectra.results.plan import Cell, Plan
 from spectra.results.report import VERDICTS_BEGIN, VERDICTS_END, write_results
 from spectra.results.tables import load_pool, paper_tables
-from spectra.results.verdicts import CONFIRMED, NOT_CONFIRMED, NOT_TESTABLE, h1, h5, h6, h7, open_problem
+from spectra.results.verdicts import CONFIRMED, NOT_CONFIRMED, NOT_TESTABLE, PENDING, h1, h5, h6, h7, open_problem
 from test_analysis import make_run
 from test_report_html import check_served_index
 
@@ -20,7 +20,8 @@ ABLATION_LOSS = {"no_gru": [2.10, 2.12, 2.11], "no_quota": [1.99, 2.03, 2.00]}  
 
 
 def _cell(root, family, router, seed, loss, *, ablation=None, model="tiny", experts=8, cv=0.3, gram=0.5, dom=None):
-    ovs = ["experiment=results", f"router={router}"] + ([f"ablation={ablation}"] if ablation else []) + [f"seed={seed}"]
+    ovs = (["experiment=results", f"router={router}"] + ([f"ablation={ablation}"] if ablation else [])
+           + ([f"model={model}"] if model != "tiny" else []) + [f"seed={seed}"])
     name = ",".join(o for o in ovs[1:])
     dom = dom or {d: loss for d in DOMAINS}
     final = {"eval/cv_mean": cv, "eval/dropped_token_rate_mean": 0.0, "monitor/gram_orthogonality_mean": gram,
@@ -66,6 +67,13 @@ def test_h6_needs_two_seeds_and_h7_reads_per_domain_losses(pool):
     gain_code = 0.05 / (sum(LOSS["switch_top2"]) / 3) + (sum(LOSS["switch_top2"]) - sum(LOSS["spectra"])) / sum(LOSS["switch_top2"])
     assert verdict == CONFIRMED
     assert any(x.startswith("eval_loss_code") and f"{100 * gain_code:+.2f} %" in x for x in lines)
+
+
+def test_missing_cells_are_pending_and_one_seed_is_not_testable(pool):
+    runs, _ = load_pool(pool)
+    assert h6(runs)[0] == NOT_TESTABLE  # the small size has one seed per router
+    no_switch = runs[runs["router"] != "switch_top2"]
+    assert h1(no_switch)[0] == PENDING
 
 
 def test_open_problem_names_the_configuration_that_meets_every_threshold(pool):
