@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -28,9 +29,13 @@ _ok = assert_ok
 def sweep(tmp_path_factory):
     """6 real runs, one real failed run, and an older copy of topk_s0 (a duplicate)."""
     root = tmp_path_factory.mktemp("analysis") / "sweep"
-    _ok(run_cli(["train.py", "-m", *TINY, f"router={','.join(ROUTERS)}", "seed=0,1,2", f"hydra.sweep.dir={root}",
-                 "hydra.sweep.subdir=${router.name}_s${seed}"]))
-    broken = run_cli(["train.py", *TINY, "router=topk", "data.max_seq_length=2048", f"hydra.run.dir={root / 'broken'}"])
+    # the failed run (it stops in preflight, after the imports) starts beside the multirun
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        failing = pool.submit(run_cli, ["train.py", *TINY, "router=topk", "data.max_seq_length=2048",
+                                        f"hydra.run.dir={root / 'broken'}"])
+        _ok(run_cli(["train.py", "-m", *TINY, f"router={','.join(ROUTERS)}", "seed=0,1,2", f"hydra.sweep.dir={root}",
+                     "hydra.sweep.subdir=${router.name}_s${seed}"]))
+        broken = failing.result()
     assert broken.returncode != 0
     dup = root / "rerun" / "topk_s0"
     shutil.copytree(root / "topk_s0", dup, ignore=shutil.ignore_patterns("checkpoints", "model"))
