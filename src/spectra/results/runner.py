@@ -342,8 +342,9 @@ def status_rows(plan: Plan, results_root: Path) -> list[dict]:
         s = read_summary(d)
         if s and s.get("status") == "completed":
             r["completed"] += 1
+            # train.py's own wall time: cell.json's also counts the driver's waiting (a paused driver)
             rec = d / CELL_RECORD
-            wall = json.loads(rec.read_text()).get("wall_time_s") if rec.is_file() else s.get("wall_time_s")
+            wall = s.get("wall_time_s") or (json.loads(rec.read_text()).get("wall_time_s") if rec.is_file() else 0.0)
             r["wall_time_min"] += (wall or 0.0) / 60
         elif s and s.get("status") == "failed":
             r["failed"] += 1
