@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -443,11 +444,18 @@ def runs(tmp_path_factory):
     for seed in (0, 1):
         build_config_model_dir(cfg.model, len(load_tokenizer(cfg.data.tokenizer)), cache_root(), seed)
     base = tmp_path_factory.mktemp("monitor")
-    dirs = {}
-    for name, extra in {"s0": ["seed=0"], "s1": ["seed=1"], "off": ["seed=0", "monitor.enabled=false"]}.items():
-        dirs[name] = base / name
-        proc = run_cli(["train.py", *SMALL, *extra, f"hydra.run.dir={dirs[name]}"])
-        assert proc.returncode == 0, proc.stderr[-5000:]
+    variants = {"s0": ["seed=0"], "s1": ["seed=1"], "off": ["seed=0", "monitor.enabled=false"]}
+    dirs = {name: base / name for name in variants}
+    # 2 rows a step (the monitor's slice is still the first 16 eval rows); the three runs are
+    # independent (own run dirs, the base models built above), so they start together, one thread
+    # each (threads would only contend): most of a run is its imports
+    small = [*SMALL, "trainer.per_device_train_batch_size=2"]
+    with ThreadPoolExecutor(max_workers=len(variants)) as pool:
+        procs = {name: pool.submit(run_cli, ["train.py", *small, *extra, f"hydra.run.dir={dirs[name]}"],
+                                   env={"OMP_NUM_THREADS": "1"})
+                 for name, extra in variants.items()}
+        for proc in (f.result() for f in procs.values()):
+            assert proc.returncode == 0, proc.stderr[-5000:]
     return dirs
 
 
