@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -547,13 +548,13 @@ RESUME_RUN = [
     "data.max_seq_length=64",
     "data.max_train_samples=40",
     "data.max_eval_samples=8",
-    "trainer.max_steps=8",
+    "trainer.max_steps=4",
     "trainer.per_device_train_batch_size=4",
     "trainer.per_device_eval_batch_size=8",
     "trainer.router_lr=3e-3",
-    "trainer.logging_steps=2",
-    "trainer.eval_steps=8",
-    "trainer.save_steps=4",
+    "trainer.logging_steps=1",
+    "trainer.eval_steps=4",
+    "trainer.save_steps=2",
     "trainer.resume=auto",
     "trainer.deterministic=true",
     "monitor.enabled=false",
@@ -574,12 +575,16 @@ def test_aux_free_bias_of_a_killed_and_resumed_run_equals_the_uninterrupted_run(
                        env={"OMP_NUM_THREADS": "1", **faults.ENV}, timeout=600)
 
     a, b = tmp_path / "a", tmp_path / "b"
-    pa = train(a)
+    # the uninterrupted run and the run to be killed are independent processes (one thread each):
+    # they start together
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        running_a = pool.submit(train, a)
+        pb = train(b, faults.kill_at("step", 3))  # killed after step 3: checkpoint-2 is the resume point
+        pa = running_a.result()
     assert pa.returncode == 0, pa.stderr[-3000:]
-    pb = train(b, faults.kill_at("step", 6))  # killed after step 6: checkpoint-4 is the resume point
     assert pb.returncode == -signal.SIGKILL, pb.stderr[-3000:]
-    pb = train(b)
-    assert pb.returncode == 0 and "checkpoint-4" in pb.stdout + pb.stderr, pb.stderr[-3000:]
+    pb = train(b)  # re-runs step 3 from checkpoint-2, then step 4
+    assert pb.returncode == 0 and "checkpoint-2" in pb.stdout + pb.stderr, pb.stderr[-3000:]
     ba, bb = _final_bias(a), _final_bias(b)
     assert ba and set(ba) == set(bb)
     assert any(float(v.abs().sum()) > 0 for v in ba.values())  # the bias moved
