@@ -1,4 +1,4 @@
-"""End-to-end: a real tiny multirun (2 routers x 3 seeds) plus a deliberately failed run and a
+"""End-to-end: a real tiny multirun (2 routers x 2 seeds) plus a deliberately failed run and a
 duplicate, through `python -m spectra.analysis report` and the notebook, checked against numbers
 read straight from the summary.json files with pandas and scipy."""
 
@@ -19,7 +19,10 @@ from conftest import ROOT, TINY_TRAIN, assert_ok, run_cli
 pytestmark = pytest.mark.slow
 
 ROUTERS = ("topk", "switch_top2")
-TINY = ["experiment=demo", *TINY_TRAIN]
+SEEDS = (0, 1)  # n = 2 per router: sample std (ddof=1) and Welch's t are defined
+# 2 steps a run: eval at step 2 (+ the final evaluate); routing snapshots at steps 1 and 2 (>= 2 for
+# usage over training and the stability table)
+TINY = ["experiment=demo", *TINY_TRAIN, "trainer.max_steps=2"]
 
 
 _ok = assert_ok
@@ -27,14 +30,16 @@ _ok = assert_ok
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """6 real runs, one real failed run, and an older copy of topk_s0 (a duplicate)."""
+    """4 real runs, one real failed run, and an older copy of topk_s0 (a duplicate)."""
     root = tmp_path_factory.mktemp("analysis") / "sweep"
-    # the failed run (it stops in preflight, after the imports) starts beside the multirun
+    # the failed run (it stops in preflight, after the imports) starts beside the multirun; one
+    # thread each: two processes on a few cores only contend with more
+    env = {"OMP_NUM_THREADS": "1"}
     with ThreadPoolExecutor(max_workers=1) as pool:
         failing = pool.submit(run_cli, ["train.py", *TINY, "router=topk", "data.max_seq_length=2048",
-                                        f"hydra.run.dir={root / 'broken'}"])
-        _ok(run_cli(["train.py", "-m", *TINY, f"router={','.join(ROUTERS)}", "seed=0,1,2", f"hydra.sweep.dir={root}",
-                     "hydra.sweep.subdir=${router.name}_s${seed}"]))
+                                        f"hydra.run.dir={root / 'broken'}"], env=env)
+        _ok(run_cli(["train.py", "-m", *TINY, f"router={','.join(ROUTERS)}", f"seed={','.join(map(str, SEEDS))}",
+                     f"hydra.sweep.dir={root}", "hydra.sweep.subdir=${router.name}_s${seed}"], env=env))
         broken = failing.result()
     assert broken.returncode != 0
     dup = root / "rerun" / "topk_s0"
@@ -47,10 +52,10 @@ def sweep(tmp_path_factory):
 
 
 def _direct(root) -> pd.DataFrame:
-    """The six runs' numbers, read from summary.json without spectra.analysis."""
+    """The four runs' numbers, read from summary.json without spectra.analysis."""
     rows = []
     for router in ROUTERS:
-        for seed in range(3):
+        for seed in SEEDS:
             s = json.loads((root / f"{router}_s{seed}" / "summary.json").read_text())
             assert s["status"] == "completed"
             rows.append({"router": router, "seed": seed, "eval_loss": s["final"]["eval_loss"], "cv": s["final"]["eval/cv_mean"]})
@@ -80,7 +85,7 @@ def test_report_statistics_equal_pandas_and_scipy(sweep, report):
     for router in ROUTERS:
         row = comp[comp.index.str.contains(f"router={router}") & ~comp.index.str.contains("2048")].iloc[0]
         d = direct[direct["router"] == router]
-        assert row["eval_loss_n"] == 3 and row["completed"] == 3  # the duplicate is not counted
+        assert row["eval_loss_n"] == len(SEEDS) and row["completed"] == len(SEEDS)  # the duplicate is not counted
         assert row["eval_loss_mean"] == pytest.approx(d["eval_loss"].mean(), rel=1e-12)
         assert row["eval_loss_std"] == pytest.approx(d["eval_loss"].std(), rel=1e-12)  # pandas' ddof=1
         assert row["cv_mean"] == pytest.approx(d["cv"].mean(), rel=1e-12)
