@@ -16,7 +16,7 @@ from test_analysis import make_run
 from test_report_html import check_served_index
 
 DOMAINS = ("code", "docs", "math", "quotes", "dictionary")
-LOSS = {"spectra": [2.00, 2.01, 2.02], "switch_top2": [2.10, 2.11, 2.13], "switch_top1": [2.20, 2.22, 2.21],
+LOSS = {"topk": [2.15, 2.16, 2.17], "spectra": [2.00, 2.01, 2.02], "switch_top2": [2.10, 2.11, 2.13], "switch_top1": [2.20, 2.22, 2.21],
         "expert_choice": [2.05, 2.06, 2.04], "dense": [2.3, 2.31, 2.29]}
 ABLATION_LOSS = {"no_gru": [2.10, 2.12, 2.11], "no_quota": [1.99, 2.03, 2.00]}  # -Quota: no worse than Full
 
@@ -98,7 +98,7 @@ def test_tables_select_rows_by_configuration(pool):
     runs, _ = load_pool(pool)
     tables = {t.name: t for t in paper_tables(runs)}
     base = tables["baselines"].display
-    assert list(base.index[:2]) == ["SPECTRA", "Switch Top-1"]
+    assert list(base.index[:3]) == ["SPECTRA", "Top-k", "Switch Top-1"]  # SPECTRA first, then the catalogue
     t7 = tables["table07_ablations"].display
     assert list(t7.index) == ["SPECTRA-Full", "-GRU", "-Quota"]
     assert t7.loc["SPECTRA-Full", "eval loss"].startswith(f"{sum(LOSS['spectra']) / 3:.4f}")

@@ -92,7 +92,8 @@ def baselines_pool(runs: pd.DataFrame) -> pd.DataFrame:
 
 def router_order(pool: pd.DataFrame) -> list[str]:
     """SPECTRA first, then the catalogue's order."""
-    return [DISPLAY_NAMES[r] for r in DISPLAY_NAMES if DISPLAY_NAMES[r] in set(pool["row"])]
+    names = [DISPLAY_NAMES["spectra"]] + [n for r, n in DISPLAY_NAMES.items() if r != "spectra"]
+    return [n for n in names if n in set(pool["row"])]
 
 
 def ablation_pool(runs: pd.DataFrame) -> pd.DataFrame:
