@@ -18,18 +18,21 @@ from test_report_html import check_served_index
 DOMAINS = ("code", "docs", "math", "quotes", "dictionary")
 LOSS = {"topk": [2.15, 2.16, 2.17], "spectra": [2.00, 2.01, 2.02], "switch_top2": [2.10, 2.11, 2.13], "switch_top1": [2.20, 2.22, 2.21],
         "expert_choice": [2.05, 2.06, 2.04], "dense": [2.3, 2.31, 2.29]}
+EC_CAUSAL_LOSS = [2.25, 2.26, 2.27]  # Expert Choice evaluated causally: worse than with batch routing
 ABLATION_LOSS = {"no_gru": [2.10, 2.12, 2.11], "no_quota": [1.99, 2.03, 2.00]}  # -Quota: no worse than Full
 
 
-def _cell(root, family, router, seed, loss, *, ablation=None, model="tiny", experts=8, cv=0.3, gram=0.5, dom=None):
+def _cell(root, family, router, seed, loss, *, ablation=None, model="tiny", experts=8, cv=0.3, gram=0.5, dom=None,
+          ec_inference="batch"):
     ovs = (["experiment=results", f"router={router}"] + ([f"ablation={ablation}"] if ablation else [])
-           + ([f"model={model}"] if model != "tiny" else []) + [f"seed={seed}"])
+           + ([f"model={model}"] if model != "tiny" else [])
+           + ([f"router.ec_inference={ec_inference}"] if ec_inference != "batch" else []) + [f"seed={seed}"])
     name = ",".join(o for o in ovs[1:])
     dom = dom or {d: loss for d in DOMAINS}
     final = {"eval/cv_mean": cv, "eval/dropped_token_rate_mean": 0.0, "monitor/gram_orthogonality_mean": gram,
              "monitor/expert_overlap_mean": 0.2, **{f"eval_loss_{d}": v for d, v in dom.items()}}
     make_run(root / "runs" / family / name, router, seed, loss=loss, cv=cv, overrides=ovs, extra_final=final,
-             config={"model": {"name": model}, "moe": {"num_experts": experts}})
+             config={"model": {"name": model}, "moe": {"num_experts": experts}, "router": {"name": router, "top_k": 2, "ec_inference": ec_inference}})
 
 
 @pytest.fixture
@@ -40,6 +43,8 @@ def pool(tmp_path):
             # SPECTRA gains 10x more on code and math than elsewhere
             dom = {d: loss - (0.05 if router == "spectra" and d in ("code", "math") else 0.0) for d in DOMAINS}
             _cell(root, "baselines", router, s, loss, dom=dom)
+    for s, loss in enumerate(EC_CAUSAL_LOSS):
+        _cell(root, "baselines", "expert_choice", s, loss, ec_inference="causal", cv=0.4)
     for abl, losses in ABLATION_LOSS.items():
         for s, loss in enumerate(losses):
             _cell(root, "ablations", "spectra", s, loss, ablation=abl)
@@ -107,6 +112,16 @@ def test_tables_select_rows_by_configuration(pool):
     row = sig[(sig.index == "Switch Top-2 vs SPECTRA") & (sig["metric"] == "eval_loss")].iloc[0]
     assert row["p"] == pytest.approx(stats.ttest_ind(LOSS["switch_top2"], LOSS["spectra"], equal_var=False).pvalue)
     assert "yes" in list(tables["open_problem"].display["meets all"])
+
+
+def test_expert_choice_evaluated_causally_is_a_row_of_its_own(pool):
+    runs, _ = load_pool(pool)
+    base = {t.name: t for t in paper_tables(runs)}["baselines"]
+    rows = list(base.display.index)
+    assert rows.index("Expert Choice (causal eval)") == rows.index("Expert Choice") + 1
+    assert base.display.loc["Expert Choice (causal eval)", "eval loss"].startswith(f"{sum(EC_CAUSAL_LOSS) / 3:.4f}")
+    assert base.display.loc["Expert Choice", "eval loss"].startswith(f"{sum(LOSS['expert_choice']) / 3:.4f}")
+    assert any("ec_inference=batch" in n and "not a causal LM" in n for n in base.notes)
 
 
 def test_report_writes_tables_figures_html_and_readme_verdicts(pool):

@@ -84,15 +84,32 @@ def _table(runs: pd.DataFrame, metrics, name: str, title: str, order: list[str])
     return metric_table(runs, metrics, "row", name=name, title=title, labels={o: o for o in order}, order=order)
 
 
+EC_CAUSAL = DISPLAY_NAMES["expert_choice"] + " (causal eval)"
+EC_BATCH_NOTE = (f"{DISPLAY_NAMES['expert_choice']}: evaluated as it trains (router.ec_inference=batch): each expert "
+                 "picks its top tokens among the whole eval batch, so a token's route depends on later tokens and on "
+                 "other sequences; its eval loss is not a causal LM's and its load CV is 0 by construction. "
+                 f"{EC_CAUSAL} is the same training evaluated with the token-choice fallback "
+                 "(router.ec_inference=causal), the row comparable with the causal routers.")
+
+
+def _ec_causal(runs: pd.DataFrame) -> pd.Series:
+    col = runs["cfg:router.ec_inference"] if "cfg:router.ec_inference" in runs.columns else pd.Series("batch", runs.index)
+    return (runs["router"] == "expert_choice") & (col.astype(str) == "causal")
+
+
 def baselines_pool(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every router at the default setting (the baselines family), rows named by router."""
+    """Every router at the default setting (the baselines family), rows named by router; Expert
+    Choice evaluated causally (router.ec_inference=causal) is a row of its own."""
     sub = runs[(runs["family"] == "baselines") & tiny_e8(runs)]
-    return _with_row(sub, DISPLAY_NAMES, "router")
+    out = _with_row(sub, DISPLAY_NAMES, "router")
+    out.loc[_ec_causal(out), "row"] = EC_CAUSAL
+    return out
 
 
 def router_order(pool: pd.DataFrame) -> list[str]:
     """SPECTRA first, then the catalogue's order."""
     names = [DISPLAY_NAMES["spectra"]] + [n for r, n in DISPLAY_NAMES.items() if r != "spectra"]
+    names.insert(names.index(DISPLAY_NAMES["expert_choice"]) + 1, EC_CAUSAL)
     return [n for n in names if n in set(pool["row"])]
 
 
@@ -210,9 +227,12 @@ def paper_tables(runs: pd.DataFrame, seed: int = 0) -> list[Table]:
     """Every table of results/README.md, in its order."""
     base = baselines_pool(runs)
     abl = ablation_pool(runs)
+    baselines = _table(base, COMPARISON_METRICS + ["dropped_token_rate", "consistency"], "baselines",
+                       "Baselines: every router at E=8, k=2 on the tiny base (mean ± std over seeds)", router_order(base))
+    if DISPLAY_NAMES["expert_choice"] in set(base["row"]):
+        baselines.notes.append(EC_BATCH_NOTE)
     tables = [
-        _table(base, COMPARISON_METRICS + ["dropped_token_rate", "consistency"], "baselines",
-               "Baselines: every router at E=8, k=2 on the tiny base (mean ± std over seeds)", router_order(base)),
+        baselines,
         _table(abl, TABLE7_METRICS + ["consistency", "dropped_token_rate"], "table07_ablations",
                "Table 7: Ablations — expert specialization (mean ± std over seeds)", list(ABLATION_NAMES.values())),
         overhead_table(base, by="row"),
