@@ -423,14 +423,16 @@ def build_report(paths, out: str | Path, baseline: str | None = None, figures: b
     if figures:
         _sweep_figures(rep, runs, steps, fig_dir)
         _snapshot_figures(rep, runs, snaps, fig_dir)
-    rep.index.write_text(_index(rep, paths))
+    rep.index.write_text(index_markdown(rep, paths))
     rep.html = write_index_html(rep)
     return rep
 
 
-def _index(rep: Report, paths) -> str:
+def index_markdown(rep: Report, paths, title: str = "spectra report") -> str:
+    """index.md of a report: status, runs not counted (with why), tables (with md/tex/csv links),
+    figures (PNG inline, PDF linked) and notes; paths are the sources it was built from."""
     rel = lambda p: os.path.relpath(p, rep.out)  # noqa: E731
-    lines = ["# spectra report", "", "Sources: " + ", ".join(f"`{p}`" for p in paths), "", rep.status_line(), ""]
+    lines = [f"# {title}", "", "Sources: " + ", ".join(f"`{p}`" for p in paths), "", rep.status_line(), ""]
     if rep.problems is not None and not rep.problems.empty:
         lines += ["## Runs not counted", "", "| problem | run | variant | seed | reason |", "|---|---|---|---|---|"]
         for r in rep.problems.itertuples():

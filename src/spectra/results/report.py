@@ -15,7 +15,7 @@ import pandas as pd
 from spectra.analysis import figures as F
 from spectra.analysis.collect import problems
 from spectra.analysis.html_index import write_index_html
-from spectra.analysis.report import Report, build_report
+from spectra.analysis.report import Report, build_report, index_markdown
 from spectra.analysis.tables import cell_stats
 from spectra.results.plan import Plan
 from spectra.results.runner import status_rows
@@ -128,23 +128,10 @@ def write_results(root: Path, plan: Plan, out: Path, details: bool = True) -> Pa
     hashes = base_hash_note(root)
     if hashes:
         rep.notes.insert(1, hashes)
-    rep.index.write_text(_index_markdown(rep))
+    rep.index.write_text(index_markdown(rep, [os.path.relpath(root / "runs", out)], title="spectra results"))
     html = write_index_html(rep, out)
     update_readme(out / "README.md", verdicts_markdown(runs))
     return html
-
-
-def _index_markdown(rep: Report) -> str:
-    lines = ["# spectra results", "", rep.status_line(), ""]
-    for t in rep.tables:
-        links = " · ".join(f"[{ext}](tables/{t.name}.{ext})" for ext in ("md", "tex", "csv"))
-        lines += [f"## {t.title}", "", links, "", t.markdown(title=False), ""]
-    for name, paths in rep.figures.items():
-        png = os.path.relpath(paths[0], rep.out)
-        lines += [f"## {rep.captions.get(name, name)}", "", f"![{name}]({png})", ""]
-    if rep.notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in rep.notes] + [""]
-    return "\n".join(lines)
 
 
 __all__ = ["write_results", "update_readme", "VERDICTS_BEGIN", "VERDICTS_END"]
