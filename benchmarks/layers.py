@@ -59,7 +59,7 @@ DEMO = Shape(B=8, S=128, H=128, I=256, E=8, k=2)
 def config(router: str, shape: Shape, **router_overrides) -> SpectraConfig:
     """The shipped defaults for `router` (its conf/router/*.yaml), resized to `shape`."""
     cfg = validate(load_config([f"router={router}", f"moe.num_experts={shape.E}", f"moe.top_k={shape.k}"]))
-    rc = dataclasses.replace(cfg.router, router_dim=shape.D, gru_hidden_size=shape.Dh, **router_overrides)
+    rc = dataclasses.replace(cfg.router, **{"router_dim": shape.D, "gru_hidden_size": shape.Dh, **router_overrides})
     return dataclasses.replace(cfg, router=rc)
 
 

@@ -106,3 +106,25 @@ def test_quick_benchmarks_write_every_section_and_the_targets(tmp_path):
         value = float(re.match(r"-?[\d.]+", figure).group())  # every target has a figure in quick mode
         if abs(value - t.threshold) > 1e-3:  # the table rounds to 3 decimals
             assert verdict == (MET if met(value, t.threshold, t.higher_is_better) else NOT_MET), (t.key, cells)
+
+
+def test_layer_matmul_floor_counts_the_router_dimensions_it_is_given():
+    """bench_layer's matmul floor by hand at the demo layer (H=128, I=256, E=8, k=2): experts
+    3·k·H·I = 196608 per token, Switch's router H·E = 1024; SPECTRA's GRU (H+Dh)·3Dh + Dh·3Dh,
+    routing head Dh·E·D, expression H·E·D; the small-router variant really builds Dh=32, D=16."""
+    import torch
+    from benchmarks.bench_layer import VARIANTS, flop_floor
+    from benchmarks.harness import Env
+    from benchmarks.layers import DEMO, make_block
+
+    experts, switch = 3 * 2 * 128 * 256, 128 * 8
+    paper_dims = (256 * 384 + 128 * 384) + 128 * 8 * 32 + 128 * 8 * 32
+    assert flop_floor(DEMO) == pytest.approx((experts + paper_dims) / (experts + switch))
+    small = (160 * 96 + 32 * 96) + 32 * 8 * 16 + 128 * 8 * 16
+    assert flop_floor(DEMO, "gru", 32, 16) == pytest.approx((experts + small) / (experts + switch))
+    assert flop_floor(DEMO, "mingru") == pytest.approx((experts + 256 * 256 + 2 * 128 * 8 * 32) / (experts + switch))
+    env = Env(torch.device("cpu"), torch.float32, quick=True, threads=1, min_run_time=0.01)
+    _, router, overrides = VARIANTS["spectra_small_mingru"]
+    shapes = {n: tuple(p.shape) for n, p in make_block(router, DEMO, env, **overrides(DEMO)).router.named_parameters()}
+    # minGRU [2·Dh, H+Dh] (gates z and h~), routing head [E·D, Dh], expression projector [E·D, H]
+    assert shapes == {"gru.weight": (64, 160), "gru.bias": (64,), "head.weight": (128, 32), "projector.weight": (128, 128)}
