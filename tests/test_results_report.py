@@ -11,7 +11,19 @@ from scipy import stats
 from spectra.results.plan import Cell, Plan
 from spectra.results.report import VERDICTS_BEGIN, VERDICTS_END, write_results
 from spectra.results.tables import load_pool, paper_tables
-from spectra.results.verdicts import CONFIRMED, NOT_CONFIRMED, NOT_TESTABLE, PENDING, h1, h2, h5, h6, h7, open_problem
+from spectra.results.verdicts import (
+    CONFIRMED,
+    NOT_CONFIRMED,
+    NOT_TESTABLE,
+    PENDING,
+    h1,
+    h2,
+    h3,
+    h5,
+    h6,
+    h7,
+    open_problem,
+)
 from test_analysis import make_run
 from test_report_html import check_served_index
 
@@ -122,6 +134,10 @@ def test_expert_choice_evaluated_causally_is_a_row_of_its_own(pool):
     assert base.display.loc["Expert Choice (causal eval)", "eval loss"].startswith(f"{sum(EC_CAUSAL_LOSS) / 3:.4f}")
     assert base.display.loc["Expert Choice", "eval loss"].startswith(f"{sum(LOSS['expert_choice']) / 3:.4f}")
     assert any("ec_inference=batch" in n and "not a causal LM" in n for n in base.notes)
+    # H3 compares SPECTRA with the causally evaluated Expert Choice, not the batch-routed one
+    lines = h3(runs)[1]
+    assert any("Expert Choice (causal eval)" in x for x in lines)
+    assert not any("Expert Choice " in x.replace("Expert Choice (causal eval)", "") for x in lines)
 
 
 def test_report_writes_tables_figures_html_and_readme_verdicts(pool):
