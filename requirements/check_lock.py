@@ -37,7 +37,12 @@ def read_lock(path: Path) -> dict[str, str]:
 
 def differences(pins: dict[str, str]) -> list[str]:
     """One line per locked package that is missing or installed at another version."""
-    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # The first distribution of a name along sys.path is the one `import` and metadata.version()
+    # resolve; later ones are shadowed copies, e.g. the packages setuptools vendors in
+    # setuptools/_vendor, which it appends to sys.path once something imports it.
+    installed: dict[str, str] = {}
+    for d in metadata.distributions():
+        installed.setdefault(canonical(d.metadata["Name"]), d.version)
     out = []
     for name, version in sorted(pins.items()):
         have = installed.get(name)

@@ -46,6 +46,21 @@ def test_drift_is_reported_per_package(tmp_path):
     assert check.main(["check_lock.py", str(tmp_path / "missing.txt")]) == 2
 
 
+def test_a_shadowed_copy_later_on_sys_path_is_not_the_installed_version(tmp_path, monkeypatch):
+    """setuptools appends setuptools/_vendor (its own older packaging, wheel, ...) to sys.path when
+    imported; the version that counts is the one import resolves: the first on sys.path."""
+    check = _check_lock()
+    vendor = tmp_path / "_vendor"
+    (vendor / "pytest_timeout-0.0.1.dist-info").mkdir(parents=True)
+    (vendor / "pytest_timeout-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: pytest-timeout\nVersion: 0.0.1\n")
+    monkeypatch.syspath_prepend(str(vendor))  # first on sys.path: now it is what import would resolve
+    lock = tmp_path / "lock.txt"
+    lock.write_text("pytest-timeout==0.0.1\n")
+    assert check.differences(check.read_lock(lock)) == []
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p != str(vendor)] + [str(vendor)])
+    assert check.differences(check.read_lock(lock)) == [f"pytest-timeout: locked 0.0.1, installed {_version('pytest-timeout')}"]
+
+
 def _version(dist: str) -> str:
     from importlib import metadata
 
