@@ -23,6 +23,7 @@ from spectra.results.verdicts import (
     h6,
     h7,
     open_problem,
+    verdicts_markdown,
 )
 from test_analysis import make_run
 from test_report_html import check_served_index
@@ -35,16 +36,17 @@ ABLATION_LOSS = {"no_gru": [2.10, 2.12, 2.11], "no_quota": [1.99, 2.03, 2.00]}  
 
 
 def _cell(root, family, router, seed, loss, *, ablation=None, model="tiny", experts=8, cv=0.3, gram=0.5, dom=None,
-          ec_inference="batch"):
+          ec_inference="batch", seq=128):
     ovs = (["experiment=results", f"router={router}"] + ([f"ablation={ablation}"] if ablation else [])
-           + ([f"model={model}"] if model != "tiny" else [])
+           + ([f"model={model}"] if model != "tiny" else []) + ([f"data.max_seq_length={seq}"] if seq != 128 else [])
            + ([f"router.ec_inference={ec_inference}"] if ec_inference != "batch" else []) + [f"seed={seed}"])
     name = ",".join(o for o in ovs[1:])
     dom = dom or {d: loss for d in DOMAINS}
     final = {"eval/cv_mean": cv, "eval/dropped_token_rate_mean": 0.0, "monitor/gram_orthogonality_mean": gram,
              "monitor/expert_overlap_mean": 0.2, **{f"eval_loss_{d}": v for d, v in dom.items()}}
     make_run(root / "runs" / family / name, router, seed, loss=loss, cv=cv, overrides=ovs, extra_final=final,
-             config={"model": {"name": model}, "moe": {"num_experts": experts}, "router": {"name": router, "top_k": 2, "ec_inference": ec_inference}})
+             config={"model": {"name": model}, "moe": {"num_experts": experts}, "router": {"name": router, "top_k": 2, "ec_inference": ec_inference},
+                     "data": {"max_seq_length": seq}})
 
 
 @pytest.fixture
@@ -74,6 +76,11 @@ def test_h1_and_h5_follow_welch_tests(pool):
     assert verdict == CONFIRMED and p2 < 0.05
     assert "Switch Top-2" in lines[0] and f"{sum(LOSS['spectra']) / 3:.4f}" in lines[0]
     verdict, lines = h5(runs)
+    assert verdict == PENDING  # 4 of Table 7's 6 ablations have no cell yet
+    for abl in ("no_expression", "no_repulsion", "no_ortho", "no_all"):
+        for s, loss in enumerate([2.3, 2.31, 2.32]):
+            _cell(pool, "ablations", "spectra", s, loss, ablation=abl)
+    verdict, lines = h5(load_pool(pool)[0])
     assert verdict == NOT_CONFIRMED  # -Quota is not worse than Full
     assert any("-GRU" in x and "— contributes" in x for x in lines)
     assert any("-Quota" in x and "no significant contribution" in x for x in lines)
@@ -105,10 +112,20 @@ def test_h2_compares_gram_orthogonality_only_where_the_baseline_has_it(pool):
 
 
 def test_open_problem_names_the_configuration_that_meets_every_threshold(pool):
+    # a Sweep E length is evaluated on other tokens (rows of 1024): never a candidate, whatever its numbers
+    _cell(pool, "sweep_E", "spectra", 0, 1.5, cv=0.01, gram=0.99, seq=1024)
     runs, _ = load_pool(pool)
     verdict, lines = open_problem(runs)
     assert verdict == "solved by balance: ablation=balance_bias"
-    assert "ablation=no_gru" not in verdict
+    assert "ablation=no_gru" not in verdict and "sweep_E" not in " ".join(lines)
+
+
+def test_partial_results_say_so_before_the_verdicts(pool):
+    runs, _ = load_pool(pool)
+    text = verdicts_markdown(runs, unfinished=40, planned=127)
+    assert "**PARTIAL: 87 of 127 planned cells finished.**" in text
+    assert text.index("PARTIAL") < text.index("**H1")
+    assert "PARTIAL" not in verdicts_markdown(runs, unfinished=0, planned=127)
 
 
 def test_tables_select_rows_by_configuration(pool):

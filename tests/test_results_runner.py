@@ -294,6 +294,71 @@ def test_bases_first_then_cells_and_a_failed_base_fails_its_cells(tmp_path, lock
     assert calls == []  # all done
 
 
+def _git_repo(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for args in (["init", "-q"], ["config", "user.name", "Test"], ["config", "user.email", "test@example.com"],
+                 ["config", "commit.gpgsign", "false"], ["commit", "-q", "--allow-empty", "-m", "init"]):
+        subprocess.run(["git", *args], cwd=path, check=True, capture_output=True)
+    return path
+
+
+def test_cell_record_names_the_code_the_training_started_from(tmp_path, lock_dir, monkeypatch):
+    """HEAD moves while a cell trains (every finished cell is a commit); cell.json keeps the commit
+    the training started from, and says whether src/ had uncommitted edits then."""
+    repo = _git_repo(tmp_path / "repo")
+    start = _git(repo, "rev-parse", "HEAD").strip()
+    task = runner.cell_task(load_plan(_write_plan(tmp_path, TWO_CELLS)).cells[0], tmp_path / "res" / "runs")
+    script = textwrap.dedent(f"""
+        import json, pathlib, subprocess
+        subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "meanwhile"], cwd={str(repo)!r}, check=True)
+        pathlib.Path({str(task.run_dir)!r}, "summary.json").write_text(json.dumps({{"status": "completed"}}))
+    """)
+    monkeypatch.setattr(runner, "command_of", lambda t: [sys.executable, "-c", script])
+    rec = runner.run_task(task, 1, repo, {})
+    assert _git(repo, "rev-parse", "HEAD").strip() != start
+    assert rec["exit_code"] == 0 and rec["versions"]["code_commit"] == start
+    assert rec["versions"]["code_dirty"] is False
+    assert json.loads((task.run_dir / "cell.json").read_text())["versions"]["code_commit"] == start
+    (repo / "src").mkdir()
+    (repo / "src" / "m.py").write_text("x = 1\n")
+    _git(repo, "add", "src/m.py")
+    _git(repo, "commit", "-q", "-m", "code")
+    (repo / "src" / "m.py").write_text("x = 2\n")  # an edit the cell runs but no commit holds
+    assert runner.run_task(task, 1, repo, {})["versions"]["code_dirty"] is True
+
+
+def test_an_orphan_is_committed_with_an_unknown_exit_code(tmp_path, lock_dir):
+    """A cell whose train.py finished after its driver died: committed at the next start, its
+    record marked recorded_after, its exit code unknown (None), not a made-up 0."""
+    res = _git_repo(tmp_path / "results")
+    plan = load_plan(_write_plan(tmp_path, TWO_CELLS))
+    tasks = [runner.cell_task(c, res / "runs") for c in plan.cells]
+    tasks[0].run_dir.mkdir(parents=True)
+    write_json_atomic(tasks[0].run_dir / "summary.json", {"status": "completed", "started": 100.0, "wall_time_s": 5.0})
+    tasks[1].run_dir.mkdir(parents=True)
+    write_json_atomic(tasks[1].run_dir / "summary.json", {"status": "running"})  # not finished: left alone
+    recorder = runner.GitRecorder(res, True)
+    assert runner.record_orphans(tasks, recorder, res, {}) == 1
+    rec = json.loads((tasks[0].run_dir / "cell.json").read_text())
+    assert rec["exit_code"] is None and rec["recorded_after"] is True and rec["wall_time_s"] == 5.0
+    assert "runs/f/router=topk,seed=0/cell.json" in _git(res, "ls-files").split()
+    assert runner.record_orphans(tasks, recorder, res, {}) == 0  # already committed
+
+
+def test_status_counts_every_cell_once(tmp_path):
+    """completed + failed + incomplete (running or stopped) + not started = cells, per family."""
+    plan = load_plan(_write_plan(tmp_path, TWO_CELLS.replace("[topk, dense]", "[topk, dense, hash, spectra]")))
+    root = tmp_path / "res"
+    for cell, status in zip(plan.cells, ["completed", "failed", "running", None]):
+        if status:
+            d = cell.run_dir(root / "runs")
+            d.mkdir(parents=True)
+            write_json_atomic(d / "summary.json", {"status": status, "wall_time_s": 120.0})
+    (row,) = runner.status_rows(plan, root)
+    assert row == {"family": "f", "cells": 4, "completed": 1, "failed": 1, "incomplete": 1, "not started": 1,
+                   "wall_time_min": 2.0}
+
+
 # --------------------------------------------------------------------------------------------
 # 3. End to end: real train.py runs, real commits
 

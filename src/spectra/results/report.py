@@ -130,7 +130,9 @@ def write_results(root: Path, plan: Plan, out: Path, details: bool = True) -> Pa
         rep.notes.insert(1, hashes)
     rep.index.write_text(index_markdown(rep, [os.path.relpath(root / "runs", out)], title="spectra results"))
     html = write_index_html(rep, out)
-    update_readme(out / "README.md", verdicts_markdown(runs))
+    rows = status_rows(plan, root)
+    planned = sum(r["cells"] for r in rows)
+    update_readme(out / "README.md", verdicts_markdown(runs, planned - sum(r["completed"] for r in rows), planned))
     return html
 
 

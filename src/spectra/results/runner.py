@@ -32,11 +32,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from spectra.contracts.rundir import METRICS, SUMMARY, read_summary, write_json_atomic
+from spectra.contracts.rundir import METRICS, SUMMARY, is_complete, read_summary, write_json_atomic
 from spectra.results.plan import Cell, Plan
 
 CELL_RECORD = "cell.json"  # who ran the cell, how, where, with which versions and base weights
 BASE_DIR = Path("outputs/base")  # where experiment=base_model writes <model.name>/
+CODE_PATHS = ("src", "conf", "train.py", "requirements", "pyproject.toml")  # what a cell executes (code_dirty)
 LOCK_DIR = Path("outputs/results_locks")
 # The small files a finished cell commits (never checkpoints or the saved model).
 SMALL_FILES = (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", SUMMARY, METRICS,
@@ -53,12 +54,6 @@ class Task:
     record_dir: Path  # where the committed small files go (a base copies them to results/base/<name>)
     needs: str | None  # the base it upcycles from
     snapshots: bool = False
-
-
-def is_complete(run_dir: Path) -> bool:
-    """A run directory whose summary.json says completed."""
-    s = read_summary(run_dir)
-    return bool(s) and s.get("status") == "completed"
 
 
 def base_tasks(plan: Plan, results_root: Path, base_root: Path = BASE_DIR) -> dict[str, Task]:
@@ -114,8 +109,12 @@ def _versions(repo: Path) -> dict:
 
     lock = repo / "requirements" / "lock.txt"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    # Uncommitted edits to what a run executes (results/ commits are the runner's own, not code).
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+                           cwd=repo, capture_output=True, text=True)
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "lock_sha256": file_sha256(lock), "code_commit": commit.stdout.strip() or None}
+            "lock_sha256": file_sha256(lock), "code_commit": commit.stdout.strip() or None,
+            "code_dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
 
 
 def _machine(threads: int) -> dict:
@@ -133,13 +132,16 @@ def command_of(task: Task) -> list[str]:
     return [sys.executable, "train.py", *task.overrides, f"hydra.run.dir='{task.run_dir}'"]
 
 
-def _record(task: Task, threads: int, repo: Path, bases: dict[str, Task], rc: int, started: float, finished: float) -> dict:
-    """The cell record (cell.json): what ran, how, where, with which versions and base weights."""
+def _record(task: Task, threads: int, repo: Path, bases: dict[str, Task], rc: int | None, started: float, finished: float,
+            versions: dict | None = None) -> dict:
+    """The cell record (cell.json): what ran, how, where, with which versions and base weights.
+    versions: taken when the training started (HEAD moves while cells train: each finished cell
+    is a commit); None = now (an orphan recorded after the fact)."""
     base = bases.get(task.needs) if task.needs else None
     record = {"task": task.label, "overrides": list(task.overrides),
               "command": shlex.join(["python", *command_of(task)[1:]]),
               "exit_code": rc, "started": started, "finished": finished, "wall_time_s": finished - started,
-              "machine": _machine(threads), "versions": _versions(repo),
+              "machine": _machine(threads), "versions": versions or _versions(repo),
               "base": None if base is None else {"name": task.needs, "run_dir": str(base.run_dir),
                                                   "model_sha256": file_sha256(base.run_dir / "model" / "model.safetensors")}}
     if task.needs is None and (task.run_dir / "model" / "model.safetensors").is_file():
@@ -154,11 +156,12 @@ def run_task(task: Task, threads: int, repo: Path, bases: dict[str, Task], lock_
     task.run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "TOKENIZERS_PARALLELISM": "false"}
+    versions = _versions(repo)  # the code this training runs, before later commits move HEAD
     started = time.time()
     with open(task.run_dir / "stdout.log", "ab") as log:
         rc = subprocess.run(command_of(task), cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
                             pass_fds=() if lock_fd is None else (lock_fd,)).returncode
-    record = _record(task, threads, repo, bases, rc, started, time.time())
+    record = _record(task, threads, repo, bases, rc, started, time.time(), versions)
     if rc == 0 and is_complete(task.run_dir):
         write_json_atomic(task.run_dir / CELL_RECORD, record)
     return record
@@ -185,7 +188,8 @@ def record_orphans(tasks: list[Task], recorder: GitRecorder, repo: Path, bases: 
             if not (task.run_dir / CELL_RECORD).is_file():
                 s = read_summary(task.run_dir) or {}
                 started = float(s.get("started") or 0.0)
-                record = _record(task, 0, repo, bases, 0, started, started + float(s.get("wall_time_s") or 0.0))
+                # exit code unknown (its train.py outlived the driver); versions as of now, not its start
+                record = _record(task, 0, repo, bases, None, started, started + float(s.get("wall_time_s") or 0.0))
                 write_json_atomic(task.run_dir / CELL_RECORD, {**record, "machine": None, "recorded_after": True})
             n += recorder.commit(task, _summary_line(task, json.loads((task.run_dir / CELL_RECORD).read_text())))
         finally:
@@ -274,6 +278,7 @@ def run_plan(plan: Plan, repo: Path, results_root: Path, workers: int = 2, commi
           f"{f' (+{len(todo) - len(todo_cells)} base model(s) first)' if len(todo) > len(todo_cells) else ''};"
           f" {workers} worker(s) x {threads} thread(s)", flush=True)
     failed: list[str] = []
+    left: list[str] = []  # tasks another driver holds: not failed, not done by this one
     failed_bases: set[str] = set()
     running: dict[Future, tuple[Task, object]] = {}
     queue = list(todo)
@@ -294,6 +299,7 @@ def run_plan(plan: Plan, repo: Path, results_root: Path, workers: int = 2, commi
                 queue.remove(task)
                 if lock is None:
                     tqdm.write(f"{task.label}: another process is running it, left to it")
+                    left.append(task.label)
                     bar.update(1)
                     continue
                 if is_complete(task.run_dir):
@@ -309,34 +315,44 @@ def run_plan(plan: Plan, repo: Path, results_root: Path, workers: int = 2, commi
                 n = threads if task.needs else 1
                 running[pool.submit(run_task, task, n, repo, bases, lock.fileno())] = (task, lock)
             if not running:
-                break  # every remaining task waits for a base another process is training
+                left += [t.label for t in queue]  # every remaining task waits for a base another process is training
+                break
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in finished:
                 task, lock = running.pop(fut)
-                record = fut.result()
-                lock.close()
-                bar.update(1)
-                if record["exit_code"] == 0 and is_complete(task.run_dir):
-                    recorder.commit(task, _summary_line(task, record))
-                    tqdm.write(_summary_line(task, record).removeprefix("results: "))
-                    if on_done is not None:
-                        on_done(task, record)
-                else:
+                try:
+                    record = fut.result()
+                    bar.update(1)
+                    if record["exit_code"] == 0 and is_complete(task.run_dir):
+                        # committed before the lock goes: another driver's record_orphans never sees
+                        # it finished-but-uncommitted and commits it a second time
+                        recorder.commit(task, _summary_line(task, record))
+                        tqdm.write(_summary_line(task, record).removeprefix("results: "))
+                        if on_done is not None:
+                            on_done(task, record)
+                finally:
+                    lock.close()
+                if not (record["exit_code"] == 0 and is_complete(task.run_dir)):
                     failed.append(f"{task.label}: exit {record['exit_code']}, see {task.run_dir / 'stdout.log'}")
                     if task.needs is None and task in bases.values():
                         failed_bases.add(task.label.removeprefix("base "))
                     tqdm.write(f"FAILED {failed[-1]}")
                 bar.set_postfix_str(f"{done_before + bar.n - len(failed)}/{len(cells)} cells done")
     bar.close()
+    if left:
+        print(f"results: {len(left)} task(s) left to another process (run again when it is done): "
+              + ", ".join(left), flush=True)
     return failed
 
 
 def status_rows(plan: Plan, results_root: Path) -> list[dict]:
-    """Per family: cells, completed, failed, not started, total wall time of the completed ones."""
+    """Per family: cells, completed, failed, incomplete (running, or stopped before the end), not
+    started, total wall time of the completed ones."""
     rows: dict[str, dict] = {}
     for c in plan.cells:
         d = c.run_dir(results_root / "runs")
-        r = rows.setdefault(c.family, {"family": c.family, "cells": 0, "completed": 0, "failed": 0, "not started": 0,
+        r = rows.setdefault(c.family, {"family": c.family, "cells": 0, "completed": 0, "failed": 0, "incomplete": 0,
+                                       "not started": 0,
                                        "wall_time_min": 0.0})
         r["cells"] += 1
         s = read_summary(d)
@@ -350,4 +366,6 @@ def status_rows(plan: Plan, results_root: Path) -> list[dict]:
             r["failed"] += 1
         elif not s:
             r["not started"] += 1
+        else:
+            r["incomplete"] += 1
     return list(rows.values())

@@ -170,9 +170,22 @@ def domain_gains(pool: pd.DataFrame, primary: str = "SPECTRA", reference: str = 
     return out
 
 
+def same_eval_tokens(runs: pd.DataFrame) -> pd.Series:
+    """Runs evaluated on the baselines' tokens: the validation split is cut into rows of
+    data.max_seq_length, so a Sweep E length sees other contexts and its eval loss is another
+    quantity (compared within Sweep E only)."""
+    col = "cfg:data.max_seq_length"
+    if col not in runs.columns:
+        return pd.Series(True, index=runs.index)
+    lengths = pd.to_numeric(runs[col], errors="coerce")
+    ref = lengths[(runs["family"] == "baselines")].mode()
+    return lengths == ref.iloc[0] if len(ref) else pd.Series(True, index=runs.index)
+
+
 def spectra_configs(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every SPECTRA configuration of the pool at E=8 on the tiny base, one row per (family, variant)."""
-    sub = runs[(runs["router"] == "spectra") & tiny_e8(runs)].copy()
+    """Every SPECTRA configuration of the pool at E=8 on the tiny base, evaluated on the baselines'
+    tokens (same sequence length), one row per (family, variant)."""
+    sub = runs[(runs["router"] == "spectra") & tiny_e8(runs) & same_eval_tokens(runs)].copy()
     sub["row"] = [f"{f}: {_short(v)}" for f, v in zip(sub["family"], sub["variant"])]
     return sub
 
