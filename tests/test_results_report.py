@@ -77,6 +77,7 @@ def test_h1_and_h5_follow_welch_tests(pool):
     assert "Switch Top-2" in lines[0] and f"{sum(LOSS['spectra']) / 3:.4f}" in lines[0]
     verdict, lines = h5(runs)
     assert verdict == PENDING  # 4 of Table 7's 6 ablations have no cell yet
+    assert sum("-All" in x and x.endswith("— not trained yet") for x in lines) == 1
     for abl in ("no_expression", "no_repulsion", "no_ortho", "no_all"):
         for s, loss in enumerate([2.3, 2.31, 2.32]):
             _cell(pool, "ablations", "spectra", s, loss, ablation=abl)
@@ -84,6 +85,7 @@ def test_h1_and_h5_follow_welch_tests(pool):
     assert verdict == NOT_CONFIRMED  # -Quota is not worse than Full
     assert any("-GRU" in x and "— contributes" in x for x in lines)
     assert any("-Quota" in x and "no significant contribution" in x for x in lines)
+    assert not any("not trained yet" in x for x in lines)
 
 
 def test_h6_needs_two_seeds_and_h7_reads_per_domain_losses(pool):
@@ -160,12 +162,16 @@ def test_expert_choice_evaluated_causally_is_a_row_of_its_own(pool):
 def test_report_writes_tables_figures_html_and_readme_verdicts(pool):
     readme = pool / "README.md"
     readme.write_text(f"# Results\n\nhand-written setting\n\n{VERDICTS_BEGIN}\nSTALE-VERDICT\n{VERDICTS_END}\n\ntail\n")
+    make_run(pool / "runs" / "baselines" / "router=hash,seed=9", "hash", 9, status=None)  # still running: no summary
     plan = Plan(pool / "plan.yaml", {}, [Cell("baselines", "router=spectra,seed=0", ("router=spectra",), None, False)])
     html = write_results(pool, plan, pool, details=False)
     text = readme.read_text()
     assert "hand-written setting" in text and text.rstrip().endswith("tail") and "STALE-VERDICT" not in text
     assert "**H1 — confirmed.**" in text and "**H6 — not testable at this scale.**" in text
     assert (pool / "tables" / "table07_ablations.csv").is_file()
+    # a run not counted is named relative to the results page, never by this machine's path
+    index = (pool / "index.md").read_text()
+    assert "`runs/baselines/router=hash,seed=9`" in index and str(pool) not in index
     served = check_served_index(html.parent, against_markdown=False)
     assert "pareto" in served["figures"] and "table13_significance" in served["tables"]
 

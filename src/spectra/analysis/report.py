@@ -428,6 +428,15 @@ def build_report(paths, out: str | Path, baseline: str | None = None, figures: b
     return rep
 
 
+def _shown(run_dir, out: Path) -> str:
+    """A run directory as the index shows it: relative to the report when inside it (a results
+    page committed to the repository names no machine's absolute path), else as collected."""
+    try:
+        return str(Path(run_dir).resolve().relative_to(Path(out).resolve()))
+    except ValueError:
+        return str(run_dir)
+
+
 def index_markdown(rep: Report, paths, title: str = "spectra report") -> str:
     """index.md of a report: status, runs not counted (with why), tables (with md/tex/csv links),
     figures (PNG inline, PDF linked) and notes; paths are the sources it was built from."""
@@ -437,7 +446,7 @@ def index_markdown(rep: Report, paths, title: str = "spectra report") -> str:
         lines += ["## Runs not counted", "", "| problem | run | variant | seed | reason |", "|---|---|---|---|---|"]
         for r in rep.problems.itertuples():
             err = str(r.reason).replace("|", "\\|").replace("\n", " ")[:400]
-            lines.append(f"| **{r.problem}** | `{r.run_dir}` | {r.variant} | {seed_text(r.seed)} | {err} |")
+            lines.append(f"| **{r.problem}** | `{_shown(r.run_dir, rep.out)}` | {r.variant} | {seed_text(r.seed)} | {err} |")
         lines.append("")
     lines += ["## Tables", ""]
     for t in rep.tables:

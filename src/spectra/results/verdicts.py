@@ -148,7 +148,8 @@ def h5(runs) -> tuple[str, list[str]]:
     # every ablation of Table 7, trained or not: one not trained yet keeps the verdict pending
     rows = ["-Expression", "-GRU", "-Repulsion", "-Quota", "-OrthoConstraint", "-All"]
     cs = [compare(pool, "SPECTRA-Full", r, "eval_loss", True) for r in rows]
-    lines = [c.text() + (" — contributes" if c.better else " — no significant contribution") for c in cs]
+    lines = [c.text() + (" — not trained yet" if c.n_b == 0 else " — contributes" if c.better
+                         else " — no significant contribution") for c in cs]
     return _verdict(cs, bool(cs) and all(c.better for c in cs)), lines
 
 
