@@ -345,7 +345,7 @@ def test_an_orphan_is_committed_with_an_unknown_exit_code(tmp_path, lock_dir):
     assert runner.record_orphans(tasks, recorder, res, {}) == 0  # already committed
 
 
-def test_status_counts_every_cell_once(tmp_path):
+def test_status_counts_every_cell_once(tmp_path, capsys):
     """completed + failed + incomplete (running or stopped) + not started = cells, per family."""
     plan = load_plan(_write_plan(tmp_path, TWO_CELLS.replace("[topk, dense]", "[topk, dense, hash, spectra]")))
     root = tmp_path / "res"
@@ -357,6 +357,12 @@ def test_status_counts_every_cell_once(tmp_path):
     (row,) = runner.status_rows(plan, root)
     assert row == {"family": "f", "cells": 4, "completed": 1, "failed": 1, "incomplete": 1, "not started": 1,
                    "wall_time_min": 2.0}
+    from spectra.results.__main__ import main
+
+    main(["--plan", str(plan.path), "--root", str(root), "status"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["family", "cells", "completed", "failed", "incomplete", "not", "started", "wall_time_min"]
+    assert lines[-1].split() == ["all", "4", "1", "1", "1", "1", "2.0"]  # the total row sums every column
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def _status(args) -> int:
 
     rows = status_rows(load_plan(args.plan), Path(args.root))
     frame = pd.DataFrame(rows)
-    total = frame[["cells", "completed", "failed", "not started", "wall_time_min"]].sum()
+    total = frame.drop(columns="family").sum()
     frame.loc[len(frame)] = {"family": "all", **total.to_dict()}
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     return 0
