@@ -85,7 +85,10 @@ sweep-baselines: setup  ## SPECTRA vs Switch top-1/top-2, Expert Choice, Hash, t
 WORKERS ?= 2
 RESULTS_COMMIT ?= 1
 RESULTS_RUN = $(PYTHON) -m spectra.results run --workers $(WORKERS) $(if $(filter 0,$(RESULTS_COMMIT)),--no-commit)
-.PHONY: base-model results results-status results-report
+.PHONY: base-model results results-status results-report results-verify
+# results-verify retrains the committed cells CELLS names (shell patterns; default one baseline)
+# into outputs/verify/ and compares: bit-identical on this kind of machine, else within seed noise.
+CELLS ?= baselines/router=topk,seed=0
 base-model: setup  ## train the dense base models every results cell upcycles from (cached: outputs/base/)
 	$(RESULTS_RUN) --bases-only
 results: setup  ## every cell of results/plan.yaml (hours on 2 cores; resumable) + tables/figures/verdicts
@@ -95,6 +98,8 @@ results-status: setup  ## cells done / failed / not started per results family
 	$(PYTHON) -m spectra.results status
 results-report: setup  ## tables, figures, results/index.html and README verdicts from the cells done so far
 	$(PYTHON) -m spectra.results report
+results-verify: setup  ## retrain committed cells (CELLS='sweep_B/*' ...) and compare with their committed numbers
+	$(PYTHON) -m spectra.results verify $(foreach c,$(CELLS),'$(c)')
 
 # Optuna searches (hydra/sweeper=spectra_optuna): TRIALS is the study's target; re-running tops it up.
 # Several workers: start the same command several times with STORAGE=journal:///shared/x.log or

@@ -5,6 +5,9 @@
                          cell's small outputs; re-run to resume (`make results` = run + report)
     status [--plan P]    cells completed / failed / not started per family, wall time so far
     report [--out DIR]   tables (md/tex/csv), figures, index.html and README verdicts from results/runs
+    verify CELL... [--tol T] [--fresh]
+                         train committed cells again (outputs/verify/) and compare their numbers
+                         with the committed ones: bit-identical, within seed noise, or not
 """
 
 from __future__ import annotations
@@ -50,6 +53,23 @@ def _report(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    from dataclasses import asdict
+
+    from spectra.contracts.rundir import write_json_atomic
+    from spectra.results.verify import verify_cells
+
+    out = Path(args.out)
+    verdicts = verify_cells(load_plan(args.plan), Path.cwd(), Path(args.root), args.cells, out_root=out,
+                            tol=args.tol, fresh=args.fresh)
+    write_json_atomic(out / "verify.json", [asdict(v) for v in verdicts])
+    bad = [v.label for v in verdicts if not v.ok]
+    print(f"verify: {len(verdicts) - len(bad)} of {len(verdicts)} cell(s) reproduced; details in {out / 'verify.json'}")
+    if bad:
+        print("error: not reproduced: " + ", ".join(bad), file=sys.stderr)
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spectra.results", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,9 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="progress per family")
     rp = sub.add_parser("report", help="tables, figures, index.html and verdicts")
     rp.add_argument("--out", default=None, help="output directory (default: the results directory)")
+    v = sub.add_parser("verify", help="train committed cells again and compare with the committed numbers")
+    v.add_argument("cells", nargs="+", help="cell labels <family>/<cell>, shell patterns allowed ('sweep_B/*')")
+    v.add_argument("--out", default="outputs/verify", help="where the re-runs go (default outputs/verify)")
+    v.add_argument("--tol", type=float, default=1e-3,
+                   help="|Δ eval_loss| always accepted, and the bound for rows with < 2 seeds (default 1e-3)")
+    v.add_argument("--fresh", action="store_true", help="retrain even when a finished re-run is already there")
     args = parser.parse_args(argv)
     try:
-        return {"run": _run, "status": _status, "report": _report}[args.command](args)
+        return {"run": _run, "status": _status, "report": _report, "verify": _verify}[args.command](args)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
