@@ -94,7 +94,7 @@ base-model: setup  ## train the dense base models every results cell upcycles fr
 results: setup  ## every cell of results/plan.yaml (hours on 2 cores; resumable) + tables/figures/verdicts
 	@# The report is written even when some cell failed (its row shows it); the exit status is the run's.
 	@status=0; $(RESULTS_RUN) || status=$$?; $(PYTHON) -m spectra.results report || status=$$?; exit $$status
-results-status: setup  ## cells done / failed / not started per results family
+results-status: setup  ## cells done / failed / incomplete / not started per results family
 	$(PYTHON) -m spectra.results status
 results-report: setup  ## tables, figures, results/index.html and README verdicts from the cells done so far
 	$(PYTHON) -m spectra.results report

@@ -772,3 +772,16 @@ def test_comparison_sets_training_and_inference_balance_side_by_side(tmp_path):
     d = comparison_table(collect([tmp_path])[0]).display.iloc[0]
     assert (d["load CV"], d["load CV (training, after quota)"]) == ("0.880", "0.300")
     assert (d["MaxVio"], d["MaxVio (training, after quota)"]) == ("1.500", "0.250")
+
+
+def test_table10_lists_model_sizes_smallest_first_not_alphabetically(tmp_path):
+    # parameter counts by hand: tiny 100 < medium 200 < small 300; "big" has no count: last
+    for name, params in (("small", 300), ("tiny", 100), ("medium", 200), ("big", None)):
+        for router in ("spectra", "switch_top2"):
+            extra = {} if params is None else {"parameters": {"total": params + (5 if router == "spectra" else 0)}}
+            make_run(tmp_path / f"{name}_{router}", router, 0, config={"model": {"name": name}}, extra_summary=extra)
+    runs, _ = collect([tmp_path])
+    t10 = scaling_table(runs, "cfg:model.name", name="t10", title="t10")
+    assert list(t10.display.index) == ["tiny", "medium", "small", "big"]
+    # any other axis keeps its own order (numbers ascending)
+    assert list(scaling_table(runs, "cfg:moe.num_experts", name="t11", title="t11").display.index) == [8]

@@ -347,22 +347,26 @@ def test_an_orphan_is_committed_with_an_unknown_exit_code(tmp_path, lock_dir):
 
 def test_status_counts_every_cell_once(tmp_path, capsys):
     """completed + failed + incomplete (running or stopped) + not started = cells, per family."""
-    plan = load_plan(_write_plan(tmp_path, TWO_CELLS.replace("[topk, dense]", "[topk, dense, hash, spectra]")))
+    plan = load_plan(_write_plan(tmp_path, TWO_CELLS.replace("[topk, dense]", "[topk, dense, hash, spectra, aux_free]")))
     root = tmp_path / "res"
-    for cell, status in zip(plan.cells, ["completed", "failed", "running", None]):
+    # the fourth cell is training: its run directory has train.py's log but no summary.json yet
+    for cell, status in zip(plan.cells, ["completed", "failed", "running", "log only", None]):
         if status:
             d = cell.run_dir(root / "runs")
             d.mkdir(parents=True)
-            write_json_atomic(d / "summary.json", {"status": status, "wall_time_s": 120.0})
+            if status == "log only":
+                (d / "stdout.log").write_text("step 10\n")
+            else:
+                write_json_atomic(d / "summary.json", {"status": status, "wall_time_s": 120.0})
     (row,) = runner.status_rows(plan, root)
-    assert row == {"family": "f", "cells": 4, "completed": 1, "failed": 1, "incomplete": 1, "not started": 1,
+    assert row == {"family": "f", "cells": 5, "completed": 1, "failed": 1, "incomplete": 2, "not started": 1,
                    "wall_time_min": 2.0}
     from spectra.results.__main__ import main
 
     main(["--plan", str(plan.path), "--root", str(root), "status"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["family", "cells", "completed", "failed", "incomplete", "not", "started", "wall_time_min"]
-    assert lines[-1].split() == ["all", "4", "1", "1", "1", "1", "2.0"]  # the total row sums every column
+    assert lines[-1].split() == ["all", "5", "1", "1", "2", "1", "2.0"]  # the total row sums every column
 
 
 # --------------------------------------------------------------------------------------------

@@ -311,6 +311,11 @@ def scaling_table(runs: pd.DataFrame, by: str, *, name: str, title: str, primary
         display = pd.DataFrame({"eval loss": [MISSING]}, index=pd.Index([MISSING], name=by))
         return Table(name, title, display, pd.DataFrame(), None, [f"no `{by}` in these runs", *notes])
     values = _order(runs[by].dropna().unique(), by)
+    if by == "cfg:model.name" and "parameters:total" in runs.columns:
+        # Model sizes read smallest first (by the median parameter count of their runs), not
+        # alphabetically ("small" before "tiny"); names without a count go last.
+        size = pd.to_numeric(runs["parameters:total"], errors="coerce").groupby(runs[by]).median()
+        values = sorted(values, key=lambda v: (math.isnan(size.get(v, math.nan)), size.get(v, 0.0)))
     routers = sorted(runs["router"].dropna().unique(), key=lambda r: (r != reference, r != primary, r))
     loss = resolve(runs, "eval_loss")
     display, data, best = pd.DataFrame(index=values), pd.DataFrame(index=values), pd.DataFrame(index=values)

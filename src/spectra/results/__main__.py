@@ -3,7 +3,8 @@
     run    [--plan P] [--workers N] [--no-commit] [--family F ...] [--bases-only]
                          train every unfinished cell (bases first), committing each finished
                          cell's small outputs; re-run to resume (`make results` = run + report)
-    status [--plan P]    cells completed / failed / not started per family, wall time so far
+    status [--plan P]    cells completed / failed / incomplete (training, or stopped) / not started
+                         per family, wall time so far
     report [--out DIR]   tables (md/tex/csv), figures, index.html and README verdicts from results/runs
     verify CELL... [--tol T] [--fresh]
                          train committed cells again (outputs/verify/) and compare their numbers

@@ -364,7 +364,7 @@ def status_rows(plan: Plan, results_root: Path) -> list[dict]:
             r["wall_time_min"] += (wall or 0.0) / 60
         elif s and s.get("status") == "failed":
             r["failed"] += 1
-        elif not s:
+        elif not s and not (d / "stdout.log").is_file():  # train.py writes summary.json only at the end
             r["not started"] += 1
         else:
             r["incomplete"] += 1
