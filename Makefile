@@ -89,6 +89,7 @@ RESULTS_RUN = $(PYTHON) -m spectra.results run --workers $(WORKERS) $(if $(filte
 # results-verify retrains the committed cells CELLS names (shell patterns; default one baseline)
 # into outputs/verify/ and compares: bit-identical on this kind of machine, else within seed noise.
 CELLS ?= baselines/router=topk,seed=0
+VERIFY_ARGS ?=
 base-model: setup  ## train the dense base models every results cell upcycles from (cached: outputs/base/)
 	$(RESULTS_RUN) --bases-only
 results: setup  ## every cell of results/plan.yaml (hours on 2 cores; resumable) + tables/figures/verdicts
@@ -99,7 +100,7 @@ results-status: setup  ## cells done / failed / incomplete / not started per res
 results-report: setup  ## tables, figures, results/index.html and README verdicts from the cells done so far
 	$(PYTHON) -m spectra.results report
 results-verify: setup  ## retrain committed cells (CELLS='sweep_B/*' ...) and compare with their committed numbers
-	$(PYTHON) -m spectra.results verify $(foreach c,$(CELLS),'$(c)')
+	$(PYTHON) -m spectra.results verify $(foreach c,$(CELLS),'$(c)') $(VERIFY_ARGS)
 
 # Optuna searches (hydra/sweeper=spectra_optuna): TRIALS is the study's target; re-running tops it up.
 # Several workers: start the same command several times with STORAGE=journal:///shared/x.log or

@@ -470,3 +470,19 @@ def test_run_plan_end_to_end_commits_resumes_and_reports_failures(tmp_path, lock
     assert json.loads((topk_dir / "summary.json").read_text())["status"] == "completed"
     assert [p.stat().st_mtime_ns for p in (summaries[0], summaries[2])] == [before[0], before[2]]
     assert not [f for f in _git(res, "ls-files").split() if f.startswith("runs/broken/")]
+
+    # `results verify`: the committed topk cell trained again (from scratch, elsewhere) is
+    # bit-identical in every loss and routing metric, and the committed files are untouched
+    from spectra.results.verify import verify_cells
+
+    committed_files = {p: p.read_bytes() for p in topk_dir.rglob("*") if p.is_file()}
+    out = tmp_path / "verify"
+    (v,) = verify_cells(plan, ROOT, res, ["routers/router=topk,*"], out_root=out, base_root=base_root)
+    assert v.verdict == "bit-identical", v
+    assert v.compared > 20 and v.differing == 0 and not v.missing
+    assert {"same resolved config", "same base weights", "same package versions and lock"} <= set(v.notes), v.notes
+    a = json.loads((topk_dir / "summary.json").read_text())["final"]
+    b = json.loads((out / "routers" / "router=topk,seed=0" / "summary.json").read_text())["final"]
+    domains = [k for k in a if k.startswith("eval_loss_")]
+    assert domains and a["eval_loss"] == b["eval_loss"] and all(a[k] == b[k] for k in domains)
+    assert {p: p.read_bytes() for p in topk_dir.rglob("*") if p.is_file()} == committed_files

@@ -55,16 +55,12 @@ def _report(args) -> int:
 
 
 def _verify(args) -> int:
-    from dataclasses import asdict
-
-    from spectra.contracts.rundir import write_json_atomic
     from spectra.results.verify import verify_cells
 
     out = Path(args.out)
     verdicts = verify_cells(load_plan(args.plan), Path.cwd(), Path(args.root), args.cells, out_root=out,
-                            tol=args.tol, fresh=args.fresh)
-    write_json_atomic(out / "verify.json", [asdict(v) for v in verdicts])
-    bad = [v.label for v in verdicts if not v.ok]
+                            tol=args.tol, fresh=args.fresh, report=out / "verify.json")
+    bad = [f"{v.label} ({v.verdict})" for v in verdicts if not v.ok]
     print(f"verify: {len(verdicts) - len(bad)} of {len(verdicts)} cell(s) reproduced; details in {out / 'verify.json'}")
     if bad:
         print("error: not reproduced: " + ", ".join(bad), file=sys.stderr)
@@ -88,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verify", help="train committed cells again and compare with the committed numbers")
     v.add_argument("cells", nargs="+", help="cell labels <family>/<cell>, shell patterns allowed ('sweep_B/*')")
     v.add_argument("--out", default="outputs/verify", help="where the re-runs go (default outputs/verify)")
-    v.add_argument("--tol", type=float, default=1e-3,
-                   help="|Δ eval_loss| always accepted, and the bound for rows with < 2 seeds (default 1e-3)")
+    v.add_argument("--tol", type=float, default=0.0,
+                   help="|Δ eval_loss| always accepted on top of the seed-noise bound (default 0)")
     v.add_argument("--fresh", action="store_true", help="retrain even when a finished re-run is already there")
     args = parser.parse_args(argv)
     try:
