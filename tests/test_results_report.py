@@ -3,6 +3,8 @@ pool, checked on fabricated cells whose outcome is known by construction (p-valu
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -163,15 +165,31 @@ def test_report_writes_tables_figures_html_and_readme_verdicts(pool):
     readme = pool / "README.md"
     readme.write_text(f"# Results\n\nhand-written setting\n\n{VERDICTS_BEGIN}\nSTALE-VERDICT\n{VERDICTS_END}\n\ntail\n")
     make_run(pool / "runs" / "baselines" / "router=hash,seed=9", "hash", 9, status=None)  # still running: no summary
+    # a sweep's default point repeats the baselines' SPECTRA cell (same config fingerprint, same numbers)
+    spectra0 = pool / "runs" / "baselines" / "router=spectra,seed=0"
+    repeat = pool / "runs" / "sweep_A" / "quota.capacity_factor=1.25,seed=0"
+    shutil.copytree(spectra0, repeat)
+    overrides = repeat / ".hydra" / "overrides.yaml"
+    overrides.write_text(overrides.read_text() + "- quota.capacity_factor=1.25\n")
+    for d in (spectra0, repeat):
+        s = json.loads((d / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps({**s, "config_fingerprint": "f1"}))
+    # and a true duplicate (a second copy of one cell): not counted, its reason names the other run
+    shutil.copytree(pool / "runs" / "baselines" / "router=topk,seed=0", pool / "runs" / "baselines" / "zz_copy")
     plan = Plan(pool / "plan.yaml", {}, [Cell("baselines", "router=spectra,seed=0", ("router=spectra",), None, False)])
     html = write_results(pool, plan, pool, details=False)
     text = readme.read_text()
+    assert "**Reproducibility.** 1 committed cell(s) repeat" in text and "; 1 of them are bit-identical" in text
+    assert "- sweep_A/quota.capacity_factor=1.25,seed=0 = baselines/router=spectra,seed=0: bit-identical" in text
     assert "hand-written setting" in text and text.rstrip().endswith("tail") and "STALE-VERDICT" not in text
     assert "**H1 — confirmed.**" in text and "**H6 — not testable at this scale.**" in text
     assert (pool / "tables" / "table07_ablations.csv").is_file()
     # a run not counted is named relative to the results page, never by this machine's path
     index = (pool / "index.md").read_text()
     assert "`runs/baselines/router=hash,seed=9`" in index and str(pool) not in index
+    assert "`runs/baselines/zz_copy`" in index and "runs/baselines/router=topk,seed=0, counted instead" in index
+    page = html.read_text()
+    assert "runs/baselines/router=hash,seed=9" in page and "zz_copy" in page and str(pool) not in page
     served = check_served_index(html.parent, against_markdown=False)
     assert "pareto" in served["figures"] and "table13_significance" in served["tables"]
 

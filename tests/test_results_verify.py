@@ -223,3 +223,31 @@ def test_verify_never_writes_under_results_and_fresh_waits_for_the_lock(tmp_path
     # once it is free, --fresh empties the directory first and retrains
     (v,) = verify_cells(plan, ROOT, runs.parent, ["f/*"], out_root=out, fresh=True, echo=lambda _: None)
     assert v.verdict == "bit-identical" and not (rerun / "partial.bin").exists() and len(calls) == 1
+
+
+def test_repeated_configs_are_compared_with_the_first_of_their_group(tmp_path):
+    runs = tmp_path / "runs"
+
+    def cell(label, fingerprint, loss, cv, status="completed"):
+        write_json_atomic(runs / label / "summary.json", {"status": status, "config_fingerprint": fingerprint,
+                                                          "final": {"eval_loss": loss, "eval/cv_mean": cv,
+                                                                    "eval_runtime": loss * 7}})
+
+    cell("baselines/router=spectra,seed=0", "aaa", 3.5, 0.4)
+    cell("sweep_A/capacity=1.25,seed=0", "aaa", 3.5, 0.4)       # same config, same numbers
+    cell("sweep_B/eps=0.05,seed=0", "aaa", 3.5, 0.41)           # same config, a routing metric differs
+    cell("ablations/no_quota,seed=0", "bbb", 3.6, 0.5)
+    cell("sweep_A/quota=false,seed=0", "bbb", 3.7, 0.5)         # same config, another loss
+    cell("sweep_A/quota=false,seed=1", "ccc", 3.7, 0.5)         # alone: not a repeat
+    cell("sweep_C/failed,seed=0", "aaa", 9.0, 9.0, status="failed")  # not committed as finished
+    pairs = [(first, v.label, v.verdict) for first, v in verify.repeated_configs(runs)]
+    assert pairs == [("ablations/no_quota,seed=0", "sweep_A/quota=false,seed=0", "NOT reproduced"),
+                     ("baselines/router=spectra,seed=0", "sweep_A/capacity=1.25,seed=0", "bit-identical"),
+                     ("baselines/router=spectra,seed=0", "sweep_B/eps=0.05,seed=0", "NOT reproduced")]
+    md = verify.repeats_markdown(runs)
+    assert md.startswith("**Reproducibility.** 3 committed cell(s) repeat") and "; 1 of them are bit-identical" in md
+    assert "- sweep_A/capacity=1.25,seed=0 = baselines/router=spectra,seed=0: bit-identical\n" in md
+    assert ("- sweep_A/quota=false,seed=0 = ablations/no_quota,seed=0: NOT reproduced "
+            "(eval loss 3.6000000000 vs 3.7000000000; 1 of 2 metrics differ)") in md
+    assert "(eval loss 3.5000000000 vs 3.5000000000; 1 of 2 metrics differ)" in md
+    assert verify.repeats_markdown(tmp_path / "nothing") is None

@@ -84,11 +84,29 @@ def table_html(t: Table, table_dir: Path, root: Path) -> str:
     return "\n".join(parts + ["</section>"])
 
 
+def shown_path(run_dir, out: Path) -> str:
+    """A run directory as the index shows it: relative to the report when inside it (a results
+    page committed to the repository names no machine's absolute path), else as collected."""
+    try:
+        return str(Path(run_dir).resolve().relative_to(Path(out).resolve()))
+    except ValueError:
+        return str(run_dir)
+
+
+def shown_text(text: str, out: Path) -> str:
+    """A reason that names run directories (a duplicate's "counted instead"), with the paths under
+    the report shown relative to it, as shown_path does."""
+    for root in dict.fromkeys((str(Path(out).resolve()), str(Path(out).absolute()))):
+        text = text.replace(root + os.sep, "")
+    return text
+
+
 def _problems_html(rep: Report) -> str:
     """The runs not counted (failed / incomplete / duplicate), as index.md lists them."""
     if rep.problems is None or rep.problems.empty:
         return ""
-    rows = [[str(r.problem), str(r.run_dir), str(r.variant), seed_text(r.seed), str(r.reason)[:400]]
+    rows = [[str(r.problem), shown_path(r.run_dir, rep.out), str(r.variant), seed_text(r.seed),
+             shown_text(str(r.reason), rep.out)[:400]]
             for r in rep.problems.itertuples()]
     table = _html_table(PROBLEMS_TABLE, ["problem", "run", "variant", "seed", "reason"], rows)
     return f"<section id=\"{PROBLEMS_TABLE}\">\n<h2>Runs not counted</h2>\n{table}\n</section>"
@@ -108,7 +126,7 @@ def render_index_html(rep: Report, root: Path | None = None) -> str:
     to `root`, the directory the page will be in (default `rep.out`)."""
     root = Path(root) if root is not None else Path(rep.out)
     table_dir = Path(rep.out) / "tables"  # where build_report wrote them
-    sources = ", ".join(f"<code>{_e(p)}</code>" for p in rep.sources)
+    sources = ", ".join(f"<code>{_e(shown_path(p, rep.out))}</code>" for p in rep.sources)
     parts = ["<!DOCTYPE html>", "<html lang=\"en\">", "<head>", "<meta charset=\"utf-8\">",
              "<title>spectra report</title>", f"<style>{_STYLE}</style>", "</head>", "<body>",
              "<h1>spectra report</h1>", f"<p>Sources: {sources}</p>", f"<p>{_e(rep.status_line())}</p>",

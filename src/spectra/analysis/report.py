@@ -36,7 +36,7 @@ from tokenizers import Tokenizer
 from spectra.analysis import figures as F
 from spectra.analysis.collect import collect, problems, seed_text
 from spectra.analysis.columns import resolve
-from spectra.analysis.html_index import write_index_html
+from spectra.analysis.html_index import shown_path, shown_text, write_index_html
 from spectra.analysis.rendered_table import MISSING, Table
 from spectra.analysis.snapshots import (
     BEFORE_QUOTA_KEYS,
@@ -428,15 +428,6 @@ def build_report(paths, out: str | Path, baseline: str | None = None, figures: b
     return rep
 
 
-def _shown(run_dir, out: Path) -> str:
-    """A run directory as the index shows it: relative to the report when inside it (a results
-    page committed to the repository names no machine's absolute path), else as collected."""
-    try:
-        return str(Path(run_dir).resolve().relative_to(Path(out).resolve()))
-    except ValueError:
-        return str(run_dir)
-
-
 def index_markdown(rep: Report, paths, title: str = "spectra report") -> str:
     """index.md of a report: status, runs not counted (with why), tables (with md/tex/csv links),
     figures (PNG inline, PDF linked) and notes; paths are the sources it was built from."""
@@ -445,8 +436,8 @@ def index_markdown(rep: Report, paths, title: str = "spectra report") -> str:
     if rep.problems is not None and not rep.problems.empty:
         lines += ["## Runs not counted", "", "| problem | run | variant | seed | reason |", "|---|---|---|---|---|"]
         for r in rep.problems.itertuples():
-            err = str(r.reason).replace("|", "\\|").replace("\n", " ")[:400]
-            lines.append(f"| **{r.problem}** | `{_shown(r.run_dir, rep.out)}` | {r.variant} | {seed_text(r.seed)} | {err} |")
+            err = shown_text(str(r.reason), rep.out).replace("|", "\\|").replace("\n", " ")[:400]
+            lines.append(f"| **{r.problem}** | `{shown_path(r.run_dir, rep.out)}` | {r.variant} | {seed_text(r.seed)} | {err} |")
         lines.append("")
     lines += ["## Tables", ""]
     for t in rep.tables:

@@ -21,6 +21,7 @@ from spectra.results.plan import Plan
 from spectra.results.runner import status_rows
 from spectra.results.tables import ablation_pool, baselines_pool, load_pool, paper_tables, spectra_configs
 from spectra.results.verdicts import verdicts_markdown
+from spectra.results.verify import repeats_markdown
 
 VERDICTS_BEGIN, VERDICTS_END = "<!-- verdicts:begin (python -m spectra.results report) -->", "<!-- verdicts:end -->"
 DETAIL_FAMILIES = ("baselines", "ablations")  # the families whose routing snapshots are committed
@@ -132,7 +133,9 @@ def write_results(root: Path, plan: Plan, out: Path, details: bool = True) -> Pa
     html = write_index_html(rep, out)
     rows = status_rows(plan, root)
     planned = sum(r["cells"] for r in rows)
-    update_readme(out / "README.md", verdicts_markdown(runs, planned - sum(r["completed"] for r in rows), planned))
+    verdicts = verdicts_markdown(runs, planned - sum(r["completed"] for r in rows), planned)
+    repeats = repeats_markdown(root / "runs")
+    update_readme(out / "README.md", verdicts if repeats is None else f"{verdicts.rstrip()}\n\n{repeats}")
     return html
 
 
