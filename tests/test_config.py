@@ -253,3 +253,27 @@ def test_cell_directory_names_leave_out_exactly_the_volatile_keys_and_the_sweep_
                 "sweep_values.seq_lengths=[1]"]
     assert cell_dirname(computing + volatile) == cell_dirname(computing)
     assert set(cell_dirname(computing, {"seed": "0,1"}).split(",")) == set(computing)
+
+
+def test_a_key_added_at_its_default_leaves_recorded_fingerprints_unchanged():
+    """data.split_long_documents came after runs were recorded: at its default (false, what those
+    runs did) it is not part of the fingerprint, so their fingerprints and cached objectives stay
+    valid; set to true it is a different config."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from spectra.config import load_config, validate
+    from spectra.contracts.rundir import VOLATILE_KEYS, config_fingerprint
+
+    cfg = validate(load_config(["experiment=results", "router=topk", "seed=0"]))
+    d = dataclasses.asdict(cfg)
+    for k in VOLATILE_KEYS:
+        d.pop(k, None)
+    d["trainer"].pop("resume")
+    assert d["data"].pop("split_long_documents") is False
+    # the fingerprint as it was computed before the key existed
+    before = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert config_fingerprint(cfg) == before
+    split = validate(load_config(["experiment=results", "router=topk", "seed=0", "data.split_long_documents=true"]))
+    assert split.data.split_long_documents is True and config_fingerprint(split) != before

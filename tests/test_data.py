@@ -352,6 +352,55 @@ def test_pack_against_concatenation(tok, corpus, max_len):
     assert zeros == starts + ([n] if n_pad else [])
 
 
+def test_split_long_documents_keeps_every_token_as_row_length_pieces():
+    # max_seq_length 4; a 10-token document and a 3-token one, labels = ids + 100 (all labelled)
+    long = {"input_ids": list(range(1, 11)), "labels": list(range(101, 111)), "domain_id": 1}
+    short = {"input_ids": [21, 22, 23], "labels": [-100, 122, 123], "domain_id": 2}
+    # truncation (the default): 4 tokens of the long document, then the short one, padded once
+    rows = pack([long, short], 4, pad_token_id=0)
+    assert [r["input_ids"] for r in rows] == [[1, 2, 3, 4], [21, 22, 23, 0]]
+    # split: pieces [1..4], [5..8], [9, 10], each a document of its own (positions restart, its
+    # first label masked: nothing in its context precedes it), then the short document
+    rows = pack([long, short], 4, pad_token_id=0, split_long_documents=True)
+    assert [r["input_ids"] for r in rows] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 21, 22], [23, 0, 0, 0]]
+    assert [r["labels"] for r in rows] == [[101, 102, 103, 104], [-100, 106, 107, 108], [-100, 110, -100, 122],
+                                           [123, -100, -100, -100]]
+    assert [r["position_ids"] for r in rows] == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 0, 1], [2, 0, 1, 2]]
+    assert [r["domain_ids"] for r in rows] == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 2, 2], [2, -1, -1, -1]]
+    assert [r["routing_mask"] for r in rows] == [[1] * 4, [1] * 4, [1] * 4, [1, 0, 0, 0]]
+    # unpacked: one padded row per piece
+    from spectra.data import iter_padded
+
+    rows = list(iter_padded([long], 4, pad_token_id=0, split_long_documents=True))
+    assert [r["input_ids"] for r in rows] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 0, 0]]
+    assert [r["labels"] for r in rows] == [[101, 102, 103, 104], [-100, 106, 107, 108], [-100, 110, -100, -100]]
+    assert rows[2]["attention_mask"] == [1, 1, 0, 0]
+
+
+def test_split_long_documents_gives_every_length_the_same_tokens(tok):
+    # Sweep E's premise: with split pieces, 16-token rows hold every token 128-token rows hold,
+    # and the labelled ones lose only the pieces' first tokens; truncation at 16 keeps almost no
+    # assistant token (the conversations' first 16 tokens are the prompt).
+    def counts(length, split):
+        _, evals = build_datasets(_cfg(max_seq_length=length, max_eval_samples=20, split_long_documents=split), tok, 0)
+        ids = [t for r in evals for t, m in zip(r["input_ids"], r["routing_mask"]) if m]
+        return ids, sum(1 for r in evals for t in r["labels"] if t != IGNORE_INDEX)
+
+    full, _ = counts(4096, False)  # nothing truncated at 4096
+    for length in (16, 128):
+        ids, _ = counts(length, True)
+        assert ids == full  # the same tokens in the same order
+    _, labelled_16 = counts(16, True)
+    _, labelled_full = counts(4096, False)
+    pieces_after_first = sum(max(0, math.ceil(len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)
+                                                  ["input_ids"]) / 16) - 1)
+                             for r in load_bundled_corpus()["validation"].select(range(20)))
+    assert labelled_full - pieces_after_first <= labelled_16 <= labelled_full
+    assert labelled_16 > 0.8 * labelled_full
+    _, truncated_16 = counts(16, False)
+    assert truncated_16 < 0.1 * labelled_16
+
+
 def test_packed_position_ids_isolate_documents_in_a_real_model():
     # transformers 5 turns restarting position_ids (no attention_mask) into a per-document mask:
     # a packed row must give each document exactly the logits it gets on its own.

@@ -38,7 +38,7 @@ ABLATION_LOSS = {"no_gru": [2.10, 2.12, 2.11], "no_quota": [1.99, 2.03, 2.00]}  
 
 
 def _cell(root, family, router, seed, loss, *, ablation=None, model="tiny", experts=8, cv=0.3, gram=0.5, dom=None,
-          ec_inference="batch", seq=128):
+          ec_inference="batch", seq=128, split=False):
     ovs = (["experiment=results", f"router={router}"] + ([f"ablation={ablation}"] if ablation else [])
            + ([f"model={model}"] if model != "tiny" else []) + ([f"data.max_seq_length={seq}"] if seq != 128 else [])
            + ([f"router.ec_inference={ec_inference}"] if ec_inference != "batch" else []) + [f"seed={seed}"])
@@ -48,7 +48,7 @@ def _cell(root, family, router, seed, loss, *, ablation=None, model="tiny", expe
              "monitor/expert_overlap_mean": 0.2, **{f"eval_loss_{d}": v for d, v in dom.items()}}
     make_run(root / "runs" / family / name, router, seed, loss=loss, cv=cv, overrides=ovs, extra_final=final,
              config={"model": {"name": model}, "moe": {"num_experts": experts}, "router": {"name": router, "top_k": 2, "ec_inference": ec_inference},
-                     "data": {"max_seq_length": seq}})
+                     "data": {"max_seq_length": seq, **({"split_long_documents": True} if split else {})}})
 
 
 @pytest.fixture
@@ -118,7 +118,11 @@ def test_h2_compares_gram_orthogonality_only_where_the_baseline_has_it(pool):
 def test_open_problem_names_the_configuration_that_meets_every_threshold(pool):
     # a Sweep E length is evaluated on other tokens (rows of 1024): never a candidate, whatever its numbers
     _cell(pool, "sweep_E", "spectra", 0, 1.5, cv=0.01, gram=0.99, seq=1024)
+    # nor is one at the baselines' length whose long conversations were split, not truncated (the
+    # baselines' configs predate the key: they count as its default, truncation)
+    _cell(pool, "sweep_E", "spectra", 0, 1.5, cv=0.01, gram=0.99, seq=128, split=True)
     runs, _ = load_pool(pool)
+    assert runs["cfg:data.split_long_documents"].isna().sum() > 0
     verdict, lines = open_problem(runs)
     assert verdict == "solved by balance: ablation=balance_bias"
     assert "ablation=no_gru" not in verdict and "sweep_E" not in " ".join(lines)

@@ -600,6 +600,10 @@ class DataConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = 256
     packing: bool = True
+    # A conversation longer than max_seq_length: false = its first max_seq_length tokens (the
+    # rest is dropped); true = cut into max_seq_length pieces, each a document of its own, so
+    # every length trains and evaluates on the same tokens (Sweep E compares lengths this way).
+    split_long_documents: bool = False
     assistant_only_loss: bool = True
     num_proc: int = 1
 

@@ -36,6 +36,10 @@ EVAL_HARNESS = "eval_harness.json"  # downstream evaluation (spectra.eval), writ
 # Keys that do not change what a run computes (where it writes, how it resumes, its labels).
 VOLATILE_KEYS = ("output_dir", "skip_complete", "tags", "sweep_name", "scale_name", "seeds", "sweep_values")
 VOLATILE_TRAINER_KEYS = ("resume",)
+# Keys added to the config after runs were recorded, with the default that reproduces what those
+# runs computed: at that default a key is left out of the fingerprint, so a recorded run keeps
+# its fingerprint (and its cached objective) when the schema grows.
+ADDED_KEYS_AT_DEFAULT = (("data", "split_long_documents", False),)
 # Hydra's own settings (`hydra.run.dir`, `hydra.launcher.*`): never part of the run config, so the
 # fingerprint never sees them; as command-line overrides they are volatile too.
 VOLATILE_OVERRIDE_PREFIXES = ("hydra.",)
@@ -145,6 +149,9 @@ def config_fingerprint(cfg) -> str:
         d.pop(k, None)
     for k in VOLATILE_TRAINER_KEYS:
         d["trainer"].pop(k, None)
+    for group, key, default in ADDED_KEYS_AT_DEFAULT:
+        if group in d and key in d[group] and d[group][key] == default:
+            del d[group][key]
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

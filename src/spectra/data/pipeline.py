@@ -136,5 +136,6 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> tuple[datasets.Dataset, da
     for split in (train, evals):
         tok = tokenize_dataset(split, tokenizer, data_cfg.assistant_only_loss, domain_names, data_cfg.num_proc)
         make_rows = iter_packed if data_cfg.packing else iter_padded
-        out.append(rows_to_dataset(make_rows(_iter_docs(tok), data_cfg.max_seq_length, pad_id), features))
+        rows = make_rows(_iter_docs(tok), data_cfg.max_seq_length, pad_id, data_cfg.split_long_documents)
+        out.append(rows_to_dataset(rows, features))
     return out[0], out[1]

@@ -72,28 +72,50 @@ def tokenize_conversation(tokenizer, messages: list[dict], assistant_only_loss: 
     return {"input_ids": ids, "labels": labels}
 
 
-def iter_packed(examples: Iterable[dict], max_seq_length: int, pad_token_id: int = 0) -> Iterator[dict]:
+def _pieces(ex: dict, max_seq_length: int, split: bool) -> Iterator[tuple[list[int], list[int]]]:
+    """A document's (input_ids, labels) as it enters rows: its first max_seq_length tokens
+    (split=False: the rest is dropped), or every token, cut into consecutive pieces of
+    max_seq_length (split=True). A piece after the first is a document of its own (its positions
+    restart at 0, it attends only to itself), so its first token has no context to be
+    predicted from: its label is IGNORE_INDEX, as a document's first token's is."""
+    if len(ex["input_ids"]) != len(ex["labels"]):
+        raise ValueError(f"input_ids and labels differ in length ({len(ex['input_ids'])} vs {len(ex['labels'])})")
+    starts = range(0, len(ex["input_ids"]), max_seq_length) if split else range(min(1, len(ex["input_ids"])))
+    for start in starts:
+        ids = list(ex["input_ids"][start:start + max_seq_length])
+        labels = list(ex["labels"][start:start + max_seq_length])
+        if start:
+            labels[0] = IGNORE_INDEX
+        yield ids, labels
+
+
+def _documents(examples: Iterable[dict], max_seq_length: int, split: bool) -> Iterator[tuple[list[int], list[int], int]]:
+    """(input_ids, labels, domain_id) of every non-empty document piece entering rows (_pieces)."""
+    for ex in examples:
+        dom = int(ex.get("domain_id", PAD_DOMAIN))
+        for ids, labels in _pieces(ex, max_seq_length, split):
+            if ids:
+                yield ids, labels, dom
+
+
+def iter_packed(examples: Iterable[dict], max_seq_length: int, pad_token_id: int = 0,
+                split_long_documents: bool = False) -> Iterator[dict]:
     """Greedy streaming packing: concatenate documents in order and cut rows of max_seq_length.
 
     examples: dicts with "input_ids", "labels" (equal length) and optionally "domain_id" (int,
     default PAD_DOMAIN). A document longer than max_seq_length is truncated to its first
-    max_seq_length tokens (the only way tokens are dropped); a document may start in one row
-    and continue in the next. Only the last row is padded (input_ids=pad_token_id,
-    labels=IGNORE_INDEX, domain_ids=-1, position_ids 0.. and routing_mask 0 for the pad block).
-    Yields dicts of five lists, each exactly max_seq_length long (format: module docstring).
+    max_seq_length tokens (the only way tokens are dropped), or, with split_long_documents, cut
+    into max_seq_length pieces that enter as documents of their own (no token dropped; see
+    _pieces); a document may start in one row and continue in the next. Only the last row is
+    padded (input_ids=pad_token_id, labels=IGNORE_INDEX, domain_ids=-1, position_ids 0.. and
+    routing_mask 0 for the pad block). Yields dicts of five lists, each exactly max_seq_length
+    long (format: module docstring).
     """
     if max_seq_length < 1:
         raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
     keys = ("input_ids", "labels", "position_ids", "domain_ids", ROUTING_MASK)
     buf: dict[str, list[int]] = {k: [] for k in keys}
-    for ex in examples:
-        ids = list(ex["input_ids"][:max_seq_length])
-        labels = list(ex["labels"][:max_seq_length])
-        if len(ids) != len(labels):
-            raise ValueError(f"input_ids and labels differ in length ({len(ids)} vs {len(labels)})")
-        if not ids:
-            continue
-        dom = int(ex.get("domain_id", PAD_DOMAIN))
+    for ids, labels, dom in _documents(examples, max_seq_length, split_long_documents):
         buf["input_ids"] += ids
         buf["labels"] += labels
         buf["position_ids"] += range(len(ids))
@@ -113,25 +135,23 @@ def iter_packed(examples: Iterable[dict], max_seq_length: int, pad_token_id: int
         }
 
 
-def pack(examples: Iterable[dict], max_seq_length: int, pad_token_id: int = 0) -> list[dict]:
+def pack(examples: Iterable[dict], max_seq_length: int, pad_token_id: int = 0,
+         split_long_documents: bool = False) -> list[dict]:
     """All rows of `iter_packed` as a list (see there for the format and truncation rule)."""
-    return list(iter_packed(examples, max_seq_length, pad_token_id))
+    return list(iter_packed(examples, max_seq_length, pad_token_id, split_long_documents))
 
 
-def iter_padded(examples: Iterable[dict], max_seq_length: int, pad_token_id: int = 0) -> Iterator[dict]:
-    """No packing: one document per row, truncated to max_seq_length, right-padded.
+def iter_padded(examples: Iterable[dict], max_seq_length: int, pad_token_id: int = 0,
+                split_long_documents: bool = False) -> Iterator[dict]:
+    """No packing: one document per row, truncated to max_seq_length (or, with
+    split_long_documents, one row per max_seq_length piece: _pieces), right-padded.
 
     Rows have the packed columns plus attention_mask (1 on tokens, 0 on padding); the model
     needs it here because position_ids run 0..max_seq_length-1 straight through the padding,
     so they cannot mark where the document ends. routing_mask equals attention_mask.
     """
-    for ex in examples:
-        ids = list(ex["input_ids"][:max_seq_length])
-        labels = list(ex["labels"][:max_seq_length])
-        if not ids:
-            continue
+    for ids, labels, dom in _documents(examples, max_seq_length, split_long_documents):
         n_pad = max_seq_length - len(ids)
-        dom = int(ex.get("domain_id", PAD_DOMAIN))
         yield {
             "input_ids": ids + [pad_token_id] * n_pad,
             "labels": labels + [IGNORE_INDEX] * n_pad,

@@ -172,14 +172,18 @@ def domain_gains(pool: pd.DataFrame, primary: str = "SPECTRA", reference: str = 
 
 def same_eval_tokens(runs: pd.DataFrame) -> pd.Series:
     """Runs evaluated on the baselines' tokens: the validation split is cut into rows of
-    data.max_seq_length, so a Sweep E length sees other contexts and its eval loss is another
-    quantity (compared within Sweep E only)."""
-    col = "cfg:data.max_seq_length"
-    if col not in runs.columns:
-        return pd.Series(True, index=runs.index)
-    lengths = pd.to_numeric(runs[col], errors="coerce")
-    ref = lengths[(runs["family"] == "baselines")].mode()
-    return lengths == ref.iloc[0] if len(ref) else pd.Series(True, index=runs.index)
+    data.max_seq_length, with long conversations truncated or split (data.split_long_documents),
+    so a Sweep E length sees other tokens and contexts and its eval loss is another quantity
+    (compared within Sweep E only). Same length and same truncation as the baselines' (mode)."""
+    same = pd.Series(True, index=runs.index)
+    for col, default in (("cfg:data.max_seq_length", None), ("cfg:data.split_long_documents", False)):
+        if col not in runs.columns:
+            continue  # runs recorded before the key existed: its default
+        values = runs[col] if default is None else runs[col].where(runs[col].notna(), default)
+        ref = values[runs["family"] == "baselines"].mode()
+        if len(ref):
+            same &= values == ref.iloc[0]
+    return same
 
 
 def spectra_configs(runs: pd.DataFrame) -> pd.DataFrame:
