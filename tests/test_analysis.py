@@ -785,3 +785,20 @@ def test_table10_lists_model_sizes_smallest_first_not_alphabetically(tmp_path):
     assert list(t10.display.index) == ["tiny", "medium", "small", "big"]
     # any other axis keeps its own order (numbers ascending)
     assert list(scaling_table(runs, "cfg:moe.num_experts", name="t11", title="t11").display.index) == [8]
+
+
+def test_sweep_variants_follow_their_values_not_their_spelling():
+    from spectra.analysis.tables import _order
+
+    sweep_e = ["ablation=no_gru,data.max_seq_length=64", "ablation=full,data.max_seq_length=1024",
+               "ablation=full,data.max_seq_length=16", "ablation=full,data.max_seq_length=256",
+               "ablation=no_gru,data.max_seq_length=16"]
+    assert _order(sweep_e, "variant") == ["ablation=full,data.max_seq_length=16", "ablation=full,data.max_seq_length=256",
+                                          "ablation=full,data.max_seq_length=1024", "ablation=no_gru,data.max_seq_length=16",
+                                          "ablation=no_gru,data.max_seq_length=64"]
+    sweep_d = ["router.entropy_coef=0.1", "router.entropy_coef=1.0e-4", "router.entropy_coef=0", "router.entropy_coef=0.001"]
+    assert _order(sweep_d, "variant") == ["router.entropy_coef=0", "router.entropy_coef=1.0e-4", "router.entropy_coef=0.001",
+                                          "router.entropy_coef=0.1"]
+    # keys sort by name (capacity_factor before enabled), the values of one key by number
+    sweep_a = ["quota.enabled=false", "quota.capacity_factor=2.0", "quota.capacity_factor=1.25"]
+    assert _order(sweep_a, "variant") == ["quota.capacity_factor=1.25", "quota.capacity_factor=2.0", "quota.enabled=false"]

@@ -63,6 +63,19 @@ def variant_labels(groups: list[str]) -> dict[str, str]:
     return out
 
 
+def _overrides_key(group) -> tuple:
+    """Sort key of a variant label "k1=v1,k2=v2": key by key, numbers as numbers (16 < 64 < 1024,
+    1e-4 < 0.001), so a sweep's rows follow its values rather than their spelling."""
+    out = []
+    for part in str(group).split(","):
+        k, _, v = part.partition("=")
+        try:
+            out.append((k, 0, float(v), ""))
+        except ValueError:
+            out.append((k, 1, 0.0, v))
+    return tuple(out)
+
+
 def _order(groups, by: str) -> list:
     groups = list(pd.unique(pd.Series(list(groups))))
     if by == "variant":
@@ -70,7 +83,7 @@ def _order(groups, by: str) -> list:
 
         def key(g):
             hit = [rank[p] for p in str(g).split(",") if p in rank]
-            return (min(hit) if hit else len(rank), str(g))
+            return (min(hit) if hit else len(rank), _overrides_key(g))
 
         return sorted(groups, key=key)
     try:
