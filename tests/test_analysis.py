@@ -802,3 +802,21 @@ def test_sweep_variants_follow_their_values_not_their_spelling():
     # keys sort by name (capacity_factor before enabled), the values of one key by number
     sweep_a = ["quota.enabled=false", "quota.capacity_factor=2.0", "quota.capacity_factor=1.25"]
     assert _order(sweep_a, "variant") == ["quota.capacity_factor=1.25", "quota.capacity_factor=2.0", "quota.enabled=false"]
+
+
+def test_a_figure_saved_twice_is_the_same_bytes(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from spectra.analysis.figures import save_figure
+
+    def draw(stem):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1, 2], [3, 1, 2])
+        return save_figure(fig, stem)
+
+    first = [p.read_bytes() for p in draw(tmp_path / "a")]
+    import time
+
+    time.sleep(1.1)  # a PDF creation date has one-second resolution
+    second = [p.read_bytes() for p in draw(tmp_path / "b")]
+    assert first == second and first[1].startswith(b"%PDF")

@@ -36,11 +36,13 @@ from sklearn.manifold import TSNE  # noqa: E402
 
 
 def save_figure(fig, stem: str | Path) -> list[Path]:
+    """stem.png and stem.pdf; the PDF without its creation date, so the same figure is the same
+    bytes (a regenerated results/ shows only the figures that changed)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     fig.savefig(paths[0], dpi=120, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None})
     plt.close(fig)
     return paths
 
