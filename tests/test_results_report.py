@@ -41,7 +41,8 @@ def _cell(root, family, router, seed, loss, *, ablation=None, model="tiny", expe
           ec_inference="batch", seq=128, split=False):
     ovs = (["experiment=results", f"router={router}"] + ([f"ablation={ablation}"] if ablation else [])
            + ([f"model={model}"] if model != "tiny" else []) + ([f"data.max_seq_length={seq}"] if seq != 128 else [])
-           + ([f"router.ec_inference={ec_inference}"] if ec_inference != "batch" else []) + [f"seed={seed}"])
+           + ([f"router.ec_inference={ec_inference}"] if ec_inference != "batch" else [])
+           + (["data.split_long_documents=true"] if split else []) + [f"seed={seed}"])
     name = ",".join(o for o in ovs[1:])
     dom = dom or {d: loss for d in DOMAINS}
     final = {"eval/cv_mean": cv, "eval/dropped_token_rate_mean": 0.0, "monitor/gram_orthogonality_mean": gram,
