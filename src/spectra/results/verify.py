@@ -159,7 +159,7 @@ def select_cells(plan: Plan, runs_root: Path, patterns: list[str]) -> list[Cell]
     (shell-style: `baselines/router=topk,seed=0`, `sweep_B/*`), in plan order. A pattern that
     matches no completed cell is an error naming it."""
     done = [c for c in plan.cells if is_complete(c.run_dir(runs_root))]
-    chosen = set()
+    chosen: set[Cell] = set()
     for p in patterns:
         hits = [c for c in done if fnmatch.fnmatchcase(f"{c.family}/{c.name}", p)]
         if not hits:
@@ -167,8 +167,8 @@ def select_cells(plan: Plan, runs_root: Path, patterns: list[str]) -> list[Cell]
             why = "its cells are not finished yet" if planned else "no cell of the plan has that label"
             raise PlanError(f"verify: '{p}' matches no finished cell under {runs_root} ({why}; "
                             "labels are <family>/<cell> as `results status` and results/runs/ name them)")
-        chosen |= {id(c) for c in hits}
-    return [c for c in plan.cells if id(c) in chosen]
+        chosen |= set(hits)
+    return [c for c in plan.cells if c in chosen]
 
 
 def _record(run_dir: Path) -> dict | None:
