@@ -145,8 +145,8 @@ eval: setup  ## lm-eval on a saved model -> <run dir>/eval_harness.json (MODEL=o
 test: setup  ## the whole suite (slow end-to-end tests included)
 	$(PYTHON) -m pytest -q --durations=25
 
-test-fast: setup  ## unit tests only
-	$(PYTHON) -m pytest -q -m "not slow"
+test-fast: setup  ## unit tests only, two processes (pytest-xdist)
+	$(PYTHON) -m pytest -q -n 2 -m "not slow"
 
 lint: setup  ## ruff
 	$(PYTHON) -m ruff check src tests benchmarks train.py
